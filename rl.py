@@ -1,0 +1,410 @@
+"""RL with verifiable rewards (GRPO-style) from an SFT or EKSFT checkpoint.
+
+The paper's second claim is that EKSFT gives RL a better starting point. Train both checkpoints
+with this file, evaluate both with evaluate.py, and compare.
+
+Run me:
+    python rl.py --model tiny --max-steps 3                      # offline CPU sanity run (synthetic)
+    python rl.py --model runs/eksft/final --data gsm8k-train     # the real thing, one GPU
+    python rl.py --model Qwen2.5-0.5B --data gsm8k --no-std --loss-agg dr-grpo   # Dr. GRPO flavour
+
+The file reads top to bottom:
+  1. the answer checker (extract_answer, is_equiv, math_reward): pure functions, shared with
+     evaluate.py; model output is parsed, never executed, and a hostile string cannot hang it
+  2. rollouts: left-padded batched sampling, completion masks cut at the first end-of-sequence token
+  3. the loss: group-normalised advantages, clipped ratio, optional k3 KL to the starting model
+  4. the loop: sample, score, update, log, evaluate, checkpoint
+
+Simplifications (say them out loud; they are choices, not accidents):
+  1. With --ppo-epochs 1 (the default) the ratio is exactly 1 and its gradient is the policy
+     gradient: this is REINFORCE with a group-mean baseline. K > 1 reuses each batch K times
+     with the PPO clipped ratio (epsilon 0.2, --clip-high for a separate upper epsilon).
+  2. No value network, no GAE: the advantage of every token of a completion is that completion's
+     group-normalised reward.
+  3. Generation runs in the same process with transformers' generate (no vLLM): slow but simple.
+  4. No KL penalty by default (--kl-coef 0, then no reference model is loaded at all).
+  5. Groups whose G rewards are all equal have zero advantage: they are skipped and counted,
+     not resampled (DAPO's dynamic sampling would resample them).
+  6. The built-in answer checker is a normaliser plus a tiny numeric parser, not a computer
+     algebra system: it knows numbers, fractions, percents, powers, products, tuples and
+     intervals; anything else falls back to normalised string equality. --checker math-verify
+     swaps in the math-verify package for equivalence (it must be installed separately).
+"""
+import math
+import re
+
+# ----------------------------------------------------------------------------
+# 1. The answer checker
+#
+# extract_answer(text) finds the final answer in a completion; is_equiv(pred, gold) decides whether
+# two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. Rules:
+#   - nothing here calls eval/exec/sympify: numbers are read by a 60-line recursive-descent parser;
+#   - every loop is linear in the input, recursion depth and exponents are capped, every error is
+#     caught: a hostile string (1 MB, unbalanced braces, 9^{9^{9^9}}, 1/0) returns in well under 1 s.
+
+_MAX_ANSWER_CHARS = 1000   # an "answer" longer than this is compared as a plain string
+_MAX_DEPTH = 40            # nesting depth the numeric parser and tuple splitter accept
+_MAX_EXPONENT = 1000       # |exponent| the numeric parser evaluates (2^{1000} is fine, 9^{9^9} is not)
+_REL_TOL = 1e-4            # numbers are equal when |a - b| <= 1e-4 * max(|a|, |b|)
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_ANSWER_IS_RE = re.compile(r"(?i)the\s+(?:final\s+)?answer\s+is\s*:?\s*([^\n]*)")
+_HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
+_TOKEN_AFTER_BOX_RE = re.compile(r"[^\s$]+")
+
+
+def _brace_partners(text):
+    """{index of '{': index of its matching '}'} for the whole string, in one linear pass."""
+    stack, partner = [], {}
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            partner[stack.pop()] = m.start()
+    return partner
+
+
+def _last_boxed(text):
+    """Content of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, else None.
+    An unclosed \\boxed{ (a truncated answer) is ignored."""
+    starts = [m.end() for m in _BOX_RE.finditer(text)]
+    partner = None
+    for pos in reversed(starts):
+        j = pos
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            if partner is None:
+                partner = _brace_partners(text)
+            end = partner.get(j)
+            if end is None:
+                continue
+            content = text[j + 1:end]
+        elif j > pos:                       # "\boxed 5": the next whitespace-free token
+            m = _TOKEN_AFTER_BOX_RE.match(text, j)
+            content = m.group().rstrip(".,;") if m else ""
+        else:
+            continue
+        if content.strip():
+            return content.strip()
+    return None
+
+
+def _clean_sentence_answer(s):
+    """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42'."""
+    s = s.strip().strip("*").strip()
+    if s.startswith("$"):
+        end = s.find("$", 1)
+        s = s[1:end] if end > 0 else s[1:]
+    else:
+        s = re.split(r"\.(?:\s|$)", s, maxsplit=1)[0]   # cut at the end of the sentence
+    return s.strip().strip("*").rstrip(".").strip()
+
+
+def extract_answer(text):
+    """The final answer of a completion as a string, or None.
+
+    Priority: the last \\boxed{...} (braces matched; also \\fbox{...} and `\\boxed 5`), else the
+    last "the answer is X", else the last GSM8K-style "#### X". Empty answers count as none.
+    """
+    if not isinstance(text, str):
+        return None
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
+    for pattern in (_ANSWER_IS_RE, _HASHES_RE):
+        last = None
+        for last in pattern.finditer(text):
+            pass
+        if last is not None:
+            answer = _clean_sentence_answer(last.group(1))
+            if answer:
+                return answer
+    return None
+
+
+def _strip_text_commands(s):
+    """\\text{cm} after a number is a unit: drop it. \\text{(B)} alone is the answer: unwrap it."""
+    for _ in range(20):                                   # bounded: at most 20 \text blocks
+        m = re.search(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{", s)
+        if m is None:
+            return s
+        end = _brace_partners(s).get(m.end() - 1)
+        if end is None:                                   # unbalanced: drop the command name only
+            return s[:m.start()] + s[m.end() - 1:]
+        before, inner, after = s[:m.start()], s[m.end():end], s[end + 1:]
+        is_unit = (re.search(r"\d", before) and re.fullmatch(r"\s*[A-Za-z][A-Za-z ./]*", inner)
+                   and re.fullmatch(r"\s*(?:\^\s*\{?\d\}?)?\s*", after))   # "5 \text{cm}^2" at the end
+        s = before if is_unit else before + inner + after
+    return s
+
+
+def _normalise(s):
+    """A canonical string for an answer: LaTeX noise, units, '$', '%', degrees and 'x =' removed.
+    Returns (string, had_percent)."""
+    s = s.strip()
+    for a, b in (("−", "-"), ("×", "\\times "), ("·", "\\cdot "), ("÷", "\\div "), ("π", "\\pi "),
+                 ("°", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\displaystyle", "")):
+        s = s.replace(a, b)
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)
+    s = re.sub(r"\\[!,;: ]|\\q?quad(?![A-Za-z])|~", " ", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])", "", s)
+    s = re.sub(r"\\[()\[\]]", "", s).replace("\\$", "").replace("$", "")
+    had_percent = "%" in s
+    s = s.replace("\\%", "").replace("%", "")
+    s = _strip_text_commands(s)
+    s = s.rstrip(". ").strip()
+    if s.count("=") == 1:                                   # "x = 7" -> "7" (only a short name on the left)
+        lhs, rhs = s.split("=")
+        if re.fullmatch(r"\s*\\?[A-Za-z]{1,6}(?:_\{?[A-Za-z0-9]+\}?)?\s*", lhs):
+            s = rhs.strip()
+    m = re.fullmatch(r"(-?[\d.,]*\d)\s+[A-Za-z]+(?:\s+[A-Za-z]+)*", s)   # "18 dollars" -> "18"
+    if m:
+        s = m.group(1)
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):     # thousands separators: 1,234,567
+        s = s.replace(",", "")                                # (but "1,23" and "1, 234" are lists)
+    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)       # \frac12 -> \frac{1}{2}
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)               # .5 -> 0.5
+    s = re.sub(r"(\d\.\d*?)0+(?![\d])", r"\1", s)             # 2.50 -> 2.5
+    s = re.sub(r"(\d)\.(?![\d])", r"\1", s)                   # 3. -> 3
+    m = re.fullmatch(r"\(?([A-Z])\)", s) or re.fullmatch(r"\(([A-Z])\)?", s)   # (B) -> B
+    if m:
+        s = m.group(1)
+    return s, had_percent
+
+
+class _NotANumber(Exception):
+    pass
+
+
+_TOKEN_RE = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|\\[A-Za-z]+|\S")
+
+
+def _to_number(s):
+    """Value of a simple numeric expression, or None. A recursive-descent parser, no eval():
+        expr   := term (('+' | '-') term)*
+        term   := unary (('*' | '/' | \\cdot | \\times | \\div) unary | implicit-product)*
+        unary  := ('-' | '+') unary | power
+        power  := atom ('^' unary)?
+        atom   := number | '(' expr ')' | '{' expr '}' | \\frac{expr}{expr} | \\sqrt{expr} | \\pi
+    """
+    if len(s) > 200:
+        return None
+    tokens, pos = _TOKEN_RE.findall(s), 0
+    closing = {"(": ")", "{": "}"}
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take(expected=None):
+        nonlocal pos
+        tok = peek()
+        if tok is None or (expected is not None and tok != expected):
+            raise _NotANumber
+        pos += 1
+        return tok
+
+    def expr(depth):
+        if depth > _MAX_DEPTH:
+            raise _NotANumber
+        value = term(depth)
+        while peek() in ("+", "-"):
+            value = value + term(depth) if take() == "+" else value - term(depth)
+        return value
+
+    def term(depth):
+        value = unary(depth)
+        while True:
+            tok = peek()
+            if tok in ("*", "\\cdot", "\\times"):
+                take()
+                value *= unary(depth)
+            elif tok in ("/", "\\div"):
+                take()
+                value /= unary(depth)                      # ZeroDivisionError is caught below
+            elif tok in ("(", "{", "\\frac", "\\sqrt", "\\pi"):   # 2\pi, 3\sqrt{2}, 2(3)
+                value *= unary(depth)
+            else:
+                return value
+
+    def unary(depth):
+        if peek() in ("-", "+"):
+            return -unary(depth + 1) if take() == "-" else unary(depth + 1)
+        return power(depth)
+
+    def power(depth):
+        base = atom(depth)
+        if peek() != "^":
+            return base
+        take()
+        exponent = unary(depth + 1)
+        if abs(exponent) > _MAX_EXPONENT or (base == 0 and exponent < 0):
+            raise _NotANumber
+        value = base ** exponent                           # floats: overflow raises, never hangs
+        if isinstance(value, complex):
+            raise _NotANumber
+        return value
+
+    def braced(depth):
+        take("{")
+        value = expr(depth + 1)
+        take("}")
+        return value
+
+    def atom(depth):
+        if depth > _MAX_DEPTH:
+            raise _NotANumber
+        tok = take()
+        if tok[0].isdigit():
+            return float(tok)
+        if tok in closing:
+            value = expr(depth + 1)
+            take(closing[tok])
+            return value
+        if tok == "\\frac":
+            num, den = braced(depth), braced(depth)
+            return num / den
+        if tok == "\\sqrt":
+            value = braced(depth)
+            if value < 0:
+                raise _NotANumber
+            return math.sqrt(value)
+        if tok == "\\pi":
+            return math.pi
+        raise _NotANumber
+
+    try:
+        value = expr(0)
+        if pos != len(tokens) or not math.isfinite(value):
+            return None
+        return float(value)
+    except (_NotANumber, ArithmeticError, ValueError, RecursionError):
+        return None
+
+
+def _split_top_level(s):
+    """Split at commas outside any bracket. '(1,(2,3))' inner -> ['1', '(2,3)']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(s):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    parts.append(s[start:])
+    return parts
+
+
+def _bracketed(s):
+    """'(1,2]' -> ('(', ']', '1,2') when one bracket pair encloses the whole string, else None."""
+    s = s.replace("\\{", "{").replace("\\}", "}")
+    if len(s) < 2 or s[0] not in "([{" or s[-1] not in ")]}":
+        return None
+    depth = 0
+    for i, ch in enumerate(s[:-1]):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth == 0:                                     # closed before the end: "(1)+(2)"
+            return None
+    return s[0], s[-1], s[1:-1]
+
+
+def _numbers_equal(a, b):
+    return a == b or abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
+
+
+def _equiv(a, a_pct, b, b_pct, depth=0):
+    """Equivalence of two normalised answers (see is_equiv)."""
+    if a == b:
+        return True
+    if depth > 3:
+        return False
+    x, y = _to_number(a), _to_number(b)
+    if x is not None and y is not None:
+        xs = (x, x / 100) if a_pct else (x,)               # 25% may mean 25 or 0.25
+        ys = (y, y / 100) if b_pct else (y,)
+        return any(_numbers_equal(u, v) for u in xs for v in ys)
+    pa, pb = _bracketed(a), _bracketed(b)
+    if pa and pb:                                          # tuples, intervals, sets: element by element
+        ea, eb = _split_top_level(pa[2]), _split_top_level(pb[2])
+        return (pa[:2] == pb[:2] and len(ea) == len(eb) and len(ea) > 1
+                and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
+    if not pa and not pb and "," in a and "," in b:       # "1, 2" vs "2,1": unordered lists of answers
+        ea, eb = _split_top_level(a), _split_top_level(b)
+        if len(ea) != len(eb) or len(ea) > 50:
+            return False
+        unused = list(eb)
+        for u in ea:
+            hit = next((v for v in unused if _equiv(u, False, v, False, depth + 1)), None)
+            if hit is None:
+                return False
+            unused.remove(hit)
+        return True
+    return False
+
+
+def _math_verify_equiv(pred, gold):
+    try:
+        import math_verify
+    except ImportError:
+        raise ImportError("--checker math-verify needs the math-verify package: "
+                          "pip install 'math-verify[antlr4_13_2]'") from None
+    # math-verify's argument order matters: gold first. Boxing both makes their extractor take them whole.
+    return bool(math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"),
+                                   math_verify.parse(f"\\boxed{{{pred}}}")))
+
+
+CHECKERS = ("builtin", "math-verify")
+
+
+def is_equiv(pred, gold, checker="builtin"):
+    """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
+
+    Normalises LaTeX (\\left/\\right, \\dfrac, \\frac12, spaces, \\text{} units, \\$, \\%, ^\\circ,
+    trailing zeros, thousands separators like 1,234,567) and "x = 7" prefixes; then numbers are
+    equal within a relative 1e-4 (0.5 == \\frac{1}{2}, 25\\% == 0.25), tuples and intervals are
+    compared element by element, simple powers and products (2^{10}, 3\\cdot 4) are evaluated
+    without eval(); otherwise normalised string equality. Never raises on any input; the only
+    exception is an ImportError for checker="math-verify" when that package is missing.
+    """
+    if checker not in CHECKERS:
+        raise ValueError(f"unknown checker {checker!r}; choose one of {CHECKERS}")
+    if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
+        return False
+    if checker == "math-verify":
+        try:
+            return _math_verify_equiv(pred, gold)
+        except ImportError:
+            raise
+        except Exception:
+            return False
+    try:
+        if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
+            return pred.strip() == gold.strip()
+        return _equiv(*_normalise(pred), *_normalise(gold))
+    except Exception:                                      # a checker bug must not crash a training run
+        return False
+
+
+def math_reward(completion, gold, *, checker="builtin", format_reward=0.0):
+    """1.0 when the completion's extracted answer is equivalent to gold, else 0.0.
+    With format_reward > 0 (off by default), a wrong answer that is at least \\boxed earns it."""
+    pred = extract_answer(completion)
+    if pred is not None and is_equiv(pred, gold, checker):
+        return 1.0
+    if format_reward and isinstance(completion, str) and _last_boxed(completion) is not None:
+        return float(format_reward)
+    return 0.0
+
+
+def grpo_reward_fn(completions, answer, **kwargs):
+    """Drop-in reward function for TRL's GRPOTrainer (dataset column "answer"):
+    GRPOTrainer(..., reward_funcs=[grpo_reward_fn]). Completions may be strings or chat messages."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [math_reward(t, a) for t, a in zip(texts, answer)]
