@@ -33,6 +33,10 @@ Simplifications (say them out loud; they are choices, not accidents):
 import math
 import re
 
+import torch
+
+from data import end_of_turn_ids, pad_left, pad_right
+
 # ----------------------------------------------------------------------------
 # 1. The answer checker
 #
@@ -408,3 +412,177 @@ def grpo_reward_fn(completions, answer, **kwargs):
     GRPOTrainer(..., reward_funcs=[grpo_reward_fn]). Completions may be strings or chat messages."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [math_reward(t, a) for t, a in zip(texts, answer)]
+
+
+# ----------------------------------------------------------------------------
+# 2. Rollouts
+#
+# Prompts are left padded so that every prompt ends in the same column and the completions start
+# together. A completion ends at its FIRST end-of-sequence token: that token is kept (the model
+# must learn to stop), everything after it is not. The pad id is never used to find the end:
+# several tokenizers have pad == eos, so "not pad" would cut at the wrong place or not at all.
+
+def completion_mask_from_eos(completion_ids, eos_ids):
+    """mask (B, T) bool: True up to and including the first EOS; truncated (B,) bool: no EOS at all.
+
+    >>> mask, truncated = completion_mask_from_eos(torch.tensor([[5, 2, 2], [5, 6, 7]]), [2])
+    >>> mask.int().tolist(), truncated.tolist()
+    ([[1, 1, 0], [1, 1, 1]], [False, True])
+    """
+    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_ids), device=completion_ids.device))  # (B, T)
+    eos_before = is_eos.cumsum(dim=1) - is_eos.long()      # (B, T) EOS tokens strictly before t
+    mask = eos_before == 0                                 # (B, T) t is at or before the first EOS
+    truncated = ~is_eos.any(dim=1)                         # (B,)
+    return mask, truncated
+
+
+def stop_token_ids(model, tokenizer):
+    """Every id that ends a completion: the tokenizer's eos and end-of-turn tokens, and the model's
+    generation_config.eos_token_id (an int or a list). Never the pad id."""
+    ids = set(end_of_turn_ids(tokenizer))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update([configured] if isinstance(configured, int) else configured)
+    if not ids:
+        raise ValueError("the tokenizer and the model define no end-of-sequence token")
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=0.0, top_p=1.0,
+                         batch_size=None, seed=None):
+    """Complete each prompt (a list of token ids) once; temperature 0 means greedy.
+
+    Returns one dict per prompt: completion_ids (up to and including the first EOS), text (decoded
+    without special tokens) and truncated (no EOS within max_new_tokens). With a seed, batch b is
+    sampled after torch.manual_seed(seed + b): the same call gives the same completions.
+    Sampling settings are passed explicitly, so a checkpoint's generation_config (top_k=20,
+    repetition_penalty=1.1 for Qwen chat models) cannot change what the policy samples.
+    """
+    eos_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    device = next(model.parameters()).device
+    batch_size = batch_size or len(prompt_ids)
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
+                else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    was_training = model.training
+    model.eval()
+    results = []
+    for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
+        if seed is not None:
+            torch.manual_seed(seed + b)
+        input_ids, attention_mask = pad_left(prompt_ids[start:start + batch_size], pad_id)  # (b, P)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                             repetition_penalty=1.0, use_cache=True, **sampling)   # (b, P + T)
+        completions = out[:, input_ids.shape[1]:].cpu()     # (b, T) T <= max_new_tokens
+        mask, truncated = completion_mask_from_eos(completions, eos_ids)
+        for row, n, cut in zip(completions, mask.sum(dim=1).tolist(), truncated.tolist()):
+            ids = row[:n].tolist()
+            results.append({"completion_ids": ids, "truncated": cut,
+                            "text": tokenizer.decode(ids, skip_special_tokens=True)})
+    model.train(was_training)
+    return results
+
+
+def rollout_tensors(prompt_ids, completion_ids, pad_id):
+    """Training tensors for B (prompt, completion) pairs: the prompt block is left padded and the
+    completion block right padded, so every completion starts at the same column P.
+
+    Returns input_ids, attention_mask, position_ids (B, P + T), completion ids (B, T), the loss
+    mask (B, T) (the completion tokens, cut at their first EOS already) and P."""
+    prompts, prompt_attn = pad_left(prompt_ids, pad_id)               # (B, P)
+    completions, completion_attn = pad_right(completion_ids, pad_id)  # (B, T)
+    input_ids = torch.cat([prompts, completions], dim=1)              # (B, P + T)
+    attention_mask = torch.cat([prompt_attn, completion_attn], dim=1)  # (B, P + T)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)    # (B, P + T) as generate counts them
+    return input_ids, attention_mask, position_ids, completions, completion_attn.bool(), prompts.shape[1]
+
+
+# ----------------------------------------------------------------------------
+# 3. The loss
+#
+# Everything here is tensors in, tensors out (torch only), to be read and pasted.
+
+def group_advantages(rewards, group_size, *, scale_by_std=True, eps=1e-4):
+    """Group-normalised advantages for G completions per prompt (rewards grouped consecutively).
+
+        A_i = (r_i - mean_group(r)) / (std_group(r) + eps)     (std with Bessel's correction, as TRL)
+        A_i =  r_i - mean_group(r)                             (scale_by_std=False: Dr. GRPO)
+
+    Returns advantages (N,) and informative (N // G,) bool: False for groups whose rewards are all
+    equal, which have zero advantage and carry no signal.
+    """
+    r = rewards.float().view(-1, group_size)                           # (P, G)
+    advantages = r - r.mean(dim=1, keepdim=True)                       # (P, G)
+    if scale_by_std:
+        advantages = advantages / (r.std(dim=1, keepdim=True) + eps)   # (P, G)
+    informative = r.max(dim=1).values > r.min(dim=1).values            # (P,)
+    return advantages.view(-1), informative
+
+
+def token_logprobs(logits, tokens, temperature=1.0):
+    """log pi(token) under the SAMPLING distribution softmax(logits / temperature), and its entropy.
+
+    logits (B, T, V) are already aligned with tokens (B, T): logits[:, t] scores tokens[:, t].
+    Returns logprobs (B, T) (with grad) and entropy (B, T) (detached, for logging)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)    # (B, T, V)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)        # (B, T)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(dim=-1)                     # (B, T)  H = -sum_v p log p
+    return chosen, entropy
+
+
+LOSS_AGGS = ("token-mean", "seq-mean", "dr-grpo")
+
+
+def loss_normaliser(mask, loss_agg, max_new_tokens):
+    """The denominator of the loss, computed ONCE per optimiser step from the masks of ALL its
+    completions, so that splitting the step into micro-batches never changes the update.
+        token-mean: completion tokens in the step (every token weighs the same)
+        seq-mean:   completions in the step (each completion's tokens are first averaged)
+        dr-grpo:    completions x max_new_tokens (a constant: no length bias, Dr. GRPO)
+    mask (N, T) bool."""
+    if loss_agg == "token-mean":
+        return max(mask.sum().item(), 1)
+    if loss_agg == "seq-mean":
+        return max(mask.any(dim=1).sum().item(), 1)
+    if loss_agg == "dr-grpo":
+        return max(mask.shape[0] * max_new_tokens, 1)
+    raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose one of {LOSS_AGGS}")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_agg="token-mean",
+                clip_eps=0.2, clip_eps_high=None, ref_logprobs=None, kl_coef=0.0):
+    """Clipped policy-gradient loss with an optional k3 KL penalty, for one micro-batch.
+
+    logprobs (B, T) current policy, with grad; old_logprobs (B, T) the policy that sampled, detached
+    (with one update per batch they are logprobs.detach(): ratio 1, and the gradient is exactly
+    REINFORCE's A * grad log pi); ref_logprobs (B, T) the frozen start; advantages (B,); mask (B, T).
+    Returns the loss (already divided by the step's normaliser: micro-batch losses simply add up)
+    and sums for logging.
+    """
+    mask = mask.float()                                                # (B, T)
+    adv = advantages.unsqueeze(1)                                      # (B, 1) every token gets its sequence's A
+    ratio = torch.exp(logprobs - old_logprobs)                         # (B, T) pi / pi_old
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    # L_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
+    unclipped = ratio * adv                                            # (B, T)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv         # (B, T)
+    per_token = -torch.min(unclipped, clipped)                         # (B, T)
+    kl = torch.zeros_like(logprobs)
+    if kl_coef:
+        # k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1  (>= 0, unbiased)
+        log_r = ref_logprobs - logprobs                                # (B, T)
+        kl = torch.exp(log_r) - log_r - 1                              # (B, T)
+        per_token = per_token + kl_coef * kl
+    if loss_agg == "seq-mean":
+        weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1)   # (B, T) each completion sums to 1
+    else:
+        weights = mask                                                 # (B, T) every token weighs 1
+    loss = (per_token * weights).sum() / normaliser
+    with torch.no_grad():
+        stats = {"tokens": mask.sum().item(),
+                 "clipped_tokens": ((clipped < unclipped).float() * mask).sum().item(),
+                 "kl_sum": (kl * mask).sum().item()}
+    return loss, stats

@@ -1,0 +1,183 @@
+"""rl.py beyond the checker: masks, advantages, the loss, split invariance, rollouts, the loop.
+
+Expected values are computed by hand (or by plain Python loops written for the test), never
+copied from the code under test. Run: python -m pytest tests/test_rl.py -q
+"""
+import math
+
+import pytest
+import torch
+
+import rl
+from rl import (completion_mask_from_eos, group_advantages, loss_normaliser, policy_loss,
+                rollout_tensors, token_logprobs)
+
+# ----------------------------------------------------------------------------
+# masks from the first EOS, with pad == eos
+
+
+def test_mask_from_first_eos_when_pad_is_eos():
+    eos = 2                                     # generate pads finished rows with pad == eos == 2
+    ids = torch.tensor([[5, 2, 2, 2],           # stops at once: [5, EOS]
+                        [5, 6, 2, 2],           # [5, 6, EOS]
+                        [5, 6, 7, 8],           # never stops: truncated, every token counts
+                        [2, 2, 2, 2],           # EOS first: only that token
+                        [5, 2, 6, 2]])          # a second EOS later does not matter
+    mask, truncated = completion_mask_from_eos(ids, [eos])
+    assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False, False]
+
+
+def test_mask_with_several_stop_ids():
+    ids = torch.tensor([[5, 9, 2, 2], [5, 2, 9, 9]])   # 9 = <|im_end|>, 2 = <|endoftext|>
+    mask, truncated = completion_mask_from_eos(ids, [2, 9])
+    assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+    assert truncated.tolist() == [False, False]
+
+
+# ----------------------------------------------------------------------------
+# advantages
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0,    # group 1: mean 0.25
+                            1.0, 1.0, 1.0, 1.0,    # group 2: all equal, no signal
+                            0.0, 1.0, 0.0, 1.0])   # group 3: mean 0.5
+    # group 1 sample std (Bessel): sqrt((0.75^2 + 3 * 0.25^2) / 3) = sqrt(0.25) = 0.5
+    # group 3 sample std: sqrt(4 * 0.5^2 / 3) = sqrt(1/3)
+    adv, informative = group_advantages(rewards, 4, eps=1e-4)
+    s3 = math.sqrt(1 / 3) + 1e-4
+    expected = [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001,
+                0, 0, 0, 0, -0.5 / s3, 0.5 / s3, -0.5 / s3, 0.5 / s3]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+    assert informative.tolist() == [True, False, True]
+    adv, _ = group_advantages(rewards, 4, scale_by_std=False)   # Dr. GRPO: r - mean
+    assert adv.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0, -0.5, 0.5, -0.5, 0.5])
+
+
+# ----------------------------------------------------------------------------
+# the loss against a hand computation
+
+
+def hand_loss(logp, old, ref, adv, mask, eps_low, eps_high, kl_coef, agg, max_new_tokens):
+    """The same objective written as plain Python loops over tokens."""
+    per_seq, n_tokens, n_seqs = [], 0, 0
+    for b in range(len(logp)):
+        terms = []
+        for t in range(len(logp[b])):
+            if not mask[b][t]:
+                continue
+            ratio = math.exp(logp[b][t] - old[b][t])
+            surrogate = min(ratio * adv[b], min(max(ratio, 1 - eps_low), 1 + eps_high) * adv[b])
+            d = ref[b][t] - logp[b][t]
+            terms.append(-surrogate + kl_coef * (math.exp(d) - d - 1))
+        per_seq.append(terms)
+        n_tokens += len(terms)
+        n_seqs += bool(terms)
+    if agg == "token-mean":
+        return sum(sum(s) for s in per_seq) / n_tokens
+    if agg == "seq-mean":
+        return sum(sum(s) / len(s) for s in per_seq if s) / n_seqs
+    return sum(sum(s) for s in per_seq) / (len(logp) * max_new_tokens)
+
+
+LOGP = [[-1.0, -0.5, -2.0, -0.3], [-0.2, -1.5, -0.7, -0.9]]
+OLD = [[-1.2, -0.5, -1.5, -0.3], [-0.9, -1.0, -0.7, -0.1]]     # ratios 1.22, 1, 0.61, 1 / 2.01, 0.61, 1, 0.45
+REF = [[-0.8, -0.6, -2.1, -1.0], [-0.2, -1.4, -0.5, -0.9]]
+ADV = [1.5, -0.7]
+MASK = [[1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "dr-grpo"])
+@pytest.mark.parametrize("kl_coef,eps_high", [(0.0, 0.2), (0.1, 0.28)])
+def test_policy_loss_matches_hand_computation(agg, kl_coef, eps_high):
+    mask = torch.tensor(MASK, dtype=torch.bool)
+    normaliser = loss_normaliser(mask, agg, max_new_tokens=4)
+    loss, stats = policy_loss(torch.tensor(LOGP), torch.tensor(OLD), torch.tensor(ADV), mask,
+                              normaliser=normaliser, loss_agg=agg, clip_eps=0.2, clip_eps_high=eps_high,
+                              ref_logprobs=torch.tensor(REF), kl_coef=kl_coef)
+    expected = hand_loss(LOGP, OLD, REF, ADV, MASK, 0.2, eps_high, kl_coef, agg, 4)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["tokens"] == 7
+
+
+def test_clip_fraction_by_hand():
+    # "clipped" = the clipped term is the smaller one, so the token gets no gradient.
+    # (0,0) ratio e^0.2 = 1.22 > 1.2, A = 1.5 > 0: 1.2 * 1.5 < 1.22 * 1.5 -> clipped
+    # (0,2) ratio e^-0.5 = 0.61, A > 0: 0.61 * 1.5 < 0.8 * 1.5 -> unclipped term wins, not clipped
+    # (1,0) ratio e^0.7 = 2.01, A = -0.7: -1.41 < -0.84 -> not clipped
+    # (1,1) ratio e^-0.5 = 0.61 < 0.8, A < 0: 0.8 * -0.7 = -0.56 < -0.42 -> clipped
+    # (1,3) ratio e^-0.8 = 0.45, A < 0: -0.56 < -0.31 -> clipped
+    # the other two masked tokens have ratio 1: 3 of 7 clipped
+    mask = torch.tensor(MASK, dtype=torch.bool)
+    _, stats = policy_loss(torch.tensor(LOGP), torch.tensor(OLD), torch.tensor(ADV), mask, normaliser=7)
+    assert stats["clipped_tokens"] == 3
+
+
+def test_one_epoch_is_reinforce_with_a_group_baseline():
+    """With old = logprobs.detach(), d loss / d logp_t = -A_b * mask / normaliser (token-mean)."""
+    logp = torch.tensor(LOGP, requires_grad=True)
+    mask = torch.tensor(MASK, dtype=torch.bool)
+    loss, _ = policy_loss(logp, logp.detach(), torch.tensor(ADV), mask, normaliser=7)
+    loss.backward()
+    expected = [[-ADV[b] * MASK[b][t] / 7 for t in range(4)] for b in range(2)]
+    assert torch.allclose(logp.grad, torch.tensor(expected))
+
+
+def test_token_logprobs_uses_the_sampling_temperature():
+    logits = torch.tensor([[[1.0, 2.0, 0.5]]])                  # (1, 1, 3)
+    lp, ent = token_logprobs(logits, torch.tensor([[1]]), temperature=0.5)
+    z = [2.0, 4.0, 1.0]                                         # logits / 0.5
+    log_norm = math.log(sum(math.exp(v) for v in z))
+    assert lp.item() == pytest.approx(4.0 - log_norm)
+    p = [math.exp(v - log_norm) for v in z]
+    assert ent.item() == pytest.approx(-sum(q * math.log(q) for q in p))
+
+
+# ----------------------------------------------------------------------------
+# gradient accumulation: the same update whatever the micro-batch split
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "dr-grpo"])
+def test_same_gradient_for_any_micro_batch_split(agg):
+    torch.manual_seed(0)
+    B, T, V, D = 6, 5, 7, 4
+    features = torch.randn(B, T, D)
+    tokens = torch.randint(0, V, (B, T))
+    lengths = torch.tensor([5, 1, 3, 5, 2, 4])
+    mask = torch.arange(T)[None, :] < lengths[:, None]           # (B, T) very different lengths
+    advantages = torch.randn(B)
+    ref = torch.randn(B, T)
+
+    def gradient(split):
+        weight = torch.nn.Parameter(torch.randn(D, V, generator=torch.Generator().manual_seed(1)))
+        normaliser = loss_normaliser(mask, agg, max_new_tokens=T)   # once, for the whole step
+        start = 0
+        for size in split:
+            sl = slice(start, start + size)
+            logp, _ = token_logprobs(features[sl] @ weight, tokens[sl])
+            loss, _ = policy_loss(logp, logp.detach() - 0.1, advantages[sl], mask[sl],
+                                  normaliser=normaliser, loss_agg=agg, ref_logprobs=ref[sl], kl_coef=0.05)
+            loss.backward()
+            start += size
+        return weight.grad
+
+    full = gradient([6])
+    for split in ([1] * 6, [2, 4], [5, 1], [3, 3]):
+        assert torch.allclose(gradient(split), full, atol=1e-6), split
+
+
+# ----------------------------------------------------------------------------
+# training tensors for rollouts
+
+
+def test_rollout_tensors_align_completions():
+    prompts = [[11, 12, 13], [21]]
+    completions = [[31, 2], [41, 42, 43, 2]]
+    input_ids, attn, pos, comp, mask, P = rollout_tensors(prompts, completions, pad_id=0)
+    assert P == 3
+    assert input_ids.tolist() == [[11, 12, 13, 31, 2, 0, 0], [0, 0, 21, 41, 42, 43, 2]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]
+    assert pos[0, :5].tolist() == [0, 1, 2, 3, 4] and pos[1, 2:].tolist() == [0, 1, 2, 3, 4]
+    assert comp.tolist() == [[31, 2, 0, 0], [41, 42, 43, 2]]
+    assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
