@@ -1,0 +1,420 @@
+"""
+data.py: the data side of eksft. Loads SFT conversations and question/answer sets, turns a
+conversation into token ids plus a loss mask, and groups examples into batches.
+
+    python data.py --data synthetic --num-samples 3   # print a few rows as chat turns
+
+Row formats read from a hub dataset or a local .json / .jsonl / .parquet file:
+  1. OpenAI       {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+  2. ShareGPT     {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}
+  3. pairs        {"problem": ..., "solution": ...} or {"question": ..., "answer": ...}
+Aliases: openr1-3k (the paper's low-data setting), gsm8k, math500, synthetic.
+
+Choices made here (and why):
+  1. A conversation without a system turn gets SYSTEM_PROMPT, so SFT, RL and evaluation all
+     show the model one prompt format.
+  2. Examples longer than --max-len are DROPPED, not truncated: a cut chain of thought loses its
+     final answer, and imitating half a solution teaches the model to stop mid-way. The count
+     dropped is printed.
+  3. Labels cover the assistant turns up to and including their end-of-turn token; everything
+     else (system, user, template glue such as the newline after <|im_end|>) is ignore_index.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import sys
+
+import torch
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+IGNORE_INDEX = -100
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, unknown name, no network): printed as one line."""
+
+
+class DataError(UserError):
+    """Bad input data. The message names the file, the 1-based row and what is wrong."""
+
+
+# -----------------------------------------------------------------------------
+# Synthetic data: seeded multi-step arithmetic word problems (offline runs, tests, tutorial)
+
+NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gia", "Hal", "Ivy", "Jon", "Kim", "Leo"]
+ITEMS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles"]
+
+
+def synthetic_problems(n, seed=0):
+    """n problems of 2-3 steps, each a dict(question, solution, answer); same seed, same rows.
+
+    >>> p = synthetic_problems(1, seed=0)[0]
+    >>> p["solution"].endswith("\\\\boxed{" + p["answer"] + "}.")
+    True
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        total = rng.randint(2, 20)
+        question = f"{name} has {total} {item}."
+        steps = [f"{name} starts with {total} {item}."]
+        for _ in range(rng.randint(2, 3)):
+            op = rng.choice(["buy", "give", "double"] if total <= 50 else ["give"])
+            if op == "buy":
+                x = rng.randint(1, 15)
+                question += f" Then {name} buys {x} more."
+                steps.append(f"After buying {x}: {total} + {x} = {total + x}.")
+                total += x
+            elif op == "give" and total > 1:
+                x = rng.randint(1, total - 1)
+                question += f" Then {name} gives away {x}."
+                steps.append(f"After giving away {x}: {total} - {x} = {total - x}.")
+                total -= x
+            else:
+                question += f" Then {name} doubles the {item}."
+                steps.append(f"After doubling: {total} * 2 = {total * 2}.")
+                total *= 2
+        question += f" How many {item} does {name} have now?"
+        solution = " ".join(steps) + f" The answer is \\boxed{{{total}}}."
+        rows.append({"question": question, "solution": solution, "answer": str(total)})
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Reading rows: local files (with row numbers for error messages) and hub datasets
+
+def read_local_rows(path):
+    """Rows of a local .jsonl / .json / .parquet file as a list of (row_number, dict)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    rows = []
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, row {number}: not valid JSON ({e.msg})") from None
+    elif path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+        rows = list(enumerate(data, start=1))
+    elif path.endswith(".parquet"):
+        import datasets
+        rows = list(enumerate(datasets.load_dataset("parquet", data_files=path, split="train"), 1))
+    else:
+        raise DataError(f"{path}: unknown file type (use .jsonl, .json or .parquet)")
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def load_hub_rows(name, config=None, split="train"):
+    """Rows of a Hugging Face Hub dataset, as (row_number, dict); one clear line when offline."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # network, auth, missing dataset: all look different, all mean "can't"
+        raise DataError(
+            f"could not load dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}). Offline, use --data synthetic "
+            f"or a local .jsonl file."
+        ) from None
+    return list(enumerate(ds, start=1))
+
+
+# -----------------------------------------------------------------------------
+# Rows to conversations (list of {"role", "content"})
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+              "system": "system", "model": "assistant"}
+
+
+def row_to_messages(row, where, system_prompt=SYSTEM_PROMPT):
+    """One row in any supported format -> a checked conversation. `where` is "file, row N"."""
+    if "messages" in row or "conversations" in row:
+        key = "messages" if "messages" in row else "conversations"
+        turns = row[key]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: '{key}' must be a non-empty list of turns")
+        messages = []
+        for i, turn in enumerate(turns, start=1):
+            if not isinstance(turn, dict):
+                raise DataError(f"{where}: turn {i} of '{key}' is not an object")
+            role = turn.get("role", turn.get("from"))
+            content = turn.get("content", turn.get("value"))
+            if role not in ROLE_NAMES:
+                raise DataError(f"{where}: turn {i} has unknown role {role!r}")
+            messages.append({"role": ROLE_NAMES[role], "content": content})
+    else:
+        for q_key, a_key in (("problem", "solution"), ("question", "answer")):
+            if q_key in row and a_key in row:
+                messages = [{"role": "user", "content": row[q_key]},
+                            {"role": "assistant", "content": row[a_key]}]
+                break
+        else:
+            raise DataError(f"{where}: expected 'messages', 'conversations', problem/solution or "
+                            f"question/answer fields, found {sorted(row)[:8]}")
+    for i, m in enumerate(messages, start=1):
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: turn {i} ({m['role']}) content is "
+                            f"{type(m['content']).__name__}, not a string")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: turn {i} is an empty assistant turn")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn to train on")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def openr1_rows(seed):
+    """OpenR1-Math-220k rows whose first verified-correct, complete generation becomes the answer.
+
+    The paper's low-data setting is ~3,000 such examples; the caller keeps the first 3,000 (in a
+    seeded order) that fit --max-len."""
+    out = []
+    for number, row in load_hub_rows("open-r1/OpenR1-Math-220k", "default", "train"):
+        verified = row.get("correctness_math_verify") or []
+        complete = row.get("is_reasoning_complete") or [True] * len(verified)
+        for generation, ok, done in zip(row.get("generations") or [], verified, complete):
+            if ok and done:
+                out.append((number, {"problem": row["problem"], "solution": generation}))
+                break
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def load_conversations(source, seed=0, system_prompt=SYSTEM_PROMPT):
+    """SFT conversations from an alias, a hub dataset name or a local file.
+
+    Returns a list of (where, messages); `where` names file and row for later error messages."""
+    if source == "synthetic":
+        rows = [(i, {"problem": r["question"], "solution": r["solution"]})
+                for i, r in enumerate(synthetic_problems(2000, seed=seed + 1), start=1)]
+    elif source == "openr1-3k":
+        rows = openr1_rows(seed)
+    elif source == "gsm8k":
+        rows = [(n, {"question": r["question"], "answer": gsm8k_solution(r["answer"])})
+                for n, r in load_hub_rows("openai/gsm8k", "main", "train")]
+    elif source == "math500":
+        rows = load_hub_rows("HuggingFaceH4/MATH-500", None, "test")
+    elif os.path.splitext(source)[1] in (".json", ".jsonl", ".parquet"):
+        rows = read_local_rows(source)
+    else:
+        rows = load_hub_rows(source)
+    return [(f"{source}, row {n}", row_to_messages(row, f"{source}, row {n}", system_prompt))
+            for n, row in rows]
+
+
+def gsm8k_solution(answer):
+    """GSM8K's 'steps\\n#### 42' -> steps ending in \\boxed{42}; calculator marks <<..>> removed."""
+    steps, _, final = answer.rpartition("####")
+    steps = re.sub(r"<<[^>]*>>", "", steps).strip()
+    return f"{steps}\nThe answer is \\boxed{{{final.strip()}}}."
+
+
+# -----------------------------------------------------------------------------
+# Question/answer sets for RL and evaluation
+
+def load_qa(source, limit=None, seed=0):
+    """A list of dict(question, answer) from an alias or a local .jsonl/.json file.
+
+    Aliases: gsm8k (test), gsm8k-train, math500 (test), synthetic (held-out), synthetic-train."""
+    if source in ("synthetic", "synthetic-train"):
+        # held-out and training sets come from different seeds of the same generator
+        rows = synthetic_problems(limit or 500, seed=seed + (1 if source == "synthetic-train" else 10_000))
+        return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+    if source in ("gsm8k", "gsm8k-train"):
+        split = "test" if source == "gsm8k" else "train"
+        rows = [{"question": r["question"], "answer": r["answer"].rpartition("####")[2].strip()}
+                for _, r in load_hub_rows("openai/gsm8k", "main", split)]
+    elif source == "math500":
+        rows = [{"question": r["problem"], "answer": r["answer"]}
+                for _, r in load_hub_rows("HuggingFaceH4/MATH-500", None, "test")]
+    elif os.path.splitext(source)[1] in (".json", ".jsonl", ".parquet"):
+        rows = []
+        for number, row in read_local_rows(source):
+            for field in ("question", "answer"):
+                if field not in row:
+                    raise DataError(f"{source}, row {number}: missing field '{field}'")
+            if not isinstance(row["question"], str) or not row["question"].strip():
+                raise DataError(f"{source}, row {number}: 'question' must be a non-empty string")
+            if not isinstance(row["answer"], (str, int, float)) or isinstance(row["answer"], bool):
+                raise DataError(f"{source}, row {number}: 'answer' must be a string or a number")
+            rows.append({"question": row["question"], "answer": str(row["answer"])})
+    else:
+        raise UserError(f"unknown question/answer set '{source}': use gsm8k, gsm8k-train, math500, "
+                        f"synthetic, synthetic-train or a local .jsonl file with question and answer")
+    return rows[:limit] if limit else rows
+
+
+# -----------------------------------------------------------------------------
+# Tokenisation: ids and loss mask built together from one rendering of the chat template
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def end_of_turn_ids(tokenizer):
+    """Token ids that end an assistant turn: the chat end-of-turn token(s) and eos.
+
+    Base models often have eos = <|endoftext|> while their chat template ends turns with
+    <|im_end|>; generation must stop at either."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS
+           if t in tokenizer.get_vocab()]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def render(tokenizer, messages, add_generation_prompt=False):
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE  # a base tokenizer without one gets ChatML
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def encode_conversation(tokenizer, messages, where="conversation"):
+    """Token ids and labels of one conversation. Labels are IGNORE_INDEX except assistant turns.
+
+    The text is rendered once and tokenised once; each assistant turn's character span (found by
+    rendering the conversation up to that turn) marks which tokens are trained, so the ids are
+    exactly what the model sees at inference, and no prefix is re-tokenised differently."""
+    text = render(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start_text = render(tokenizer, messages[:i], add_generation_prompt=True)
+        end_text = render(tokenizer, messages[: i + 1])
+        if not (text.startswith(start_text) and text.startswith(end_text)):
+            raise DataError(f"{where}: the chat template renders earlier turns differently once "
+                            f"later turns are added, so the trained span cannot be located")
+        spans.append((len(start_text), len(end_text)))
+    stops = set(end_of_turn_ids(tokenizer))
+    labels = [IGNORE_INDEX] * len(ids)
+    for lo, hi in spans:
+        positions = [j for j, (s, _) in enumerate(offsets) if lo <= s < hi]
+        stop_at = [j for j in positions if ids[j] in stops]
+        if stop_at:  # train up to and including the end-of-turn token, not the glue after it
+            positions = [j for j in positions if j <= stop_at[-1]]
+        for j in positions:
+            labels[j] = ids[j]
+    return ids, labels
+
+
+def build_sft_examples(tokenizer, conversations, max_len, num_samples=None, log=print):
+    """Tokenise conversations; drop those longer than max_len; keep the first num_samples."""
+    examples, dropped = [], 0
+    for where, messages in conversations:
+        ids, labels = encode_conversation(tokenizer, messages, where)
+        if len(ids) > max_len:
+            dropped += 1
+            continue
+        if all(l == IGNORE_INDEX for l in labels[1:]):
+            raise DataError(f"{where}: no trained token after tokenisation")
+        examples.append({"input_ids": ids, "labels": labels})
+        if num_samples and len(examples) == num_samples:
+            break
+    log(f"data: {len(examples)} examples, {dropped} dropped as longer than --max-len {max_len}")
+    if not examples:
+        raise DataError(f"no example fits --max-len {max_len}")
+    return examples
+
+
+def prompt_messages(question, system_prompt=SYSTEM_PROMPT):
+    """The chat prompt used by SFT data, RL rollouts and evaluation alike."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": "user", "content": question}]
+
+
+def encode_prompt(tokenizer, question, system_prompt=SYSTEM_PROMPT):
+    """Token ids of the prompt for one question, ending where the assistant's answer begins."""
+    text = render(tokenizer, prompt_messages(question, system_prompt), add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+def pad_right(sequences, pad_value):
+    """list of id lists -> (B, T) tensor padded on the right, and its attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_left(sequences, pad_value):
+    """Left padding, for generation: every prompt ends at the last column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def collate(examples, pad_id):
+    """SFT examples -> dict(input_ids, attention_mask, labels), right padded."""
+    input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], pad_id)
+    labels, _ = pad_right([e["labels"] for e in examples], IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def step_batches(lengths, sequences_per_step, seed, drop_last=True):
+    """One epoch of optimizer steps: lists of example indices, grouped by length.
+
+    Shuffle, cut into windows of 32 steps, sort each window by length and deal it into steps, then
+    shuffle the steps: examples of a step have similar lengths (little padding) while the order
+    stays random. What goes into a step depends only on the seed, never on the micro-batch size."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = sequences_per_step * 32
+    steps = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w: w + window], key=lambda i: lengths[i])
+        steps += [chunk[s: s + sequences_per_step] for s in range(0, len(chunk), sequences_per_step)]
+    if drop_last and len(order) >= sequences_per_step:
+        steps = [s for s in steps if len(s) == sequences_per_step]
+    rng.shuffle(steps)
+    return steps
+
+
+# -----------------------------------------------------------------------------
+# A look at the data from the command line (eksft.py --show-mask shows the trained tokens)
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Print rows of an SFT data source as chat turns.")
+    parser.add_argument("--data", default="synthetic", help="alias, hub dataset or local file")
+    parser.add_argument("--num-samples", type=int, default=3, help="rows to print")
+    parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and shuffling")
+    args = parser.parse_args()
+    try:
+        for where, messages in load_conversations(args.data, seed=args.seed)[: args.num_samples]:
+            print(f"--- {where}\n" + json.dumps(messages, indent=1, ensure_ascii=False))
+    except UserError as e:
+        sys.exit(f"error: {e}")

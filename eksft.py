@@ -1,0 +1,662 @@
+"""
+eksft.py: Entropy-KL Selective Fine-Tuning (EKSFT, arXiv 2605.29303), the loss and the loop.
+
+    python eksft.py --model tiny                       # offline sanity run on CPU, ~30 s
+    python eksft.py --model Qwen2.5-0.5B               # EKSFT on openr1-3k, one GPU
+    python eksft.py --model Qwen2.5-0.5B --method sft  # the plain SFT baseline, same loop
+    python eksft.py --model tiny --max-steps 0 --show-mask 2   # see which tokens are trained
+
+EKSFT leaves out of the imitation loss the response tokens where the policy is most uncertain
+(top ratio by entropy) or has drifted furthest from the frozen starting model (top ratio by
+KL(policy || reference)), and adds a small entropy bonus and KL penalty on those tokens:
+
+    loss = CE(kept tokens) - lambda_entropy * mean_E(H / log V) + lambda_kl * mean_K(KL)
+
+Where this differs from the released trainer (each is a defect it has, fixed here):
+  1. Alignment: entropy, KL and the mask all refer to the same (logit row, target token) pair as the
+     cross-entropy. The released code masks the token before the uncertain prediction.
+  2. The KL penalty is the real KL, sum p (log p - log q); the released code used p - log q.
+  3. Two forward passes per step (policy with grad, reference without), not three: the selection
+     statistics come from the detached logits of the grad pass.
+  4. Statistics in row chunks (no full tokens x vocab fp32 copies); regularisers only on selected rows.
+  5. No "dynamic lambda" (it re-read the configured value every step: a constant +-5%).
+  6. A token is selected by KL only when its KL is above --kl-threshold: at the first step the
+     policy equals the reference, KL is 0 everywhere, and top-k by KL would pick arbitrary tokens.
+  7. Normalisation over the whole optimizer step, so gradient accumulation does not change the
+     result. The loop divides the kept-token CE sum by the number of response tokens of the step
+     (known before any forward pass, like Hugging Face's num_items_in_batch) and the regulariser
+     sums by the number of selection slots, sum over sequences of floor(ratio * n). The kept-token
+     count is only known after every micro-batch's forward pass, so a kept-token mean would need a
+     third pass. eksft_loss called without normalisers uses the paper's per-batch means.
+Simplifications: single device (see the Trainer adapter at the end for many GPUs); examples longer
+than --max-len are dropped; fp32 master weights with bf16 autocast rather than pure bf16.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from data import (IGNORE_INDEX, CHATML_TEMPLATE, UserError, build_sft_examples, collate,
+                  end_of_turn_ids, load_conversations, step_batches)
+
+# -----------------------------------------------------------------------------
+# The loss: a pure function (torch only) to paste into any trainer
+
+
+def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX, chunk_size=1024):
+    """Per-token entropy and KL(policy || reference) at response positions, without gradient.
+
+    logits, ref_logits: (B, T, V); labels: (B, T), unshifted. Returns entropy and kl, both (B, T-1)
+    and aligned with the shifted targets labels[:, 1:] (0 where the target is ignored; kl is None
+    without ref_logits). Rows are processed chunk_size at a time in fp32, so the extra memory is
+    a few (chunk_size, V) fp32 tensors whatever the sequence length."""
+    response = labels[:, 1:] != ignore_index                      # (B, T-1)
+    rows_b, rows_t = response.nonzero(as_tuple=True)              # (N,) each
+    entropy = torch.zeros(response.shape, device=logits.device)
+    kl = torch.zeros(response.shape, device=logits.device) if ref_logits is not None else None
+    with torch.no_grad():
+        for s in range(0, rows_b.numel(), chunk_size):
+            b, t = rows_b[s: s + chunk_size], rows_t[s: s + chunk_size]
+            logp = logits[b, t].float().log_softmax(-1)          # (C, V); row t predicts label t+1
+            p = logp.exp()
+            entropy[b, t] = -(p * logp).sum(-1)                   # H_t = -sum_v p log p
+            if ref_logits is not None:
+                logq = ref_logits[b, t].float().log_softmax(-1)
+                kl[b, t] = (p * (logp - logq)).sum(-1)            # KL_t = sum_v p (log p - log q)
+    return entropy, kl
+
+
+def top_k_mask(scores, response, ratio, scope="sequence", largest=True, candidates=None):
+    """Boolean (B, T) mask of the top k = floor(ratio * n) positions by score.
+
+    n counts the response positions of each sequence (scope="sequence") or of the whole batch
+    ("batch"). Only `candidates` (default: the response positions) can be chosen, so fewer than k
+    are selected when there are fewer candidates: the KL selection passes the tokens above the
+    threshold. Ties are broken by position (stable sort), so the result is deterministic."""
+    if candidates is None:
+        candidates = response
+    if scope == "batch":
+        flat = top_k_mask(scores.reshape(1, -1), response.reshape(1, -1), ratio, "sequence",
+                          largest, candidates.reshape(1, -1))
+        return flat.reshape(scores.shape)
+    k = num_slots(response.sum(1), ratio)                                 # (B,)
+    ranked = scores.masked_fill(~candidates, float("-inf") if largest else float("inf"))
+    order = ranked.argsort(dim=1, descending=largest, stable=True)        # (B, T) best first
+    first_k = torch.arange(scores.shape[1], device=scores.device)[None, :] < k[:, None]
+    chosen = torch.zeros_like(candidates).scatter(1, order, first_k)      # chosen[b, order[b,j]]
+    return chosen & candidates
+
+
+def num_slots(n, ratio):
+    """k = floor(ratio * n); the 1e-6 keeps 0.29 * 100 from flooring to 28 in floating point."""
+    return torch.floor(ratio * n.double() + 1e-6).long()
+
+
+def selection_slots(labels, ratio, scope="sequence", ignore_index=IGNORE_INDEX):
+    """Number of selection slots k in a batch: the regulariser normaliser for gradient accumulation.
+
+    scope="sequence": sum over sequences of floor(ratio * n_response); "batch": floor(ratio * N)."""
+    n = (labels[:, 1:] != ignore_index).sum(1)
+    return int(num_slots(n.sum(0, keepdim=True) if scope == "batch" else n, ratio).sum())
+
+
+def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
+               lambda_entropy=0.05, lambda_kl=0.05, scope="sequence",
+               select_largest_entropy=True, select_largest_kl=True, kl_threshold=1e-3,
+               ignore_index=IGNORE_INDEX, chunk_size=1024,
+               ce_normalizer=None, reg_normalizer=None, return_masks=False):
+    """The EKSFT loss. Returns (loss, stats).
+
+    logits: (B, T, V) policy logits with grad; ref_logits: (B, T, V) frozen reference (None allowed
+    when ratio == 0 and lambda_kl == 0); labels: (B, T) unshifted, ignore_index off the response.
+    Any float dtype; statistics in fp32.
+      ratio          fraction k = floor(ratio * n) selected by entropy and by KL
+      combine        "union" (released recipe) or "intersection" of the two selections
+      scope          "sequence": k per sequence (the released recipe, micro-batch of one sequence);
+                     "batch": top-k over all response tokens of this call
+      kl_threshold   a token is selected by KL only if KL > kl_threshold (nats)
+      ce_normalizer  divide the kept-token CE sum by this (e.g. response tokens of an accumulated
+                     batch); None: the number of kept tokens here (mean over kept tokens)
+      reg_normalizer divide both regulariser sums by this (e.g. selection_slots of the accumulated
+                     batch); None: |E| and |K| here (means over the selected tokens)
+    stats: detached 0-dim tensors (ce, entropy, kl, masked fractions, iou, counts)."""
+    if combine not in ("union", "intersection") or scope not in ("sequence", "batch"):
+        raise ValueError(f"combine must be union|intersection and scope sequence|batch, "
+                         f"got {combine!r}, {scope!r}")
+    selective = ratio > 0 or lambda_entropy != 0 or lambda_kl != 0
+    if selective and ref_logits is None and (ratio > 0 or lambda_kl != 0):
+        raise ValueError("ref_logits is required when ratio > 0 or lambda_kl != 0")
+    # the causal shift, once: logits[:, t] predicts labels[:, t+1]. Views, no copies.
+    logits_s = logits[:, :-1]                                      # (B, T-1, V)
+    ref_s = ref_logits[:, :-1] if ref_logits is not None else None
+    targets = labels[:, 1:]                                        # (B, T-1)
+    response = targets != ignore_index                             # (B, T-1)
+    n_response = response.sum()
+
+    # 1. statistics (no gradient), in row chunks
+    entropy, kl = token_statistics(logits, labels, ref_logits, ignore_index, chunk_size)
+
+    # 2. selection: E = top-k by entropy, K = top-k by KL among tokens with KL > threshold
+    if ratio > 0:
+        by_entropy = top_k_mask(entropy, response, ratio, scope, select_largest_entropy)
+        by_kl = top_k_mask(kl, response, ratio, scope, select_largest_kl,
+                           candidates=response & (kl > kl_threshold))
+    else:
+        by_entropy = by_kl = torch.zeros_like(response)
+    masked = (by_entropy | by_kl) if combine == "union" else (by_entropy & by_kl)
+    kept = response & ~masked
+
+    # 3. cross-entropy on kept tokens: CE_t = log sum_v exp(z_v) - z_target, summed
+    kb, kt = kept.nonzero(as_tuple=True)
+    ce_sum = F.cross_entropy(logits_s[kb, kt].float(), targets[kb, kt], reduction="sum")
+    n_kept = kb.numel()
+    ce = ce_sum / (ce_normalizer if ce_normalizer is not None else max(n_kept, 1))
+    loss = ce
+
+    # 4. regularisers with gradient, on the selected rows only
+    vocab_log = math.log(logits.shape[-1])
+    ent_reg = kl_reg = logits.new_zeros((), dtype=torch.float32)
+    if lambda_entropy != 0 and by_entropy.any():
+        eb, et = by_entropy.nonzero(as_tuple=True)
+        logp = logits_s[eb, et].float().log_softmax(-1)           # (|E|, V)
+        ent_sum = -(logp.exp() * logp).sum() / vocab_log           # sum over E of H_t / log V
+        ent_reg = ent_sum / (reg_normalizer if reg_normalizer is not None else eb.numel())
+        loss = loss - lambda_entropy * ent_reg
+    if lambda_kl != 0 and by_kl.any():
+        qb, qt = by_kl.nonzero(as_tuple=True)
+        logp = logits_s[qb, qt].float().log_softmax(-1)            # (|K|, V)
+        logq = ref_s[qb, qt].float().log_softmax(-1).detach()
+        kl_sum = (logp.exp() * (logp - logq)).sum()                # sum over K of KL_t
+        kl_reg = kl_sum / (reg_normalizer if reg_normalizer is not None else qb.numel())
+        loss = loss + lambda_kl * kl_reg
+
+    n_e, n_k = by_entropy.sum(), by_kl.sum()
+    n_both, n_either = (by_entropy & by_kl).sum(), (by_entropy | by_kl).sum()
+    denom = n_response.clamp(min=1).float()
+    stats = {
+        "ce": ce.detach(), "ent_reg": ent_reg.detach(), "kl_reg": kl_reg.detach(),
+        "entropy": (entropy.sum() / denom),
+        "kl": (kl.sum() / denom) if kl is not None else torch.tensor(float("nan")),
+        "masked_frac": masked.sum() / denom,
+        "masked_entropy_frac": n_e / denom, "masked_kl_frac": n_k / denom,
+        "iou": n_both / n_either.clamp(min=1),
+        "n_response": n_response, "n_kept": torch.tensor(n_kept), "n_masked": masked.sum(),
+        "n_entropy": n_e, "n_kl": n_k, "n_both": n_both, "n_either": n_either,
+    }
+    if return_masks:
+        stats.update(by_entropy=by_entropy, by_kl=by_kl, token_entropy=entropy, token_kl=kl)
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# Models: short names, the tiny offline model, device and precision
+
+SHORT_NAMES = {  # short name -> Hugging Face Hub id; anything else is used as given
+    f"Qwen2.5-{size}{kind}": f"Qwen/Qwen2.5-{size}{kind}"
+    for size in ("0.5B", "1.5B", "3B", "7B") for kind in ("", "-Instruct")
+} | {f"Qwen2.5-Math-{s}{k}": f"Qwen/Qwen2.5-Math-{s}{k}" for s in ("1.5B", "7B") for k in ("", "-Instruct")}
+
+
+class ModelLoadError(UserError):
+    pass
+
+
+def char_tokenizer():
+    """A character-level tokenizer with ChatML special tokens, built offline in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")  # one char, one token
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<unk>",
+                                        additional_special_tokens=specials[:2])
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(tokenizer, seed=0, hidden_size=128, num_layers=4):
+    """A ~1M-parameter Qwen2-architecture model with random weights (no download)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=3 * hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config)
+
+
+def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
+    """(model, tokenizer) from "tiny", a short name, a hub id or a local directory.
+
+    A directory written by eksft.py or rl.py loads directly. Generation is set to stop at the
+    chat end-of-turn token as well as eos (base Qwen models end chat turns with <|im_end|> but
+    have eos = <|endoftext|>)."""
+    if name == "tiny":
+        tokenizer = char_tokenizer()
+        model = tiny_model(tokenizer, seed=seed).to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        source = name if os.path.isdir(name) else SHORT_NAMES.get(name, name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except Exception as e:  # offline, missing repo, bad directory: one line, not a traceback
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise ModelLoadError(
+                f"could not load model '{name}' ({source}): {type(e).__name__}: {first}. "
+                f"Offline, use --model tiny or a local model directory.") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer
+
+
+def pick_device(requested="auto", precision="auto"):
+    """(device, autocast dtype or None, reason): cuda > mps > cpu; bf16 autocast where supported."""
+    if requested != "auto":
+        device, why = torch.device(requested), "asked for with --device"
+    elif torch.cuda.is_available():
+        device, why = torch.device("cuda"), "CUDA is available"
+    elif torch.backends.mps.is_available():
+        device, why = torch.device("mps"), "Apple MPS is available"
+    else:
+        device, why = torch.device("cpu"), "no GPU found"
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" or (precision == "auto" and bf16_ok):
+        return device, torch.bfloat16, f"{why}; bf16 autocast (fp32 master weights)"
+    reason = "fp32" + ("" if precision == "fp32" else " (bf16 autocast is used on GPUs that support it)")
+    return device, None, f"{why}; {reason}"
+
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and metrics: written so that a crash never leaves a broken one
+
+
+def quiet_hub_progress():
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would break our tqdm line
+
+
+def save_checkpoint(output_dir, model, tokenizer, args, state, optimizer=None):
+    """Write output_dir/checkpoint-{step} atomically: a temporary directory renamed when complete.
+
+    Holds the model and tokenizer (save_pretrained), args.json, trainer_state.json and, when given,
+    the optimizer state and RNG states needed for an exact --resume. Returns the path."""
+    final = os.path.join(output_dir, f"checkpoint-{state['step']}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{state['step']}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quiet_hub_progress()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(os.path.join(tmp, "args.json"), args)
+    write_json(os.path.join(tmp, "trainer_state.json"), state)
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate()}, os.path.join(tmp, "optimizer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # atomic on one filesystem: the checkpoint is whole or absent
+    return final
+
+
+def latest_checkpoint(output_dir):
+    """The complete checkpoint with the highest step in output_dir, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir)
+             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def prune_checkpoints(output_dir, keep):
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(output_dir)
+                   if d.startswith("checkpoint-") and d.split("-")[1].isdigit())
+    for step in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)
+
+
+def export_model(output_dir, model, tokenizer, args):
+    """The final model at output_dir itself, so AutoModelForCausalLM.from_pretrained(output_dir) works.
+
+    Files are written to a temporary directory and moved in one rename each."""
+    tmp = os.path.join(output_dir, ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quiet_hub_progress()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(os.path.join(tmp, "args.json"), args)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, record):
+    """One JSON line per record; NaN and inf become null so every JSON reader loads the file."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(clean) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Seeing the method: which tokens are prompt, trained, or masked by entropy / KL / both
+
+COLORS = {"prompt": "\033[2m", "trained": "\033[32m", "entropy": "\033[33m", "kl": "\033[35m",
+          "both": "\033[31;1m"}
+MARKS = {"prompt": ("<<", ">>"), "trained": ("", ""), "entropy": ("[E:", "]"), "kl": ("[K:", "]"),
+         "both": ("[EK:", "]")}
+
+
+def render_tokens(tokenizer, ids, labels, by_entropy=None, by_kl=None, color=True):
+    """One example as text, each run of tokens marked as prompt, trained, or masked.
+
+    by_entropy, by_kl: boolean lists aligned with ids (True where that token's loss was dropped).
+    color=False marks runs with <<prompt>>, [E:...], [K:...], [EK:...] instead of ANSI colours."""
+    def kind(j):
+        e = bool(by_entropy[j]) if by_entropy is not None else False
+        k = bool(by_kl[j]) if by_kl is not None else False
+        if labels[j] == IGNORE_INDEX:
+            return "prompt"
+        return "both" if e and k else "entropy" if e else "kl" if k else "trained"
+    out, j = [], 0
+    while j < len(ids):
+        start, this = j, kind(j)
+        while j < len(ids) and kind(j) == this:
+            j += 1
+        text = tokenizer.decode(ids[start:j])
+        if color:
+            out.append(COLORS[this] + text + "\033[0m")
+        else:
+            out.append(MARKS[this][0] + text + MARKS[this][1])
+    return "".join(out)
+
+
+def show_masks(model, ref_model, tokenizer, examples, loss_kwargs, device, amp_dtype, color=True):
+    """Print examples with the tokens EKSFT drops under the current policy and reference."""
+    legend = (" ".join(COLORS[k] + k + "\033[0m" for k in COLORS) if color else
+              "<<prompt>> trained [E:masked by entropy] [K:masked by KL] [EK:by both]")
+    print(f"legend: {legend}")
+    for e in examples:
+        batch = {k: v.to(device) for k, v in collate([e], tokenizer.pad_token_id).items()}
+        with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+            logits = model(input_ids=batch["input_ids"]).logits
+            ref = ref_model(input_ids=batch["input_ids"]).logits if ref_model is not None else None
+        _, st = eksft_loss(logits, batch["labels"], ref, return_masks=True, **loss_kwargs)
+        # the masks refer to targets labels[:, 1:]; shift them back onto the token ids
+        by_e = [False] + st["by_entropy"][0].tolist()
+        by_k = [False] + st["by_kl"][0].tolist()
+        print(render_tokens(tokenizer, e["input_ids"], e["labels"], by_e, by_k, color) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                   "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16, for MFU
+
+
+def lr_at(step, total_steps, base_lr, warmup_frac):
+    """Linear warmup over ceil(warmup_frac * total) steps, then cosine decay to 0."""
+    warmup = math.ceil(warmup_frac * total_steps)
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def loss_options(args):
+    """eksft_loss keyword arguments from the command line; --method sft turns selection off."""
+    if args.method == "sft":
+        return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
+    return dict(ratio=args.ratio, combine=args.combine, lambda_entropy=args.lambda_entropy,
+                lambda_kl=args.lambda_kl, scope=args.scope, kl_threshold=args.kl_threshold,
+                select_largest_entropy=not args.smallest_entropy,
+                select_largest_kl=not args.smallest_kl)
+
+
+def train_step(model, ref_model, step_examples, micro_batch_size, pad_id, loss_kwargs, device,
+               amp_dtype):
+    """Forward and backward over one optimizer step's examples, micro-batch by micro-batch.
+
+    Normalisers are counted over the whole step before any forward pass, so the summed gradient
+    is the same however the step is split. Returns the step's summed statistics."""
+    micro = [collate(step_examples[s: s + micro_batch_size], pad_id)
+             for s in range(0, len(step_examples), micro_batch_size)]
+    scope, ratio = loss_kwargs.get("scope", "sequence"), loss_kwargs["ratio"]
+    ce_normalizer = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    reg_normalizer = max(1, sum(selection_slots(b["labels"], ratio, scope) for b in micro))
+    totals = {}
+    autocast = lambda: torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
+    for batch in micro:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref_logits = None
+        if ref_model is not None:
+            with torch.no_grad(), autocast():
+                ref_logits = ref_model(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).logits
+        loss, stats = eksft_loss(logits, batch["labels"], ref_logits, **loss_kwargs,
+                                 ce_normalizer=ce_normalizer, reg_normalizer=reg_normalizer)
+        loss.backward()
+        n = float(stats["n_response"])
+        sums = {"loss": float(loss.detach()), "ce": float(stats["ce"]), "ent_reg": float(stats["ent_reg"]),
+                "kl_reg": float(stats["kl_reg"]), "entropy_sum": float(stats["entropy"]) * n,
+                "kl_sum": float(stats["kl"]) * n, "tokens": int(batch["attention_mask"].sum())}
+        sums |= {k: int(stats[k]) for k in ("n_response", "n_masked", "n_entropy", "n_kl",
+                                            "n_both", "n_either")}
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0) + v
+    n = max(totals["n_response"], 1)
+    return {"loss": totals["loss"], "ce": totals["ce"], "ent_reg": totals["ent_reg"],
+            "kl_reg": totals["kl_reg"], "entropy": totals["entropy_sum"] / n,
+            "kl": totals["kl_sum"] / n, "masked_frac": totals["n_masked"] / n,
+            "masked_entropy_frac": totals["n_entropy"] / n, "masked_kl_frac": totals["n_kl"] / n,
+            "iou": totals["n_both"] / max(totals["n_either"], 1), "tokens": totals["tokens"],
+            "response_tokens": totals["n_response"]}
+
+
+def train(args):
+    from tqdm import tqdm
+    run_args = vars(args).copy()
+    set_seed(args.seed)
+    device, amp_dtype, why = pick_device(args.device, args.precision)
+    print(f"device: {device} ({why})")
+
+    # model, tokenizer, and for EKSFT the frozen reference: a copy of the starting weights
+    resume_from = latest_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
+    model, tokenizer = load_model_and_tokenizer(resume_from or args.model, device, seed=args.seed)
+    loss_kwargs = loss_options(args)
+    ref_model = None
+    if args.method == "eksft":
+        ref_model = (load_model_and_tokenizer(args.model, device, seed=args.seed)[0] if resume_from
+                     else copy.deepcopy(model))
+        ref_model.to(amp_dtype or torch.float32).eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.model}, {n_params / 1e6:.2f}M parameters; method {args.method}"
+          + (f" {loss_kwargs}" if args.method == "eksft" else " (no reference model)"))
+
+    # data: tokenised once; each epoch's steps are a seeded function of (seed, epoch)
+    conversations = load_conversations(args.data, seed=args.seed)
+    examples = build_sft_examples(tokenizer, conversations, args.max_len, args.num_samples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    steps_per_epoch = len(step_batches(lengths, args.batch_size, args.seed))
+    total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    print(f"training: {total_steps} steps of {args.batch_size} sequences "
+          f"({args.batch_size // args.micro_batch_size} micro-batches of {args.micro_batch_size}), "
+          f"{steps_per_epoch} steps per epoch")
+
+    # optimizer: AdamW without weight decay on biases and norms (the usual transformer practice)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(args.beta1, args.beta2),
+                                  fused=device.type == "cuda")
+    start_step = 0
+    if resume_from:
+        state = json.load(open(os.path.join(resume_from, "trainer_state.json")))
+        saved = torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate(saved["python_rng"])
+        start_step = state["step"]
+        print(f"resume: from {resume_from} at step {start_step}")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_json(os.path.join(args.output_dir, "args.json"), run_args)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    peak = next((f for name, f in PEAK_BF16_FLOPS.items()
+                 if device.type == "cuda" and name in torch.cuda.get_device_name(device)), None)
+    flops_per_token = (6 + (2 if ref_model is not None else 0)) * n_params  # fwd+bwd, + ref fwd
+    model.train()
+    plan, plan_epoch = None, None
+    last = {}
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+               desc=args.method, dynamic_ncols=True)
+    for step in bar:
+        epoch = step // steps_per_epoch
+        if plan_epoch != epoch:
+            plan, plan_epoch = step_batches(lengths, args.batch_size, args.seed + epoch), epoch
+        lr = lr_at(step, total_steps, args.lr, args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        step_examples = [examples[i] for i in plan[step % steps_per_epoch]]
+        stats = train_step(model, ref_model, step_examples, args.micro_batch_size,
+                           tokenizer.pad_token_id, loss_kwargs, device, amp_dtype)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        last = {"step": step + 1, "epoch": epoch, **stats, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": stats["tokens"] / seconds, "step_s": seconds}
+        if peak:
+            last["mfu"] = flops_per_token * stats["tokens"] / seconds / peak
+        append_jsonl(metrics_path, last)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", masked=f"{stats['masked_frac']:.2f}")
+        if (step + 1) % args.log_every == 0:
+            tqdm.write(f"step {step + 1:5d} | loss {stats['loss']:.4f} | ce {stats['ce']:.4f} | "
+                       f"H {stats['entropy']:.3f} | KL {stats['kl']:.4f} | masked "
+                       f"{stats['masked_frac']:.3f} (E {stats['masked_entropy_frac']:.3f}, "
+                       f"K {stats['masked_kl_frac']:.3f}, iou {stats['iou']:.2f}) | lr {lr:.2e} | "
+                       f"gnorm {grad_norm:.2f} | {last['tokens_per_s']:.0f} tok/s")
+        done = step + 1 == total_steps
+        if done or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(args.output_dir, model, tokenizer, run_args,
+                            {"step": step + 1, "epoch": epoch, "total_steps": total_steps},
+                            optimizer)
+            prune_checkpoints(args.output_dir, args.keep_checkpoints)
+    bar.close()
+    export_model(args.output_dir, model, tokenizer, run_args)
+    if last:
+        print(f"done: {last['step']} steps | loss {last['loss']:.4f} | ce {last['ce']:.4f} | "
+              f"masked {last['masked_frac']:.3f} | {last['tokens_per_s']:.0f} tok/s | "
+              f"model in {args.output_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+    if args.show_mask:
+        show_masks(model, ref_model if ref_model is not None else copy.deepcopy(model).eval(),
+                   tokenizer, examples[: args.show_mask],
+                   loss_options(argparse.Namespace(**{**run_args, "method": "eksft"})),
+                   device, amp_dtype, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    return model, tokenizer
+
+
+TINY_DEFAULTS = dict(data="synthetic", lr=3e-3, batch_size=16, micro_batch_size=8, max_len=512,
+                     num_samples=480, epochs=1, warmup=0.1)
+HUB_DEFAULTS = dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2, max_len=4096,
+                    num_samples=3000, epochs=8, warmup=0.01)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="EKSFT (or plain SFT) on a chat-format data set.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
+    p.add_argument("--method", default="eksft", choices=["eksft", "sft"], help="sft: ratio 0, lambdas 0")
+    p.add_argument("--data", default=None, help="openr1-3k | gsm8k | math500 | synthetic | hub dataset "
+                   "| local .jsonl/.json/.parquet (default: synthetic for tiny, openr1-3k otherwise)")
+    p.add_argument("--num-samples", type=int, default=None, help="keep this many examples that fit "
+                   "--max-len (default: 480 for tiny, 3000 otherwise)")
+    p.add_argument("--max-len", type=int, default=None, help="drop longer examples (default 512 tiny, 4096)")
+    p.add_argument("--output-dir", default=None, help="checkpoints, metrics.jsonl and the final model "
+                   "(default runs/{method}-{model})")
+    # EKSFT selection and regularisers
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction selected by entropy and by KL")
+    p.add_argument("--combine", default="union", choices=["union", "intersection"], help="how E and K combine")
+    p.add_argument("--scope", default="sequence", choices=["sequence", "batch"], help="top-k per sequence "
+                   "or over the micro-batch")
+    p.add_argument("--lambda-entropy", type=float, default=0.05, help="weight of the entropy bonus on E")
+    p.add_argument("--lambda-kl", type=float, default=0.05, help="weight of the KL penalty on K")
+    p.add_argument("--kl-threshold", type=float, default=1e-3, help="select by KL only above this (nats)")
+    p.add_argument("--smallest-entropy", action="store_true", help="select the lowest-entropy tokens")
+    p.add_argument("--smallest-kl", action="store_true", help="select the lowest-KL tokens")
+    # optimisation
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (1e-5; 3e-3 for tiny)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (64; 16 tiny)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward pass; "
+                   "the rest is gradient accumulation (2; 8 tiny)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (8; 1 tiny)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--warmup", type=float, default=None, help="warmup fraction of steps (0.01; 0.1 tiny)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    # run
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights of tiny, data order, sampling")
+    p.add_argument("--log-every", type=int, default=10, help="print a log line every N steps")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--show-mask", type=int, default=0, metavar="N", help="after training, print N "
+                   "examples with prompt, trained and masked tokens marked")
+    args = p.parse_args(argv)
+    for key, value in (TINY_DEFAULTS if args.model == "tiny" else HUB_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.batch_size % args.micro_batch_size:
+        p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                f"{args.micro_batch_size}")
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{args.method}-{os.path.basename(args.model.rstrip('/'))}")
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        train(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")
