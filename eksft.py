@@ -254,7 +254,7 @@ def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as e:  # offline, missing repo, bad directory: one line, not a traceback
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            first = str(e).strip().splitlines()[0][:200].rstrip(".") if str(e).strip() else ""
             raise ModelLoadError(
                 f"could not load model '{name}' ({source}): {type(e).__name__}: {first}. "
                 f"Offline, use --model tiny or a local model directory.") from None

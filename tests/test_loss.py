@@ -1,0 +1,529 @@
+"""eksft_loss against a naive full-vocabulary reference written from the method's description.
+
+The reference below loops over sequences and tokens in float64 and never looks at eksft.py's
+internals: for every response token it takes the logit row that predicts it (logits[:, t] predicts
+labels[:, t+1]), computes H and KL from full softmaxes, ranks with Python's sorted() (ties: earlier
+position first), and builds the loss from plain sums. Run: python -m pytest tests/test_loss.py -q
+"""
+import itertools
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eksft import eksft_loss, selection_slots
+
+IGNORE = -100
+
+# ----------------------------------------------------------------------------
+# the naive reference
+
+
+def slots(ratio, n):
+    """k = floor(ratio * n) with ratio read as the decimal it was written as (0.29 * 100 = 29)."""
+    return math.floor(Fraction(str(ratio)) * n)
+
+
+def pick(rows, score, k, largest, gap_check=True):
+    """The k rows with the largest (or smallest) score; ties go to the earlier row.
+
+    rows are (b, t) in batch-then-position order. With gap_check, refuse data where the k-th and
+    (k+1)-th scores are so close that float32 vs float64 statistics could rank them differently."""
+    order = sorted(range(len(rows)), key=lambda i: (-score[rows[i]] if largest else score[rows[i]], i))
+    if gap_check and 0 < k < len(rows):
+        a, b = score[rows[order[k - 1]]], score[rows[order[k]]]
+        assert a == b or abs(a - b) > 1e-5 * max(1.0, abs(a)), "test data has a near tie"
+    return {rows[i] for i in order[:k]}
+
+
+def reference_loss(logits, labels, ref_logits=None, ratio=0.2, combine="union", lambda_entropy=0.05,
+                   lambda_kl=0.05, scope="sequence", select_largest_entropy=True,
+                   select_largest_kl=True, kl_threshold=1e-3, ignore_index=IGNORE,
+                   ce_normalizer=None, reg_normalizer=None, gap_check=True):
+    """Returns (loss, stats, E, K) with E, K sets of logit rows (b, t); loss is differentiable."""
+    B, T, V = logits.shape
+    rows = [(b, t) for b in range(B) for t in range(T - 1) if int(labels[b, t + 1]) != ignore_index]
+    logp, H, KL = {}, {}, {}
+    for (b, t) in rows:
+        lp = torch.log_softmax(logits[b, t].double(), dim=0)
+        logp[(b, t)] = lp
+        H[(b, t)] = -(lp.exp() * lp).sum()
+        if ref_logits is not None:
+            lq = torch.log_softmax(ref_logits[b, t].double(), dim=0)
+            KL[(b, t)] = (lp.exp() * (lp - lq)).sum()
+    h = {r: float(H[r].detach()) for r in rows}                   # detached, for selection only
+    d = {r: float(KL[r].detach()) for r in KL}
+
+    groups = [[r for r in rows if r[0] == b] for b in range(B)] if scope == "sequence" else [rows]
+    E, K = set(), set()
+    for g in groups:
+        k = slots(ratio, len(g))
+        E |= pick(g, h, k, select_largest_entropy, gap_check)
+        if ref_logits is not None:
+            candidates = [r for r in g if d[r] > kl_threshold]
+            E_k = pick(candidates, d, k, select_largest_kl, gap_check)
+            K |= E_k
+    M = (E | K) if combine == "union" else (E & K)
+    kept = [r for r in rows if r not in M]
+
+    ce_sum = sum((-logp[(b, t)][int(labels[b, t + 1])] for (b, t) in kept), torch.zeros((), dtype=torch.float64))
+    ce = ce_sum / (ce_normalizer if ce_normalizer is not None else max(len(kept), 1))
+    zero = torch.zeros((), dtype=torch.float64)
+    ent = zero
+    if E:
+        ent = sum((H[r] / math.log(V) for r in sorted(E)), zero)
+        ent = ent / (reg_normalizer if reg_normalizer is not None else len(E))
+    kl = zero
+    if K:
+        kl = sum((KL[r] for r in sorted(K)), zero)
+        kl = kl / (reg_normalizer if reg_normalizer is not None else len(K))
+    loss = ce - lambda_entropy * ent + lambda_kl * kl
+
+    n = len(rows)
+    stats = {
+        "ce": float(ce.detach()), "ent_reg": float(ent.detach()), "kl_reg": float(kl.detach()),
+        "entropy": sum(h.values()) / max(n, 1), "kl": (sum(d.values()) / max(n, 1)) if KL else None,
+        "masked_frac": len(M) / max(n, 1), "masked_entropy_frac": len(E) / max(n, 1),
+        "masked_kl_frac": len(K) / max(n, 1),
+        "iou": len(E & K) / len(E | K) if (E | K) else 0.0,
+        "n_response": n, "n_kept": len(kept), "n_masked": len(M), "n_entropy": len(E),
+        "n_kl": len(K), "n_both": len(E & K), "n_either": len(E | K),
+    }
+    return loss, stats, E, K
+
+
+def rows_of(mask):
+    """Set of (b, t) where a (B, T-1) boolean mask is True."""
+    return {(int(b), int(t)) for b, t in mask.nonzero().tolist()}
+
+
+# ----------------------------------------------------------------------------
+# test data: ragged sequences with prompt, padding and a hole in the middle
+
+
+def make_batch(seed=0, B=3, T=14, V=11, dtype=torch.float64, spread=3.0):
+    """Random logits with moderately peaked rows and a reference that differs on most rows.
+
+    Sequence 0: prompt 3, response 11 (no padding); sequence 1: prompt 2, response 7, padding 5;
+    sequence 2: prompt 4, response 4 with one ignored token inside (a multi-turn hole), padding 4.
+    About a third of the reference rows equal the policy rows (KL exactly 0, below the threshold)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * spread
+    ref = logits + torch.randn(B, T, V, generator=g, dtype=torch.float64) * 1.5
+    same = torch.rand(B, T, generator=g) < 0.33
+    ref[same] = logits[same]
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :3] = IGNORE
+    labels[1, :2] = IGNORE
+    labels[1, 9:] = IGNORE
+    labels[2, :4] = IGNORE
+    labels[2, 6] = IGNORE
+    labels[2, 10:] = IGNORE
+    return logits.to(dtype), labels, ref.to(dtype)
+
+
+def check_stats(stats, ref_stats, rtol=1e-5, atol=1e-6, check_regs=True):
+    for key in ("n_response", "n_kept", "n_masked", "n_entropy", "n_kl", "n_both", "n_either"):
+        assert int(stats[key]) == ref_stats[key], key
+    keys = ["ce", "entropy", "masked_frac", "masked_entropy_frac", "masked_kl_frac", "iou"]
+    keys += ["ent_reg", "kl_reg"] if check_regs else []
+    keys += ["kl"] if ref_stats["kl"] is not None else []
+    for key in keys:
+        assert stats[key].dim() == 0 and not stats[key].requires_grad, key
+        assert math.isclose(float(stats[key]), ref_stats[key], rel_tol=rtol, abs_tol=atol), \
+            (key, float(stats[key]), ref_stats[key])
+
+
+# ----------------------------------------------------------------------------
+# 1. values, gradients, masks and stats against the reference over a grid of options
+
+GRID = list(itertools.product(
+    [0.0, 0.2, 0.5],                        # ratio
+    ["union", "intersection"],              # combine
+    ["sequence", "batch"],                  # scope
+    [True, False],                          # select_largest_entropy
+    [True, False],                          # select_largest_kl
+    [(0.0, 0.0), (0.3, 0.7)],               # (lambda_entropy, lambda_kl)
+    [False, True],                          # given normalisers
+))
+
+
+@pytest.mark.parametrize("ratio,combine,scope,large_e,large_k,lambdas,normalise", GRID)
+def test_matches_reference(ratio, combine, scope, large_e, large_k, lambdas, normalise):
+    logits, labels, ref = make_batch(seed=1)
+    lam_e, lam_k = lambdas
+    opts = dict(ratio=ratio, combine=combine, lambda_entropy=lam_e, lambda_kl=lam_k, scope=scope,
+                select_largest_entropy=large_e, select_largest_kl=large_k, kl_threshold=1e-3,
+                ce_normalizer=23.0 if normalise else None, reg_normalizer=5 if normalise else None)
+
+    x = logits.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, ref, chunk_size=3, return_masks=True, **opts)
+    loss.backward()
+
+    y = logits.clone().requires_grad_(True)
+    ref_loss, ref_stats, E, K = reference_loss(y, labels, ref, **opts)
+    ref_loss.backward()
+
+    assert torch.isfinite(loss)
+    assert math.isclose(float(loss), float(ref_loss), rel_tol=1e-5, abs_tol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+    assert rows_of(stats["by_entropy"]) == E
+    assert rows_of(stats["by_kl"]) == K
+    assert stats["by_entropy"].shape == labels[:, 1:].shape == stats["by_kl"].shape
+    assert stats["by_entropy"].dtype == torch.bool
+    # ent_reg / kl_reg are compared only where their lambda is nonzero (see test_regulariser_stats)
+    check_stats(stats, ref_stats, check_regs=False)
+    if lam_e != 0:
+        assert math.isclose(float(stats["ent_reg"]), ref_stats["ent_reg"], rel_tol=1e-5, abs_tol=1e-7)
+    if lam_k != 0:
+        assert math.isclose(float(stats["kl_reg"]), ref_stats["kl_reg"], rel_tol=1e-5, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference_random_seeds(seed, dtype):
+    """The released recipe's settings on other data, in float32 and float64."""
+    logits, labels, ref = make_batch(seed=10 + seed, B=4, T=20, V=17, dtype=dtype)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, ref, ratio=0.3, chunk_size=5)
+    loss.backward()
+    y = logits.clone().requires_grad_(True)
+    ref_loss, ref_stats, _, _ = reference_loss(y, labels, ref, ratio=0.3)
+    ref_loss.backward()
+    assert math.isclose(float(loss), float(ref_loss), rel_tol=1e-5, abs_tol=1e-6)
+    torch.testing.assert_close(x.grad.double(), y.grad.double(), rtol=1e-5, atol=1e-6)
+    check_stats(stats, ref_stats)
+
+
+def test_chunk_size_does_not_matter():
+    logits, labels, ref = make_batch(seed=2)
+    results = []
+    for chunk in (1, 2, 3, 7, 1024):
+        x = logits.clone().requires_grad_(True)
+        loss, stats = eksft_loss(x, labels, ref, ratio=0.5, chunk_size=chunk, return_masks=True)
+        loss.backward()
+        results.append((loss.detach(), x.grad, stats["by_entropy"], stats["by_kl"]))
+    for loss, grad, e, k in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-6, atol=1e-7)
+        assert torch.equal(e, results[0][2]) and torch.equal(k, results[0][3])
+
+
+def test_custom_ignore_index():
+    logits, labels, ref = make_batch(seed=3)
+    labels = labels.masked_fill(labels == IGNORE, -1)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = eksft_loss(x, labels, ref, ratio=0.2, ignore_index=-1, chunk_size=3)
+    loss.backward()
+    y = logits.clone().requires_grad_(True)
+    ref_loss, _, _, _ = reference_loss(y, labels, ref, ratio=0.2, ignore_index=-1)
+    ref_loss.backward()
+    assert math.isclose(float(loss), float(ref_loss), rel_tol=1e-5)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# 2. alignment: the masked token is the target of the uncertain row
+
+
+def peaked_case(T=8, V=6, flat_row=4):
+    """One sequence: prompt at 0..1, response at 2..T-1. Every logit row puts +8 on the token it
+    predicts (labels[t+1]) except row flat_row, which is nearly uniform (entropy close to log V)."""
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 1, 4, 0, 5, 2]])
+    logits = torch.zeros(1, T, V, dtype=torch.float64)
+    for t in range(T - 1):
+        target = int(labels[0, t + 1])
+        if target != IGNORE:
+            logits[0, t, target] = 8.0 + 0.1 * t       # distinct entropies, no ties
+    logits[0, flat_row] = torch.tensor([0.01 * v for v in range(V)], dtype=torch.float64)
+    return logits, labels
+
+
+def test_alignment_masks_the_target_of_the_uncertain_row():
+    logits, labels = peaked_case()
+    flat = 4
+    x = logits.clone().requires_grad_(True)
+    # 6 response tokens, ratio 0.2 -> k = 1; reference == policy -> K empty
+    loss, stats = eksft_loss(x, labels, logits.clone(), ratio=0.2, lambda_entropy=0.0, lambda_kl=0.0,
+                             return_masks=True)
+    loss.backward()
+    by_e = stats["by_entropy"]                          # aligned with labels[:, 1:]
+    assert by_e.shape == (1, 7)
+    assert by_e[0].nonzero().flatten().tolist() == [flat]   # index 4 of labels[:, 1:] = labels[:, 5]
+    assert int(stats["n_kl"]) == 0 and int(stats["n_masked"]) == 1
+    # the masked token is labels[0, flat + 1]: the CE is the mean over the other five targets
+    lp = torch.log_softmax(logits[0], -1)
+    kept = [t for t in range(1, 7) if t != flat]
+    expected = -sum(lp[t, labels[0, t + 1]] for t in kept) / len(kept)
+    assert math.isclose(float(loss), float(expected), rel_tol=1e-5, abs_tol=1e-7)  # CE is fp32 inside
+    # no gradient at the masked row, a CE gradient at the row before it (it is not masked)
+    assert torch.count_nonzero(x.grad[0, flat]) == 0
+    assert torch.count_nonzero(x.grad[0, flat - 1]) > 0
+    assert not by_e[0, flat - 1]
+    # rows that predict an ignored label (prompt) and the last row get nothing
+    assert torch.count_nonzero(x.grad[0, 0]) == 0 and torch.count_nonzero(x.grad[0, 7]) == 0
+
+
+def test_alignment_entropy_bonus_lands_on_the_uncertain_row():
+    """With lambda_entropy the only gradient on the masked row is -lambda * dH/dz / log V."""
+    logits, labels = peaked_case()
+    flat, lam = 4, 0.5
+    x = logits.clone().requires_grad_(True)
+    loss, _ = eksft_loss(x, labels, logits.clone(), ratio=0.2, lambda_entropy=lam, lambda_kl=0.0)
+    loss.backward()
+    z = logits[0, flat].clone().requires_grad_(True)
+    lp = torch.log_softmax(z, -1)
+    (-lam * -(lp.exp() * lp).sum() / math.log(logits.shape[-1])).backward()
+    torch.testing.assert_close(x.grad[0, flat], z.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_alignment_with_prompt_boundary():
+    """The first response token is predicted by the last prompt row; making that row the uncertain
+    one must mask labels[:, 2] (the first response label) and zero the gradient of row 1."""
+    logits, labels = peaked_case(flat_row=1)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, logits.clone(), ratio=0.2, lambda_entropy=0.0, lambda_kl=0.0,
+                             return_masks=True)
+    loss.backward()
+    assert stats["by_entropy"][0].nonzero().flatten().tolist() == [1]
+    assert torch.count_nonzero(x.grad[0, 1]) == 0
+    assert torch.count_nonzero(x.grad[0, 2]) > 0
+
+
+# ----------------------------------------------------------------------------
+# 3. ratio 0 and lambdas 0 is plain SFT
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_sft_equals_cross_entropy(dtype):
+    logits, labels, _ = make_batch(seed=4, dtype=dtype)
+    if dtype == torch.float64:
+        logits = logits.float().double()   # eksft computes CE in float32; compare on fp32-exact inputs
+    x = logits.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
+    loss.backward()
+    y = logits.float().clone().requires_grad_(True)
+    expected = F.cross_entropy(y[:, :-1].reshape(-1, y.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE)
+    expected.backward()
+    torch.testing.assert_close(loss.float(), expected.detach(), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(x.grad.float(), y.grad, rtol=1e-6, atol=1e-7)
+    assert int(stats["n_masked"]) == 0 and int(stats["n_kept"]) == int(stats["n_response"])
+
+
+def test_ref_logits_required_when_selecting():
+    logits, labels, _ = make_batch(seed=4)
+    with pytest.raises(ValueError):
+        eksft_loss(logits, labels, None, ratio=0.2)
+
+
+# ----------------------------------------------------------------------------
+# 4. union / intersection counts from hand-made entropy and KL; the KL threshold
+
+
+def hand_case(kl_rows=(2, 3, 4), n=10, V=4):
+    """One sequence with n response tokens (no prompt). Row i (predicting labels[i+1]) has logits
+    a_i on token 0 and 0 elsewhere: rows 0, 1, 2 are nearly flat (a = 0.1, 0.2, 0.3; the three
+    highest entropies), the others peaked (a = 3, 3.5, ...). The reference adds 3 + i to token 1 on
+    kl_rows only; elsewhere it equals the policy (KL exactly 0)."""
+    a = [0.1, 0.2, 0.3] + [3.0 + 0.5 * i for i in range(n - 3)]
+    logits = torch.zeros(1, n + 1, V, dtype=torch.float64)
+    logits[0, :n, 0] = torch.tensor(a, dtype=torch.float64)
+    ref = logits.clone()
+    for i in kl_rows:
+        ref[0, i, 1] += 3.0 + i
+    labels = torch.tensor([[IGNORE] + [(i % (V - 1)) + 1 for i in range(n)]])
+    return logits, labels, ref
+
+
+@pytest.mark.parametrize("kl_rows,combine,expect", [
+    # ratio 0.3 of 10 -> k = 3; E = {0, 1, 2}
+    ((2, 3, 4), "union", dict(n_entropy=3, n_kl=3, n_both=1, n_either=5, n_masked=5, iou=1 / 5)),
+    ((2, 3, 4), "intersection", dict(n_entropy=3, n_kl=3, n_both=1, n_either=5, n_masked=1, iou=1 / 5)),
+    ((0, 1, 2), "union", dict(n_entropy=3, n_kl=3, n_both=3, n_either=3, n_masked=3, iou=1.0)),
+    ((0, 1, 2), "intersection", dict(n_entropy=3, n_kl=3, n_both=3, n_either=3, n_masked=3, iou=1.0)),
+    ((7, 8, 9), "union", dict(n_entropy=3, n_kl=3, n_both=0, n_either=6, n_masked=6, iou=0.0)),
+    ((7, 8, 9), "intersection", dict(n_entropy=3, n_kl=3, n_both=0, n_either=6, n_masked=0, iou=0.0)),
+    # only one token above the threshold: K has 1 member although k = 3
+    ((5,), "union", dict(n_entropy=3, n_kl=1, n_both=0, n_either=4, n_masked=4, iou=0.0)),
+    # more KL candidates than k: the top 3 by KL (ref shift 3 + i grows with i) = {6, 7, 8}
+    ((1, 4, 6, 7, 8), "union", dict(n_entropy=3, n_kl=3, n_both=0, n_either=6, n_masked=6, iou=0.0)),
+])
+def test_union_intersection_counts(kl_rows, combine, expect):
+    logits, labels, ref = hand_case(kl_rows)
+    loss, stats = eksft_loss(logits, labels, ref, ratio=0.3, combine=combine, return_masks=True)
+    assert rows_of(stats["by_entropy"]) == {(0, 0), (0, 1), (0, 2)}
+    for key, value in expect.items():
+        assert math.isclose(float(stats[key]), value, abs_tol=1e-7), (key, float(stats[key]), value)
+    assert int(stats["n_kept"]) == 10 - expect["n_masked"]
+    assert math.isclose(float(stats["masked_frac"]), expect["n_masked"] / 10, abs_tol=1e-7)
+    assert torch.isfinite(loss)
+
+
+def test_kl_threshold_is_configurable():
+    logits, labels, ref = hand_case((2, 3, 4))
+    kls = {}
+    for i in (2, 3, 4):
+        lp, lq = torch.log_softmax(logits[0, i], -1), torch.log_softmax(ref[0, i], -1)
+        kls[i] = float((lp.exp() * (lp - lq)).sum())
+    low, mid, _ = sorted(kls.values())
+    assert mid - low > 1e-2
+    _, stats = eksft_loss(logits, labels, ref, ratio=0.3, kl_threshold=(low + mid) / 2, return_masks=True)
+    assert rows_of(stats["by_kl"]) == {(0, i) for i in (2, 3, 4) if kls[i] > low}
+    _, stats = eksft_loss(logits, labels, ref, ratio=0.3, kl_threshold=1e9, return_masks=True)
+    assert int(stats["n_kl"]) == 0
+
+
+@pytest.mark.parametrize("scope", ["sequence", "batch"])
+@pytest.mark.parametrize("combine", ["union", "intersection"])
+def test_policy_equal_reference_selects_nothing_by_kl(scope, combine):
+    logits, labels, _ = make_batch(seed=5)
+    loss, stats = eksft_loss(logits, labels, logits.clone(), ratio=0.2, combine=combine, scope=scope)
+    n, n_e = int(stats["n_response"]), int(stats["n_entropy"])
+    assert int(stats["n_kl"]) == 0 and float(stats["kl"]) == 0.0 and float(stats["kl_reg"]) == 0.0
+    assert n_e > 0
+    expected_masked = n_e if combine == "union" else 0
+    assert int(stats["n_masked"]) == expected_masked
+    assert math.isclose(float(stats["masked_frac"]), expected_masked / n, abs_tol=1e-7)
+    assert float(stats["iou"]) == 0.0
+
+
+def test_ties_go_to_the_earlier_position():
+    """Identical rows: equal H (and KL); the first k response positions are chosen, for largest
+    and smallest, per sequence and over the batch (batch order: sequence 0 first)."""
+    V, T = 5, 9
+    row = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5], dtype=torch.float64)
+    logits = row.expand(2, T, V).clone()
+    ref = logits.clone()
+    ref[..., 0] += 1.0                                   # the same positive KL on every row
+    labels = torch.full((2, T), 1)
+    labels[:, :3] = IGNORE                               # rows 2..7 predict responses: n = 6 each
+    for largest in (True, False):
+        _, st = eksft_loss(logits, labels, ref, ratio=0.34, select_largest_entropy=largest,
+                           select_largest_kl=largest, return_masks=True)   # k = 2 per sequence
+        first_two = {(b, t) for b in range(2) for t in (2, 3)}
+        assert rows_of(st["by_entropy"]) == first_two and rows_of(st["by_kl"]) == first_two
+        _, st = eksft_loss(logits, labels, ref, ratio=0.34, scope="batch",
+                           select_largest_entropy=largest, select_largest_kl=largest,
+                           return_masks=True)                             # k = floor(0.34*12) = 4
+        first_four = {(0, t) for t in (2, 3, 4, 5)}
+        assert rows_of(st["by_entropy"]) == first_four and rows_of(st["by_kl"]) == first_four
+
+
+# ----------------------------------------------------------------------------
+# 5. zero CE gradient on masked tokens
+
+
+@pytest.mark.parametrize("combine", ["union", "intersection"])
+def test_no_gradient_on_masked_rows_without_regularisers(combine):
+    logits, labels, ref = make_batch(seed=6)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, ref, ratio=0.5, combine=combine, lambda_entropy=0.0,
+                             lambda_kl=0.0, return_masks=True)
+    loss.backward()
+    masked = rows_of(stats["by_entropy"] | stats["by_kl"] if combine == "union"
+                     else stats["by_entropy"] & stats["by_kl"])
+    response = rows_of(labels[:, 1:] != IGNORE)
+    assert masked and masked < response
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            nonzero = bool(torch.count_nonzero(x.grad[b, t]))
+            assert nonzero == ((b, t) in response and (b, t) not in masked), (b, t)
+
+
+# ----------------------------------------------------------------------------
+# 6. low precision and degenerate batches
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits(dtype):
+    logits, labels, ref = make_batch(seed=7, dtype=torch.float32)
+    low, low_ref = logits.to(dtype), ref.to(dtype)
+    x = low.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, low_ref, ratio=0.2, chunk_size=3)
+    loss.backward()
+    assert torch.isfinite(loss) and x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    for key in ("ce", "entropy", "kl", "ent_reg", "kl_reg"):
+        assert stats[key].dtype == torch.float32, key
+    # same as the float32 computation on the same (rounded) numbers ...
+    same, _ = eksft_loss(low.float(), labels, low_ref.float(), ratio=0.2)
+    assert math.isclose(float(loss), float(same), rel_tol=1e-5)
+    # ... and close to the full-precision result
+    full, _ = eksft_loss(logits, labels, ref, ratio=0.2)
+    assert math.isclose(float(loss), float(full), rel_tol=3e-2)
+
+
+@pytest.mark.parametrize("ratio,lambdas", [(0.0, (0.0, 0.0)), (0.2, (0.05, 0.05)), (1.0, (0.05, 0.05))])
+@pytest.mark.parametrize("scope", ["sequence", "batch"])
+def test_all_ignored_is_finite_and_zero(ratio, lambdas, scope):
+    logits, _, ref = make_batch(seed=8)
+    labels = torch.full(logits.shape[:2], IGNORE)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, ref, ratio=ratio, lambda_entropy=lambdas[0],
+                             lambda_kl=lambdas[1], scope=scope)
+    loss.backward()
+    assert float(loss) == 0.0
+    assert x.grad is not None and torch.count_nonzero(x.grad) == 0
+    for key, value in stats.items():
+        assert torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all(), key
+    assert int(stats["n_response"]) == 0 and float(stats["masked_frac"]) == 0.0
+    assert selection_slots(labels, 0.5) == 0
+
+
+@pytest.mark.parametrize("combine", ["union", "intersection"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_everything_masked_is_finite(combine, dtype):
+    logits, labels, ref = make_batch(seed=9, dtype=dtype)
+    ref = ref + 0.0
+    ref[:, :, 0] += 5.0                                 # every row above the KL threshold
+    x = logits.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, ref, ratio=1.0, combine=combine)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert int(stats["n_kept"]) == 0 and float(stats["ce"]) == 0.0
+    assert float(stats["masked_frac"]) == 1.0 and float(stats["iou"]) == 1.0
+    y = logits.double().clone().requires_grad_(True)
+    ref_loss, _, _, _ = reference_loss(y, labels, ref.double(), ratio=1.0, combine=combine,
+                                       gap_check=False)
+    assert math.isclose(float(loss), float(ref_loss), rel_tol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+# ----------------------------------------------------------------------------
+# 7. split invariance of the pure function, and selection_slots
+
+
+@pytest.mark.parametrize("trim", [False, True])
+@pytest.mark.parametrize("ratio,lambdas", [(0.2, (0.05, 0.05)), (0.5, (0.3, 0.7)), (0.0, (0.0, 0.0))])
+def test_per_sequence_calls_sum_to_the_batch_call(ratio, lambdas, trim):
+    logits, labels, ref = make_batch(seed=11)
+    opts = dict(ratio=ratio, lambda_entropy=lambdas[0], lambda_kl=lambdas[1], scope="sequence",
+                ce_normalizer=int((labels[:, 1:] != IGNORE).sum()),
+                reg_normalizer=max(1, selection_slots(labels, ratio, "sequence")), chunk_size=3)
+    whole = logits.clone().requires_grad_(True)
+    loss, _ = eksft_loss(whole, labels, ref, **opts)
+    loss.backward()
+
+    parts = logits.clone().requires_grad_(True)
+    total = 0.0
+    for b in range(logits.shape[0]):
+        end = logits.shape[1]
+        if trim:   # drop this sequence's trailing padding: the same example, unpadded
+            end = int((labels[b] != IGNORE).nonzero().max()) + 1
+        part, _ = eksft_loss(parts[b:b + 1, :end], labels[b:b + 1, :end], ref[b:b + 1, :end], **opts)
+        part.backward()
+        total += float(part)
+    assert math.isclose(total, float(loss), rel_tol=1e-6, abs_tol=1e-7)
+    torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.2, 0.29, 0.3, 0.5, 0.57, 0.7, 1.0])
+def test_selection_slots(ratio):
+    lengths = [0, 1, 5, 7, 10, 100]                     # response tokens per sequence
+    T = max(lengths) + 3
+    labels = torch.full((len(lengths), T), IGNORE)
+    for b, n in enumerate(lengths):
+        labels[b, 2: 2 + n] = 1                         # labels[:, 1:] holds them all
+    assert selection_slots(labels, ratio, "sequence") == sum(slots(ratio, n) for n in lengths)
+    assert selection_slots(labels, ratio, "batch") == slots(ratio, sum(lengths))
