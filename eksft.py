@@ -210,17 +210,19 @@ class ModelLoadError(UserError):
 
 
 def char_tokenizer():
-    """A character-level tokenizer with ChatML special tokens, built offline in code."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")  # one char, one token
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", unk_token="<unk>",
-                                        additional_special_tokens=specials[:2])
+    """A byte-level tokenizer with no merges (one token per ASCII character) and ChatML specials.
+
+    Built offline in code as a Qwen2Tokenizer, so a saved tiny model reloads with AutoTokenizer
+    as exactly the same tokenizer (transformers 5 rebuilds any qwen2 tokenizer as Qwen2's
+    byte-level pipeline; a tokenizer of another kind would silently tokenise differently)."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    byte_symbol = bytes_to_unicode()  # byte -> printable symbol, as in every byte-level BPE
+    vocab = {byte_symbol[b]: b for b in range(256)}
+    specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+    tokenizer = Qwen2Tokenizer(vocab=vocab | specials, merges=[], unk_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
@@ -535,6 +537,10 @@ def train(args):
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "args.json"), run_args)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):  # keep the rows up to where this run starts (none if fresh)
+        rows = [l for l in open(metrics_path) if l.strip() and json.loads(l)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(rows)
     peak = next((f for name, f in PEAK_BF16_FLOPS.items()
                  if device.type == "cuda" and name in torch.cuda.get_device_name(device)), None)
     flops_per_token = (6 + (2 if ref_model is not None else 0)) * n_params  # fwd+bwd, + ref fwd
