@@ -421,11 +421,13 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
                    "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16, for MFU
 
 
-def lr_at(step, total_steps, base_lr, warmup_frac):
-    """Linear warmup over ceil(warmup_frac * total) steps, then cosine decay to 0."""
+def lr_at(step, total_steps, base_lr, warmup_frac, schedule="cosine"):
+    """Linear warmup over ceil(warmup_frac * total) steps, then cosine decay to 0 (or constant)."""
     warmup = math.ceil(warmup_frac * total_steps)
     if step < warmup:
         return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
     progress = (step - warmup) / max(1, total_steps - warmup)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -553,7 +555,7 @@ def train(args):
         epoch = step // steps_per_epoch
         if plan_epoch != epoch:
             plan, plan_epoch = step_batches(lengths, args.batch_size, args.seed + epoch), epoch
-        lr = lr_at(step, total_steps, args.lr, args.warmup)
+        lr = lr_at(step, total_steps, args.lr, args.warmup, args.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
@@ -598,6 +600,89 @@ def train(args):
     return model, tokenizer
 
 
+# -----------------------------------------------------------------------------
+# Scaling out: the same loss inside transformers.Trainer / trl.SFTTrainer (accelerate, DeepSpeed, FSDP)
+
+
+def eksft_trainer_class(base):
+    """A subclass of `base` (transformers.Trainer, trl.SFTTrainer, ...) that trains with eksft_loss.
+
+        from transformers import Trainer
+        EKSFTTrainer = eksft_trainer_class(Trainer)
+        trainer = EKSFTTrainer(model=model, args=training_args, train_dataset=ds, data_collator=...,
+                               eksft_options=dict(ratio=0.2, lambda_entropy=0.05, lambda_kl=0.05))
+        trainer.train()      # or: accelerate launch --config_file ds_zero3.yaml my_script.py
+
+    The frozen reference is a copy of the model as it is when the trainer is built (or `ref_model`),
+    placed like the model: on the device in the training precision, or wrapped by DeepSpeed/FSDP.
+    Gradient accumulation: the Trainer counts response tokens over the accumulated batch
+    (num_items_in_batch, labels[..., 1:]) and this class counts the selection slots alongside, so
+    the result equals eksft.py's own loop; both counts are summed over processes when
+    average_tokens_across_devices is on (the default)."""
+
+    class EKSFTTrainer(base):
+        def __init__(self, *args, ref_model=None, eksft_options=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.eksft_options = dict(eksft_options or {})
+            self.eksft_options.setdefault("ratio", 0.2)
+            self._slots = None
+            needs_ref = self.eksft_options["ratio"] > 0 or self.eksft_options.get("lambda_kl", 0.05) != 0
+            if needs_ref and ref_model is None:
+                ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            self.ref_model = self._place_reference(ref_model) if needs_ref else None
+
+        def _place_reference(self, ref):
+            ref = ref.eval().requires_grad_(False)
+            if self.is_deepspeed_enabled:  # ZeRO-3 shards weights: the reference needs its own engine
+                import deepspeed
+                config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+                config.pop("optimizer", None), config.pop("scheduler", None)
+                if config.get("zero_optimization", {}).get("stage") != 3:
+                    config["zero_optimization"] = {"stage": 0}
+                return deepspeed.initialize(model=ref, config=config)[0].eval()
+            if self.is_fsdp_enabled:
+                return self.accelerator.prepare_model(ref, evaluation_mode=True)
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            return ref.to(device=self.args.device, dtype=dtype)
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            ratio, scope = self.eksft_options["ratio"], self.eksft_options.get("scope", "sequence")
+            slots = torch.tensor(sum(selection_slots(b["labels"], ratio, scope) for b in batches
+                                     if "labels" in b), device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                slots = self.accelerator.gather(slots).sum()
+            self._slots = slots.clamp(min=1)
+            return batches, num_items
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            for key in ("completion_mask", "assistant_masks"):  # TRL collators' extra fields
+                inputs.pop(key, None)
+            outputs = model(**inputs)
+            ref_logits = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logits = self.ref_model(**inputs).logits
+            accumulated = model.training and num_items_in_batch is not None
+            loss, stats = eksft_loss(outputs.logits, labels, ref_logits, **self.eksft_options,
+                                     ce_normalizer=num_items_in_batch if accumulated else None,
+                                     reg_normalizer=self._slots if accumulated else None)
+            if accumulated and self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients; the counts were global
+            if model.training:
+                self._eksft_stats = {k: float(stats[k]) for k in ("masked_frac", "entropy", "kl", "iou")}
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if getattr(self, "_eksft_stats", None) and "loss" in logs:
+                logs = {**logs, **{f"eksft/{k}": v for k, v in self._eksft_stats.items()}}
+            return super().log(logs, *args, **kwargs)
+
+    EKSFTTrainer.__name__ = EKSFTTrainer.__qualname__ = f"EKSFT{base.__name__}"
+    return EKSFTTrainer
+
+
 TINY_DEFAULTS = dict(data="synthetic", lr=3e-3, batch_size=16, micro_batch_size=8, max_len=512,
                      num_samples=480, epochs=1, warmup=0.1)
 HUB_DEFAULTS = dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2, max_len=4096,
@@ -633,6 +718,7 @@ def parse_args(argv=None):
                    "the rest is gradient accumulation (2; 8 tiny)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (8; 1 tiny)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after warmup")
     p.add_argument("--warmup", type=float, default=None, help="warmup fraction of steps (0.01; 0.1 tiny)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")

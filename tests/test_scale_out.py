@@ -1,0 +1,57 @@
+"""Scaling out: eksft_loss inside transformers.Trainer gives eksft.py's own losses on the same batches."""
+import copy
+import json
+
+import pytest
+import torch
+
+import eksft
+from data import build_sft_examples, load_conversations, step_batches
+
+pytest.importorskip("accelerate")  # transformers.Trainer needs it; eksft.py's own loop does not
+
+ARGS = ["--model", "tiny", "--num-samples", "32", "--batch-size", "8", "--micro-batch-size", "4",
+        "--max-len", "400", "--max-steps", "3", "--schedule", "constant", "--warmup", "0",
+        "--weight-decay", "0", "--lr", "3e-3", "--save-every", "0"]
+
+
+@pytest.mark.parametrize("method", ["eksft", "sft"])
+def test_trainer_adapter_matches_the_loop(tmp_path, method):
+    from transformers import Trainer, TrainingArguments
+
+    # eksft.py's own loop
+    args = eksft.parse_args(ARGS + ["--method", method, "--output-dir", str(tmp_path / "loop")])
+    eksft.train(args)
+    loop_losses = [json.loads(l)["loss"] for l in open(tmp_path / "loop" / "metrics.jsonl")]
+
+    # the same model, examples and step order through transformers.Trainer
+    model, tok = eksft.load_model_and_tokenizer("tiny", torch.device("cpu"), seed=args.seed)
+    examples = build_sft_examples(tok, load_conversations(args.data, seed=args.seed), args.max_len,
+                                  args.num_samples, log=lambda *_: None)
+    plan = step_batches([len(e["input_ids"]) for e in examples], args.batch_size, args.seed)
+    ordered = [examples[i] for step in plan[: args.max_steps] for i in step]
+
+    class SequentialEKSFTTrainer(eksft.eksft_trainer_class(Trainer)):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=args.beta1, adam_beta2=args.beta2, max_grad_norm=args.grad_clip,
+        max_steps=args.max_steps, logging_steps=1, report_to="none", use_cpu=True,
+        save_strategy="no", seed=args.seed, optim="adamw_torch", dataloader_num_workers=0)
+    from data import collate
+    trainer = SequentialEKSFTTrainer(
+        model=model, args=training_args, train_dataset=ordered,
+        data_collator=lambda rows: collate(rows, tok.pad_token_id),
+        eksft_options=eksft.loss_options(args))
+    assert (trainer.ref_model is None) == (method == "sft")
+    trainer.train()
+    hf_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(hf_losses) == args.max_steps
+    # the Trainer rounds logged losses to 4 decimals
+    assert hf_losses == pytest.approx(loop_losses, abs=2e-4), (hf_losses, loop_losses)
+    if method == "eksft":
+        assert any("eksft/masked_frac" in h for h in trainer.state.log_history)
