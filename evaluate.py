@@ -1,0 +1,481 @@
+"""
+evaluate.py: one protocol to measure a base model, an SFT/EKSFT checkpoint and an RL checkpoint.
+
+    python evaluate.py --model tiny --benchmarks synthetic --limit 20          # offline CPU sanity run
+    python evaluate.py --model Qwen2.5-0.5B --benchmarks gsm8k,math500          # greedy pass@1, one GPU
+    python evaluate.py --model runs/rl-x --benchmarks math500 --samples 16 --temperature 0.6   # avg@16, pass@k
+    python evaluate.py --model runs/eksft-x --benchmarks gsm8k-train --limit 500 --samples 16 --temperature 1.0
+    python evaluate.py --compare runs/eval-base runs/eval-sft runs/eval-eksft runs/eval-rl
+
+Small models' scores move by 5-30 points with the prompt and the answer extraction, so every run
+here uses the same protocol as SFT and RL: zero-shot, data.SYSTEM_PROMPT ("... put your final
+answer within \\boxed{}") and the question as the user turn, rendered by the model's chat template;
+the completion is scored by rl.math_reward, the RL reward itself. The protocol goes into every
+summary.json, and --compare warns when two runs were measured differently. The fourth example is
+the "better exploration" measure: pass@k on the RL training prompts, before and after RL.
+
+Outputs, per benchmark, under --output-dir: samples.jsonl (one row per completion, appended as
+soon as it is scored; a rerun skips the rows already there, so an interrupted run loses nothing)
+and summary.json (recomputed from the whole samples.jsonl, so resumed runs report every sample).
+
+Simplifications and choices:
+  1. Zero-shot only; no few-shot prompts, no majority voting, no answer-format retries.
+  2. One checker (rl.py's builtin normaliser, or --checker math-verify): no model-based judging.
+  3. Greedy results do not depend on --batch-size (prompts are left padded; tested). Sampled
+     completions with the transformers backend are seeded per question, from (--seed, question
+     index): each question's samples are generated together in their own call, so they do not
+     depend on which other questions are evaluated, on --limit or on a resume, and not on
+     --batch-size while --samples <= --batch-size. The price: sampling calls hold --samples rows,
+     not --batch-size rows (rl.generate_completions takes one seed per call). The vLLM backend
+     seeds every sample from (--seed, question index, sample index) and batches freely.
+  4. The vLLM backend (--backend vllm, or auto on a CUDA machine with vllm installed) is optional
+     and was not run here; transformers' generate is the tested default.
+  5. Benchmarks are fixed: --seed changes sampling only, never which questions are asked.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+
+from data import (SYSTEM_PROMPT, DataError, UserError, end_of_turn_ids, encode_prompt, load_qa,
+                  prompt_messages, render)
+from eksft import (SHORT_NAMES, ModelLoadError, append_jsonl, load_model_and_tokenizer, pick_device,
+                   set_seed, write_json)
+from rl import extract_answer, generate_completions, math_reward
+
+# -----------------------------------------------------------------------------
+# Metrics: unbiased pass@k and avg@n from per-sample rows
+
+
+def pass_at_k(n, c, k):
+    """Probability that at least one of k samples drawn without replacement from n, c of them
+    correct, is correct: 1 - C(n-c, k) / C(n, k) (the unbiased estimator of Chen et al., 2021).
+
+    >>> pass_at_k(4, 1, 2)   # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    0.5
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def ks_for(n):
+    """k = 1, 2, 4, ... up to n, and n itself (pass@n: did any sample solve it)."""
+    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+
+
+def metrics_from_rows(rows):
+    """Scores over questions (each question weighs the same, whatever its number of samples):
+    accuracy = mean fraction correct (avg@n; greedy pass@1 when n = 1), pass@k, and how often the
+    completion had no extractable answer, hit --max-new-tokens, and how long it was."""
+    by_question = {}
+    for r in rows:
+        by_question.setdefault(r["question_index"], []).append(r)
+    if not by_question:
+        return {"questions": 0}
+    n_min = min(len(v) for v in by_question.values())
+    metrics = {"questions": len(by_question), "samples": n_min}
+    metrics["accuracy"] = mean(sum(r["correct"] for r in v) / len(v) for v in by_question.values())
+    for k in ks_for(n_min):
+        metrics[f"pass@{k}"] = mean(pass_at_k(len(v), sum(r["correct"] for r in v), k)
+                                    for v in by_question.values())
+    metrics["no_answer"] = mean(r["extracted"] is None for r in rows)
+    metrics["truncated"] = mean(r["truncated"] for r in rows)
+    metrics["mean_tokens"] = mean(r["completion_tokens"] for r in rows)
+    return metrics
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+# -----------------------------------------------------------------------------
+# Generation: which (question, sample) jobs go into which call, and the two backends
+
+
+def derived_seed(*parts):
+    """A 31-bit seed from e.g. (--seed, question index): the same parts always give the same seed,
+    and neighbouring parts give unrelated seeds (rl.generate_completions seeds sub-batch b with
+    seed + b, so seed * 1000 + q style arithmetic would make different questions share seeds)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") >> 1
+
+
+def generation_calls(pending, prompt_lengths, samples, batch_size, sort_and_batch):
+    """Group pending (question_index, sample_index) jobs into generate calls (lists of jobs).
+
+    sort_and_batch (greedy, or a backend with one seed per sample): jobs sorted by prompt length,
+    so a batch holds prompts of similar length (little padding), cut into --batch-size batches.
+    Otherwise (sampling with one seed per call): one call per question with ALL its samples, even
+    the finished ones (the caller skips those), so a question's completions are the same whether
+    it is evaluated fresh, with others, or after a crash.
+
+    >>> generation_calls([(1, 0), (0, 0), (2, 0)], [5, 9, 3], 1, 2, True)   # lengths 3, 5 | 9
+    [[(2, 0), (0, 0)], [(1, 0)]]
+    >>> generation_calls([(0, 1), (3, 0), (3, 1)], [5, 9, 3, 4], 2, 8, False)
+    [[(0, 0), (0, 1)], [(3, 0), (3, 1)]]
+    """
+    if sort_and_batch:
+        jobs = sorted(pending, key=lambda j: (prompt_lengths[j[0]], j))
+        return [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    return [[(q, s) for s in range(samples)] for q in sorted({q for q, _ in pending})]
+
+
+def vllm_generate(llm, prompt_ids, seeds, *, max_new_tokens, temperature, top_p, stop_ids):
+    """rl.generate_completions' output format from vLLM, one request (and one seed) per prompt.
+    Sampling settings are explicit, so a checkpoint's generation_config cannot change them."""
+    from vllm import SamplingParams
+    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                             max_tokens=max_new_tokens, seed=s, stop_token_ids=stop_ids,
+                             repetition_penalty=1.0, skip_special_tokens=True) for s in seeds]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    return [{"completion_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
+             "truncated": o.outputs[0].finish_reason == "length"} for o in outputs]
+
+
+def score_row(question_index, sample_index, problem, out, checker):
+    """One per-sample JSONL row: the checker is rl.math_reward, exactly the RL reward."""
+    return {"question_index": question_index, "sample_index": sample_index,
+            "question": problem["question"], "gold": problem["answer"], "completion": out["text"],
+            "extracted": extract_answer(out["text"]),
+            "correct": math_reward(out["text"], problem["answer"], checker=checker) == 1.0,
+            "truncated": bool(out["truncated"]), "completion_tokens": len(out["completion_ids"])}
+
+
+def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, top_p=1.0,
+                   max_new_tokens=1024, batch_size=16, seed=0, checker="builtin",
+                   system_prompt=SYSTEM_PROMPT, backend="transformers", done=(), on_row=None,
+                   progress=True):
+    """Generate `samples` completions for each problem (dict with question and answer), score them
+    with rl.py's checker, and return (rows, metrics); rows sorted by (question, sample) index.
+
+    model: a transformers causal LM, or a vllm.LLM with backend="vllm". done: rows of an earlier
+    run, not generated again. on_row(row) is called as each new row is scored (the CLI appends it
+    to samples.jsonl). metrics["time"] covers this call's generation only.
+    """
+    if samples > 1 and temperature == 0:
+        raise ValueError("several samples per question need temperature > 0 (greedy repeats itself)")
+    prompts = [encode_prompt(tokenizer, p["question"], system_prompt) for p in problems]
+    rows = {(r["question_index"], r["sample_index"]): r for r in done}
+    pending = [(q, s) for q in range(len(problems)) for s in range(samples) if (q, s) not in rows]
+    sort_and_batch = temperature == 0 or backend == "vllm"
+    calls = generation_calls(pending, [len(p) for p in prompts], samples, batch_size, sort_and_batch)
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(pending), desc="generating", unit="sample", disable=not progress)
+    seconds, tokens = 0.0, 0
+    for call in calls:
+        call_prompts = [prompts[q] for q, _ in call]
+        start = time.perf_counter()
+        if backend == "vllm":
+            outs = vllm_generate(model, call_prompts, [derived_seed(seed, q, s) for q, s in call],
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 stop_ids=end_of_turn_ids(tokenizer))
+        else:  # one call is one question when sampling, so its seed comes from that question
+            call_seed = derived_seed(seed, call[0][0]) if temperature > 0 else None
+            outs = generate_completions(model, tokenizer, call_prompts, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p, batch_size=batch_size,
+                                        seed=call_seed)
+        seconds += time.perf_counter() - start
+        tokens += sum(len(o["completion_ids"]) for o in outs)
+        new = [(job, out) for job, out in zip(call, outs) if job not in rows]
+        for (q, s), out in new:
+            rows[q, s] = score_row(q, s, problems[q], out, checker)
+            if on_row is not None:
+                on_row(rows[q, s])
+        bar.update(len(new))
+        bar.set_postfix(tok_per_s=f"{tokens / max(seconds, 1e-9):.0f}")
+    bar.close()
+    rows = [rows[key] for key in sorted(rows)]
+    metrics = metrics_from_rows(rows)
+    metrics["time"] = {"new_rows": len(pending), "seconds": round(seconds, 2), "generated_tokens": tokens,
+                       "tokens_per_second": round(tokens / seconds, 1) if seconds else None}
+    return rows, metrics
+
+
+def protocol(tokenizer, *, system_prompt, max_new_tokens, temperature, top_p, samples, checker):
+    """Everything that changes a score besides the model: two runs compare only if these agree."""
+    return {"prompt": render(tokenizer, prompt_messages("{question}", system_prompt),
+                             add_generation_prompt=True),
+            "shots": 0, "max_new_tokens": max_new_tokens, "temperature": temperature,
+            "top_p": top_p if temperature > 0 else None, "samples": samples,
+            "checker": f"rl.math_reward (checker={checker})",
+            "stop_tokens": tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))}
+
+
+# -----------------------------------------------------------------------------
+# Files: samples.jsonl (append-only, resumable) and summary.json
+
+
+def read_rows(path):
+    """Rows of a samples.jsonl written by an earlier run ([] if none).
+
+    Every row ends with a newline when its write completed, so a last line without one was cut by a
+    crash: it is removed from the file (otherwise the next append would glue onto it) and redone."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+        print(f"resume: removed an unfinished last line from {path}")
+    rows = []
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {number}: not valid JSON ({e.msg}); "
+                                f"move the file away to start over") from None
+    return rows
+
+
+def resumable_rows(rows, problems, path):
+    """The rows of an earlier run that belong to this one; refuse rows asked of other questions."""
+    kept = {}
+    for r in rows:
+        q = r["question_index"]
+        if q >= len(problems):
+            continue  # an earlier run with a larger --limit: kept in the file, left out here
+        if r["question"] != problems[q]["question"] or r["gold"] != problems[q]["answer"]:
+            raise UserError(f"{path}: question {q} differs from the benchmark's; this directory holds "
+                            f"another data set, use another --output-dir")
+        kept.setdefault((q, r["sample_index"]), r)
+    return list(kept.values())
+
+
+def check_same_run(summary_path, model, proto):
+    """Resuming into a directory measured with another model or protocol would mix two runs."""
+    if not os.path.exists(summary_path):
+        return
+    with open(summary_path) as f:
+        old = json.load(f)
+    differ = [k for k in sorted(set(old["protocol"]) | set(proto)) if old["protocol"].get(k) != proto.get(k)]
+    if old["model"] != model or differ:
+        what = f"model {old['model']!r}" if old["model"] != model else "protocol: " + ", ".join(differ)
+        raise UserError(f"{summary_path} was measured with another {what}; use another --output-dir")
+
+
+# -----------------------------------------------------------------------------
+# Tables: one run's benchmarks, or several runs side by side
+
+
+def format_table(header, lines):
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
+def show(key, metrics):
+    """A metric as printed: rates in percent with one decimal (as papers report them)."""
+    value = metrics.get(key)
+    if value is None:
+        return "-"
+    if key in ("questions", "samples"):
+        return str(value)
+    return f"{value:.1f}" if key == "mean_tokens" else f"{100 * value:.1f}"
+
+
+def metric_keys(all_metrics):
+    passes = sorted({k for m in all_metrics for k in m if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    return ["questions", "samples", "accuracy"] + passes + ["no_answer", "truncated", "mean_tokens"]
+
+
+def run_table(summaries):
+    keys = metric_keys([s["metrics"] for s in summaries])
+    lines = [[s["benchmark"]] + [show(k, s["metrics"]) for k in keys]
+             + [s["time"]["tokens_per_second"] or "-"] for s in summaries]
+    return format_table(["benchmark"] + keys + ["tok/s"], lines)
+
+
+def load_summaries(directory):
+    """{benchmark: summary} of a run directory (or of one benchmark's directory)."""
+    paths = [os.path.join(directory, "summary.json")]
+    if os.path.isdir(directory):
+        paths += [os.path.join(directory, d, "summary.json") for d in sorted(os.listdir(directory))]
+    found = {}
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                summary = json.load(f)
+            found[summary["benchmark"]] = summary
+    if not found:
+        raise UserError(f"{directory}: no summary.json in it or in its sub-directories")
+    return found
+
+
+def compare(directories):
+    """Print runs side by side, one column per run, and warn where their protocols differ."""
+    runs = [load_summaries(d) for d in directories]
+    names = [os.path.basename(os.path.normpath(d)) for d in directories]
+    benchmarks = sorted({b for run in runs for b in run})
+    lines, warnings = [], []
+    for b in benchmarks:
+        present = [run.get(b) for run in runs]
+        lines.append([b, "model"] + [s["model"] if s else "-" for s in present])
+        for key in metric_keys([s["metrics"] for s in present if s]):
+            lines.append(["", key] + [show(key, s["metrics"]) if s else "-" for s in present])
+        protocols = [s["protocol"] for s in present if s]
+        for key in sorted({k for p in protocols for k in p}):
+            values = [json.dumps(p.get(key)) for p in protocols]
+            if len(set(values)) > 1:
+                warnings.append(f"warning: {b}: runs differ in {key}: " + " vs ".join(
+                    v if len(v) < 40 else v[:37] + '..."' for v in values))
+    print(format_table(["benchmark", "metric"] + names, lines))
+    for w in warnings:
+        print(w)
+    return warnings
+
+
+# -----------------------------------------------------------------------------
+# The command line: load every benchmark first (bad input fails fast), then the model, then run
+
+
+def choose_backend(requested, model_name):
+    """(backend, reason). auto: vLLM when it is importable and a CUDA GPU is present."""
+    if requested != "auto":
+        return requested, "asked for with --backend"
+    if model_name == "tiny":
+        return "transformers", "the tiny model lives in memory, vLLM cannot load it"
+    if importlib.util.find_spec("vllm") is None:
+        return "transformers", "vllm is not installed"
+    if not torch.cuda.is_available():
+        return "transformers", "no CUDA GPU for vLLM"
+    return "vllm", "vllm is installed and a CUDA GPU is present"
+
+
+def load_vllm(name, seed):
+    """(vllm.LLM, tokenizer); the tokenizer builds the prompts exactly as for transformers."""
+    if name == "tiny":
+        raise UserError("vLLM cannot load the in-memory tiny model; use --backend transformers")
+    try:
+        from vllm import LLM
+    except ImportError:
+        raise UserError("--backend vllm needs the vllm package (pip install vllm)") from None
+    from transformers import AutoTokenizer
+    source = name if os.path.isdir(name) else SHORT_NAMES.get(name, name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise ModelLoadError(f"could not load the tokenizer of '{name}' ({source}): "
+                             f"{type(e).__name__}: {str(e).strip()[:200]}") from None
+    return LLM(model=source, seed=seed), tokenizer
+
+
+def benchmark_name(source):
+    return os.path.splitext(os.path.basename(source))[0] if os.path.splitext(source)[1] else source
+
+
+def run(args):
+    set_seed(args.seed)
+    if args.checker == "math-verify" and importlib.util.find_spec("math_verify") is None:
+        raise UserError("--checker math-verify needs the math-verify package: "
+                        "pip install 'math-verify[antlr4_13_2]'")
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    benchmarks = {benchmark_name(b): load_qa(b, limit=args.limit) for b in names}
+    for name, problems in benchmarks.items():
+        print(f"benchmark {name}: {len(problems)} questions")
+
+    backend, why = choose_backend(args.backend, args.model)
+    print(f"backend: {backend} ({why})")
+    if backend == "vllm":
+        model, tokenizer = load_vllm(args.model, args.seed)
+    else:
+        device, amp_dtype, why = pick_device(args.device, args.precision)
+        print(f"device: {device} ({why}); weights in {amp_dtype or torch.float32}")
+        model, tokenizer = load_model_and_tokenizer(args.model, device, dtype=amp_dtype or torch.float32,
+                                                    seed=args.seed)
+    proto = protocol(tokenizer, system_prompt=SYSTEM_PROMPT, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, samples=args.samples,
+                     checker=args.checker)
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+
+    summaries = []
+    for name, problems in benchmarks.items():
+        out_dir = os.path.join(args.output_dir, name)
+        os.makedirs(out_dir, exist_ok=True)
+        samples_path, summary_path = (os.path.join(out_dir, f) for f in ("samples.jsonl", "summary.json"))
+        check_same_run(summary_path, args.model, proto)
+        summary = {"model": args.model, "benchmark": name, "protocol": proto, "metrics": None,
+                   "backend": backend, "args": vars(args)}
+        write_json(summary_path, summary)  # before any sample: a resume can check the protocol
+        done = resumable_rows(read_rows(samples_path), problems, samples_path)
+        if done:
+            print(f"resume: {len(done)} samples of {name} already in {samples_path}")
+        rows, metrics = evaluate_model(
+            model, tokenizer, problems, samples=args.samples, temperature=args.temperature,
+            top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            seed=args.seed, checker=args.checker, backend=backend, done=done,
+            on_row=lambda row: append_jsonl(samples_path, row), progress=not args.no_progress)
+        in_file = resumable_rows(read_rows(samples_path), problems, samples_path)  # the file is the truth
+        summary.update(metrics=metrics_from_rows(in_file), time=dict(metrics["time"], resumed_rows=len(done)))
+        write_json(summary_path, summary)
+        summaries.append(summary)
+        for r in rows[:args.show]:
+            print(f"--- {name} question {r['question_index']} sample {r['sample_index']}: gold {r['gold']!r}, "
+                  f"extracted {r['extracted']!r}, correct {r['correct']}\n{r['completion'][:400]}")
+    print(run_table(summaries))
+    print(f"(rates in %; samples per question {args.samples}; results in {args.output_dir})")
+    return summaries
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a model on math benchmarks under one protocol.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
+    p.add_argument("--benchmarks", default=None, help="comma-separated: gsm8k, gsm8k-train, math500, "
+                   "synthetic, synthetic-train, or a local .jsonl/.json with question and answer fields "
+                   "(default: synthetic for tiny, gsm8k,math500 otherwise)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions of each")
+    p.add_argument("--samples", type=int, default=1, help="completions per question (avg@n, pass@k)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (temperature > 0 only)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length limit (default "
+                   "1024; 256 for tiny, whose synthetic solutions are under 160 characters)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--checker", default="builtin", choices=["builtin", "math-verify"], help="answer "
+                   "equivalence: rl.py's builtin checker, or the math-verify package")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (and the tiny model's weights)")
+    p.add_argument("--output-dir", default=None, help="samples.jsonl and summary.json per benchmark "
+                   "(default runs/eval-{model}[-t{temperature}-n{samples}])")
+    p.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"],
+                   help="auto: vllm if installed and a CUDA GPU is present, else transformers")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps (transformers)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="weights dtype for transformers: bf16 on GPUs that support it")
+    p.add_argument("--show", type=int, default=1, help="print this many completions per benchmark")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--compare", nargs="+", metavar="DIR", help="print earlier runs side by side and exit")
+    args = p.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 256 if args.model == "tiny" else 1024
+    if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit or 1) < 1:
+        p.error("--samples, --batch-size, --max-new-tokens and --limit must be positive")
+    if args.samples > 1 and args.temperature == 0:
+        p.error("--samples > 1 needs --temperature > 0 (greedy completions are all the same)")
+    if args.benchmarks is None:
+        args.benchmarks = "synthetic" if args.model == "tiny" else "gsm8k,math500"
+    if args.output_dir is None:
+        model = re.sub(r"[^A-Za-z0-9.]+", "-", args.model.rstrip("/")).strip("-")
+        sampling = f"-t{args.temperature:g}-n{args.samples}" if args.temperature > 0 else ""
+        args.output_dir = os.path.join("runs", f"eval-{model}{sampling}")
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        args = parse_args()
+        compare(args.compare) if args.compare else run(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
