@@ -30,12 +30,20 @@ Simplifications (say them out loud; they are choices, not accidents):
      intervals; anything else falls back to normalised string equality. --checker math-verify
      swaps in the math-verify package for equivalence (it must be installed separately).
 """
+import argparse
+import json
 import math
+import os
+import random
 import re
+import sys
+import time
 
 import torch
 
-from data import end_of_turn_ids, pad_left, pad_right
+from data import SYSTEM_PROMPT, UserError, encode_prompt, end_of_turn_ids, load_qa, pad_left, pad_right
+from eksft import (append_jsonl, export_model, latest_checkpoint, load_model_and_tokenizer, pick_device,
+                   prune_checkpoints, save_checkpoint, set_seed, write_json)
 
 # ----------------------------------------------------------------------------
 # 1. The answer checker
@@ -586,3 +594,309 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_ag
                  "clipped_tokens": ((clipped < unclipped).float() * mask).sum().item(),
                  "kl_sum": (kl * mask).sum().item()}
     return loss, stats
+
+
+# ----------------------------------------------------------------------------
+# 4. The loop: sample G completions per prompt, score them, update, log, evaluate, checkpoint
+
+def digits_reward(completion, gold):
+    """A toy dense reward: the fraction of characters that are digits. A random tiny model can
+    learn it in a few dozen steps, so the offline sanity run and the tests see learning happen."""
+    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def train_eval_sets(data, eval_size, seed):
+    """(training questions, held-out questions) for --data.
+
+    gsm8k and synthetic have separate training and test splits; anything else (math500, a local
+    .jsonl) is shuffled with the seed and its first eval_size rows are held out."""
+    splits = {"gsm8k": ("gsm8k-train", "gsm8k"), "gsm8k-train": ("gsm8k-train", "gsm8k"),
+              "synthetic": ("synthetic-train", "synthetic"), "synthetic-train": ("synthetic-train", "synthetic")}
+    if data in splits:
+        train_name, eval_name = splits[data]
+        return load_qa(train_name, seed=seed), (load_qa(eval_name, limit=eval_size, seed=seed) if eval_size else [])
+    rows = load_qa(data, seed=seed)
+    random.Random(seed).shuffle(rows)
+    return rows[eval_size:], rows[:eval_size]
+
+
+def evaluate_accuracy(model, tokenizer, rows, args, autocast):
+    """Greedy held-out accuracy with the same checker as the reward."""
+    prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt) for r in rows]
+    with autocast():
+        outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                       batch_size=args.eval_batch_size)
+    return sum(math_reward(o["text"], r["answer"], checker=args.checker) for o, r in zip(outputs, rows)) / len(rows)
+
+
+def sequence_logprobs(model, batch, temperature):
+    """Per-token log-probs (B, T) and entropies (B, T) of the completion tokens of a rollout batch."""
+    input_ids, attention_mask, position_ids, completions, _, _ = batch
+    T = completions.shape[1]
+    # logits_to_keep = T + 1: only the positions P-1 .. P+T-1 are projected onto the vocabulary.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=T + 1).logits                   # (B, T + 1, V)
+    # the causal shift: logits[:, t] predicts input_ids[:, t + 1], so the first T rows score the completion
+    return token_logprobs(logits[:, :-1], completions, temperature)
+
+
+def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pad_id, device, autocast):
+    """--ppo-epochs optimiser steps on one batch of rollouts. Returns summed statistics."""
+    batch = rollout_tensors(prompts, [r["completion_ids"] for r in rollouts], pad_id)
+    mask = batch[4]                                                     # (N, T)
+    normaliser = loss_normaliser(mask, args.loss_agg, args.max_new_tokens)   # once per optimiser step
+    micro = [slice(s, s + args.micro_batch_size) for s in range(0, len(rollouts), args.micro_batch_size)]
+
+    def micro_batch(sl):
+        return tuple(t[sl].to(device) for t in batch[:5]) + (batch[5],)
+
+    # log-probs of the sampling policy (needed when the batch is reused) and of the frozen start
+    old, ref = [None] * len(micro), [None] * len(micro)
+    with torch.no_grad(), autocast():
+        for i, sl in enumerate(micro):
+            if args.ppo_epochs > 1:
+                old[i] = sequence_logprobs(model, micro_batch(sl), args.temperature)[0]
+            if ref_model is not None:
+                ref[i] = sequence_logprobs(ref_model, micro_batch(sl), args.temperature)[0]
+    sums = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0, "loss": 0.0,
+            "grad_norm": 0.0, "train_tokens": 0}
+    for epoch in range(args.ppo_epochs):
+        for i, sl in enumerate(micro):
+            mb = micro_batch(sl)
+            with autocast():
+                logprobs, entropy = sequence_logprobs(model, mb, args.temperature)   # (b, T) each
+            mb_mask = mb[4]
+            loss, stats = policy_loss(logprobs, old[i] if old[i] is not None else logprobs.detach(),
+                                      advantages[sl].to(device), mb_mask, normaliser=normaliser,
+                                      loss_agg=args.loss_agg, clip_eps=args.clip_eps,
+                                      clip_eps_high=args.clip_eps_high, ref_logprobs=ref[i],
+                                      kl_coef=args.kl_coef)
+            loss.backward()
+            sums["clipped_tokens"] += stats["clipped_tokens"]
+            sums["loss"] += loss.item() / args.ppo_epochs
+            sums["train_tokens"] += int(mb[1].sum())
+            if epoch == 0:                       # entropy and KL of the policy that sampled this batch
+                sums["tokens"] += stats["tokens"]
+                sums["kl_sum"] += stats["kl_sum"]
+                sums["entropy_sum"] += (entropy * mb_mask).sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        sums["grad_norm"] += float(grad_norm) / args.ppo_epochs
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def train(args, reward_fn=None):
+    """The RL loop. reward_fn(completion_text, gold) -> float overrides --reward (tests use this).
+    Returns (model, tokenizer, list of per-step metric dicts)."""
+    from tqdm import tqdm
+    run_args = vars(args).copy()
+    set_seed(args.seed)
+    device, amp_dtype, why = pick_device(args.device, args.precision)
+    print(f"device: {device} ({why})")
+    autocast = lambda: torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
+    if args.checker == "math-verify":
+        try:
+            import math_verify  # noqa: F401
+        except ImportError:
+            raise UserError("--checker math-verify needs the math-verify package: "
+                            "pip install 'math-verify[antlr4_13_2]'") from None
+    if reward_fn is None:
+        reward_fn = (digits_reward if args.reward == "digits" else
+                     lambda text, gold: math_reward(text, gold, checker=args.checker,
+                                                    format_reward=args.format_reward))
+
+    # data first: a bad file fails in a second, before any model is loaded
+    train_rows, eval_rows = train_eval_sets(args.data, args.eval_size, args.seed)
+    if len(train_rows) < args.prompts_per_step:
+        raise UserError(f"--data {args.data} has {len(train_rows)} training questions, fewer than "
+                        f"--prompts-per-step {args.prompts_per_step}")
+    steps_per_epoch = len(train_rows) // args.prompts_per_step
+    print(f"data: {len(train_rows)} training questions, {len(eval_rows)} held out; "
+          f"{args.prompts_per_step} prompts x {args.group_size} completions per step; reward {args.reward}")
+
+    # the policy (possibly resumed) and, only with --kl-coef > 0, the frozen starting model
+    resume_from = latest_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
+    model, tokenizer = load_model_and_tokenizer(resume_from or args.model, device, seed=args.seed)
+    ref_model = None
+    if args.kl_coef > 0:   # the START of this run's training, also when resuming
+        ref_model = load_model_and_tokenizer(args.model, device, seed=args.seed)[0]
+        ref_model.to(amp_dtype or torch.float32).eval().requires_grad_(False)
+    print(f"model: {resume_from or args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters; stop tokens {stop_token_ids(model, tokenizer)}; "
+          + ("reference model loaded for the KL penalty" if ref_model is not None else "no reference model (--kl-coef 0)"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99),
+                                  weight_decay=args.weight_decay)
+    start_step = 0
+    if resume_from:
+        saved = torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        with open(os.path.join(resume_from, "trainer_state.json")) as f:
+            start_step = json.load(f)["step"]
+        print(f"resume: from {resume_from} at step {start_step}")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_json(os.path.join(args.output_dir, "args.json"), run_args)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if eval_rows and start_step == 0:
+        accuracy = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
+        append_jsonl(metrics_path, {"step": 0, "eval_accuracy": accuracy})
+        print(f"step     0 | held-out accuracy {accuracy:.3f} ({len(eval_rows)} questions, greedy)")
+
+    history = []
+    model.train()
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="rl",
+               dynamic_ncols=True)
+    for step in bar:
+        # 1. this step's prompts: a seeded shuffle per epoch, so --resume picks up the same order
+        epoch, i = divmod(step, steps_per_epoch)
+        order = list(range(len(train_rows)))
+        random.Random(args.seed + epoch).shuffle(order)
+        rows = [train_rows[j] for j in order[i * args.prompts_per_step:(i + 1) * args.prompts_per_step]]
+        prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt)
+                   for r in rows for _ in range(args.group_size)]      # G copies of each prompt, adjacent
+        golds = [r["answer"] for r in rows for _ in range(args.group_size)]
+
+        # 2. rollouts, seeded per step: the same step samples the same completions after a resume
+        t0 = time.perf_counter()
+        with autocast():
+            rollouts = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                            temperature=args.temperature, top_p=args.top_p,
+                                            batch_size=args.gen_batch_size, seed=args.seed * 1_000_003 + step)
+        gen_seconds = time.perf_counter() - t0
+        rewards = torch.tensor([float(reward_fn(r["text"], g)) for r, g in zip(rollouts, golds)])   # (N,)
+        correct = [is_equiv(extract_answer(r["text"]), g, args.checker) for r, g in zip(rollouts, golds)]
+
+        # 3. advantages; groups whose rewards are all equal are skipped
+        advantages, informative = group_advantages(rewards, args.group_size, scale_by_std=not args.no_std)
+        trained = informative.repeat_interleave(args.group_size)           # (N,)
+        if args.mask_truncated:                 # still part of their group's mean, but no loss of their own
+            trained &= ~torch.tensor([r["truncated"] for r in rollouts])
+        keep = trained.nonzero().flatten().tolist()
+        t1 = time.perf_counter()
+        sums = {}
+        if keep:
+            sums = rl_step(model, ref_model, optimizer, [prompts[k] for k in keep], [rollouts[k] for k in keep],
+                           advantages[keep], args, tokenizer.pad_token_id, device, autocast)
+        train_seconds = time.perf_counter() - t1
+
+        # 4. metrics: one JSON line per step
+        lengths = [len(r["completion_ids"]) for r in rollouts]
+        tokens = max(sums.get("tokens", 0), 1)
+        record = {"step": step + 1, "reward": rewards.mean().item(), "accuracy": sum(correct) / len(correct),
+                  "response_length": sum(lengths) / len(lengths),
+                  "truncated_frac": sum(r["truncated"] for r in rollouts) / len(rollouts),
+                  "entropy": sums["entropy_sum"] / tokens if keep else None,
+                  "kl": sums["kl_sum"] / tokens if keep and ref_model is not None else None,
+                  "clip_frac": sums["clipped_tokens"] / (tokens * args.ppo_epochs) if keep else None,
+                  "loss": sums.get("loss"), "grad_norm": sums.get("grad_norm"),
+                  "skipped_groups": int((~informative).sum()), "groups": len(rows),
+                  "gen_tokens_per_s": sum(lengths) / gen_seconds,
+                  "train_tokens_per_s": sums["train_tokens"] / train_seconds if keep else None}
+        history.append(record)
+        append_jsonl(metrics_path, record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+        if (step + 1) % args.log_every == 0:
+            tqdm.write(f"step {step + 1:5d} | reward {record['reward']:.3f} | acc {record['accuracy']:.3f} | "
+                       f"len {record['response_length']:.0f} | trunc {record['truncated_frac']:.2f} | "
+                       f"skipped {record['skipped_groups']}/{len(rows)} | "
+                       + (f"H {record['entropy']:.3f} | clip {record['clip_frac']:.3f} | " if keep else "")
+                       + (f"KL {record['kl']:.4f} | " if record["kl"] is not None else "")
+                       + f"gen {record['gen_tokens_per_s']:.0f} tok/s")
+        if args.print_every and (step + 1) % args.print_every == 0:
+            for k in sorted({int(rewards.argmax()), int(rewards.argmin())}):   # the best and the worst
+                text = rollouts[k]["text"]
+                tqdm.write(f"--- sample {k} | gold {golds[k]} | extracted {extract_answer(text)!r} | "
+                           f"reward {rewards[k]:.3f}\n{text[:800]}{' [...]' if len(text) > 800 else ''}")
+
+        # 5. held-out accuracy and checkpoints
+        done = step + 1 == args.max_steps
+        if eval_rows and (done or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            accuracy = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
+            append_jsonl(metrics_path, {"step": step + 1, "eval_accuracy": accuracy})
+            record["eval_accuracy"] = accuracy
+            tqdm.write(f"step {step + 1:5d} | held-out accuracy {accuracy:.3f}")
+        if done or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(args.output_dir, model, tokenizer, run_args, {"step": step + 1}, optimizer)
+            prune_checkpoints(args.output_dir, args.keep_checkpoints)
+    bar.close()
+    export_model(args.output_dir, model, tokenizer, run_args)
+    print(f"done: model in {args.output_dir}; metrics in {metrics_path}; "
+          f"evaluate with: python evaluate.py --model {args.output_dir}")
+    return model, tokenizer, history
+
+
+TINY_DEFAULTS = dict(data="synthetic", reward="digits", lr=1e-3, group_size=8, prompts_per_step=4,
+                     max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16, print_every=5)
+HUB_DEFAULTS = dict(data="gsm8k", reward="math", lr=1e-6, group_size=8, prompts_per_step=16,
+                    max_new_tokens=1024, micro_batch_size=4, max_steps=300, eval_size=200, print_every=10)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="RL with verifiable rewards (GRPO-style) for math reasoning.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B) | tiny")
+    p.add_argument("--data", default=None, help="gsm8k (train split; its test split is held out) | math500 | "
+                   "synthetic | local .jsonl with question and answer (default: synthetic for tiny, gsm8k)")
+    p.add_argument("--output-dir", default=None, help="checkpoints, metrics.jsonl and the final model "
+                   "(default runs/rl-{model})")
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none)")
+    # reward
+    p.add_argument("--reward", default=None, choices=["math", "digits"], help="math: 1 if the answer is "
+                   "right; digits: toy dense reward for sanity runs (default: digits for tiny, math)")
+    p.add_argument("--checker", default="builtin", choices=CHECKERS, help="answer equivalence backend")
+    p.add_argument("--format-reward", type=float, default=0.0, help="reward for a wrong but \\boxed answer")
+    # rollouts
+    p.add_argument("--group-size", "-G", type=int, default=None, help="completions per prompt (8)")
+    p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per optimiser step (16; 4 tiny)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (1024; 32 tiny)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also used in the loss)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    p.add_argument("--gen-batch-size", type=int, default=None, help="sequences per generate call (default all)")
+    p.add_argument("--mask-truncated", action="store_true", help="no loss on completions without an EOS")
+    # loss
+    p.add_argument("--no-std", action="store_true", help="advantage r - mean, not divided by std (Dr. GRPO)")
+    p.add_argument("--loss-agg", default="token-mean", choices=LOSS_AGGS, help="how token losses are averaged")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch; 1 = REINFORCE with group baseline")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip epsilon (lower, and upper by default)")
+    p.add_argument("--clip-eps-high", type=float, default=None, help="separate upper epsilon (DAPO uses 0.28)")
+    p.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the starting model (0: none)")
+    # optimisation
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (1e-6; 1e-3 tiny)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="completions per forward pass (4; 32 tiny)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (300; 20 tiny)")
+    # run
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
+    p.add_argument("--seed", type=int, default=0, help="seed for the tiny model, prompt order and sampling")
+    p.add_argument("--eval-size", type=int, default=None, help="held-out questions (200; 16 tiny; 0: none)")
+    p.add_argument("--eval-every", type=int, default=50, help="held-out accuracy every N steps (and at start/end)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per generate call in evaluation")
+    p.add_argument("--log-every", type=int, default=1, help="print a metrics line every N steps")
+    p.add_argument("--print-every", type=int, default=None, help="print the best and worst completion every N "
+                   "steps (10; 5 tiny; 0: never)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    args = p.parse_args(argv)
+    for key, value in (TINY_DEFAULTS if args.model == "tiny" else HUB_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.group_size < 2:
+        p.error("--group-size must be at least 2: the advantage compares completions of one prompt")
+    if args.ppo_epochs < 1 or args.temperature <= 0:
+        p.error("--ppo-epochs must be >= 1 and --temperature > 0 (RL samples; evaluation is greedy)")
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"rl-{os.path.basename(args.model.rstrip('/'))}")
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        train(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")

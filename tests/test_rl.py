@@ -3,7 +3,12 @@
 Expected values are computed by hand (or by plain Python loops written for the test), never
 copied from the code under test. Run: python -m pytest tests/test_rl.py -q
 """
+import copy
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -181,3 +186,148 @@ def test_rollout_tensors_align_completions():
     assert pos[0, :5].tolist() == [0, 1, 2, 3, 4] and pos[1, 2:].tolist() == [0, 1, 2, 3, 4]
     assert comp.tolist() == [[31, 2, 0, 0], [41, 42, 43, 2]]
     assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+# ----------------------------------------------------------------------------
+# rollouts with the tiny model of eksft.py
+
+from data import encode_prompt, pad_left
+from eksft import load_model_and_tokenizer
+from rl import generate_completions, parse_args, sequence_logprobs, stop_token_ids, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+QUESTIONS = ["1+1?", "What is 12 times 12?", "x", "Ava has 3 pens and buys 4 more. How many now?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model_and_tokenizer("tiny", CPU, seed=0)
+
+
+def prompts_of(tokenizer, questions):
+    return [encode_prompt(tokenizer, q, system_prompt="") for q in questions]
+
+
+def test_greedy_does_not_depend_on_batch_size(tiny):
+    model, tok = tiny
+    prompts = prompts_of(tok, QUESTIONS)                    # four different lengths: real left padding
+    together = generate_completions(model, tok, prompts, max_new_tokens=12)
+    one_by_one = generate_completions(model, tok, prompts, max_new_tokens=12, batch_size=1)
+    pairs = generate_completions(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    assert [r["completion_ids"] for r in together] == [r["completion_ids"] for r in one_by_one]
+    assert [r["completion_ids"] for r in together] == [r["completion_ids"] for r in pairs]
+
+
+def test_completions_end_at_the_first_eos_even_when_pad_is_eos(tiny):
+    model, tok = tiny
+    eos = stop_token_ids(model, tok)
+    tok2 = copy.deepcopy(tok)
+    tok2.pad_token = tok2.eos_token                          # pad == eos, as for several real tokenizers
+    assert tok2.pad_token_id in eos
+    prompts = prompts_of(tok, QUESTIONS * 4)
+    # temperature 3 flattens the random model's distribution: some completions stop, some do not
+    runs = [generate_completions(model, t, prompts, max_new_tokens=40, temperature=3.0, seed=1) for t in (tok, tok2)]
+    assert [r["completion_ids"] for r in runs[0]] == [r["completion_ids"] for r in runs[1]]
+    finished = [r for r in runs[1] if not r["truncated"]]
+    cut = [r for r in runs[1] if r["truncated"]]
+    assert finished and cut, "the seed should give both finished and truncated completions"
+    for r in finished:                                       # exactly one EOS, and it is the last token
+        assert r["completion_ids"][-1] in eos
+        assert sum(i in eos for i in r["completion_ids"]) == 1
+    for r in cut:                                            # no EOS at all, full budget used
+        assert len(r["completion_ids"]) == 40 and not any(i in eos for i in r["completion_ids"])
+    assert all(r["text"] == tok.decode(r["completion_ids"], skip_special_tokens=True) for r in runs[1])
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tok = tiny
+    prompts = prompts_of(tok, QUESTIONS)
+    a, b, c = (generate_completions(model, tok, prompts, max_new_tokens=10, temperature=1.0, seed=s)
+               for s in (5, 5, 6))
+    assert a == b and a != c
+
+
+def test_recomputed_logprobs_match_the_sampling_distribution(tiny):
+    """The training forward (left-padded prompts, right-padded completions, explicit position ids,
+    temperature) gives the log-probs of the distribution that generate sampled from."""
+    model, tok = tiny
+    prompts = prompts_of(tok, QUESTIONS)
+    ids, attn = pad_left(prompts, tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=8, do_sample=True,
+                             temperature=0.7, top_k=0, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id)
+        completions = out.sequences[:, ids.shape[1]:]                       # (4, 8)
+        sampled = torch.log_softmax(torch.stack(out.logits, dim=1) / 0.7, dim=-1)   # (4, 8, V)
+        expected = sampled.gather(-1, completions.unsqueeze(-1)).squeeze(-1)        # (4, 8)
+        batch = rollout_tensors(prompts, completions.tolist(), tok.pad_token_id)
+        got, _ = sequence_logprobs(model, batch, temperature=0.7)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# the loop
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def quick_args(tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"{i}+{i}?", "answer": str(2 * i)} for i in range(40)])
+    return parse_args(["--model", "tiny", "--data", data, "--system-prompt", "", "--eval-size", "4",
+                       "--max-new-tokens", "12", "--group-size", "4", "--prompts-per-step", "4",
+                       "--print-every", "0", "--log-every", "100", "--output-dir", str(tmp_path / "run"),
+                       *extra])
+
+
+def test_mean_reward_rises_on_a_learnable_reward(tmp_path):
+    """Toy reward = fraction of digits in the completion. A random tiny model starts near the
+    share of digits in its vocabulary (under 10%); 24 seeded steps of REINFORCE must raise it a lot."""
+    args = quick_args(tmp_path, "--reward", "digits", "--max-steps", "24", "--lr", "5e-3",
+                      "--max-new-tokens", "8", "--eval-size", "0", "--save-every", "0")
+    _, _, history = train(args)
+    rewards = [h["reward"] for h in history]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert first < 0.2 and last > first + 0.3, (first, last)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """3 steps in one go == 2 steps, stop, --resume for the third (weights, optimizer, data order
+    and sampling seeds all restored)."""
+    straight = train(quick_args(tmp_path / "a", "--max-steps", "3", "--save-every", "0"))[2]
+    train(quick_args(tmp_path / "b", "--max-steps", "2", "--save-every", "1"))
+    resumed = train(quick_args(tmp_path / "b", "--max-steps", "3", "--resume"))[2]
+    assert len(resumed) == 1 and resumed[0]["step"] == 3
+    for key in ("reward", "response_length", "loss"):
+        assert resumed[0][key] == pytest.approx(straight[2][key], rel=1e-5), key
+    run = tmp_path / "b" / "run"
+    assert (run / "checkpoint-3" / "args.json").exists() and (run / "config.json").exists()
+    lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert [l["step"] for l in lines if "reward" in l] == [1, 2, 3]
+    assert {"reward", "accuracy", "response_length", "truncated_frac", "entropy", "kl", "clip_frac",
+            "skipped_groups", "gen_tokens_per_s", "train_tokens_per_s"} <= set(lines[1])
+    assert any("eval_accuracy" in l for l in lines)
+
+
+def test_kl_and_ppo_epochs_run(tmp_path):
+    """--kl-coef loads the reference (KL logged, 0 at the first step: policy == start) and
+    --ppo-epochs 2 reuses the batch with a clipped ratio."""
+    history = train(quick_args(tmp_path, "--reward", "digits", "--max-steps", "2", "--kl-coef", "0.1",
+                               "--ppo-epochs", "2", "--loss-agg", "seq-mean", "--no-std", "--eval-size", "0"))[2]
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert history[1]["kl"] > 0 and history[1]["clip_frac"] is not None
+
+
+def test_bad_jsonl_row_is_one_clear_message(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1?", "answer": "2"}, {"question": "2+2?"}])
+    proc = subprocess.run([sys.executable, "rl.py", "--model", "tiny", "--data", bad, "--output-dir",
+                           str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}, row 2: missing field 'answer'"
+    assert "Traceback" not in proc.stderr
