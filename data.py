@@ -20,6 +20,7 @@ Choices made here (and why):
      else (system, user, template glue such as the newline after <|im_end|>) is ignore_index.
 """
 import argparse
+import itertools
 import json
 import os
 import random
@@ -122,17 +123,15 @@ def read_local_rows(path):
 
 
 def load_hub_rows(name, config=None, split="train"):
-    """Rows of a Hugging Face Hub dataset, as (row_number, dict); one clear line when offline."""
+    """A Hugging Face Hub dataset (memory-mapped, rows read on access); one clear line when offline."""
     import datasets
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # network, auth, missing dataset: all look different, all mean "can't"
-        raise DataError(
-            f"could not load dataset '{name}' from the Hugging Face Hub ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}). Offline, use --data synthetic "
-            f"or a local .jsonl file."
-        ) from None
-    return list(enumerate(ds, start=1))
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise DataError(f"could not load dataset '{name}' from the Hugging Face Hub "
+                        f"({type(e).__name__}: {first}). Offline, use --data synthetic or a local "
+                        f".jsonl file.") from None
 
 
 # -----------------------------------------------------------------------------
@@ -181,42 +180,44 @@ def row_to_messages(row, where, system_prompt=SYSTEM_PROMPT):
 
 
 def openr1_rows(seed):
-    """OpenR1-Math-220k rows whose first verified-correct, complete generation becomes the answer.
-
-    The paper's low-data setting is ~3,000 such examples; the caller keeps the first 3,000 (in a
-    seeded order) that fit --max-len."""
-    out = []
-    for number, row in load_hub_rows("open-r1/OpenR1-Math-220k", "default", "train"):
+    """OpenR1-Math-220k rows in a seeded order, each with its first verified-correct, complete
+    generation as the solution. Read lazily: the caller keeps the first 3,000 that fit --max-len
+    (the paper's low-data setting), so only a few thousand of the 94k rows are ever decoded."""
+    ds = load_hub_rows("open-r1/OpenR1-Math-220k", "default", "train")
+    order = list(range(len(ds)))
+    random.Random(seed).shuffle(order)
+    for i in order:
+        row = ds[i]
         verified = row.get("correctness_math_verify") or []
         complete = row.get("is_reasoning_complete") or [True] * len(verified)
         for generation, ok, done in zip(row.get("generations") or [], verified, complete):
             if ok and done:
-                out.append((number, {"problem": row["problem"], "solution": generation}))
+                yield i + 1, {"problem": row["problem"], "solution": generation}
                 break
-    random.Random(seed).shuffle(out)
-    return out
 
 
 def load_conversations(source, seed=0, system_prompt=SYSTEM_PROMPT):
-    """SFT conversations from an alias, a hub dataset name or a local file.
+    """SFT conversations, (where, messages) pairs, from an alias, a hub dataset or a local file.
 
-    Returns a list of (where, messages); `where` names file and row for later error messages."""
+    Local files and synthetic data come as a list, every row checked up front; hub data sets as a
+    lazy iterator, read only as far as the caller goes. `where` names the source and row."""
     if source == "synthetic":
         rows = [(i, {"problem": r["question"], "solution": r["solution"]})
                 for i, r in enumerate(synthetic_problems(2000, seed=seed + 1), start=1)]
+    elif os.path.splitext(source)[1] in (".json", ".jsonl", ".parquet"):
+        rows = read_local_rows(source)
     elif source == "openr1-3k":
         rows = openr1_rows(seed)
     elif source == "gsm8k":
-        rows = [(n, {"question": r["question"], "answer": gsm8k_solution(r["answer"])})
-                for n, r in load_hub_rows("openai/gsm8k", "main", "train")]
+        rows = ((n, {"question": r["question"], "answer": gsm8k_solution(r["answer"])})
+                for n, r in enumerate(load_hub_rows("openai/gsm8k", "main", "train"), start=1))
     elif source == "math500":
-        rows = load_hub_rows("HuggingFaceH4/MATH-500", None, "test")
-    elif os.path.splitext(source)[1] in (".json", ".jsonl", ".parquet"):
-        rows = read_local_rows(source)
+        rows = enumerate(load_hub_rows("HuggingFaceH4/MATH-500", None, "test"), start=1)
     else:
-        rows = load_hub_rows(source)
-    return [(f"{source}, row {n}", row_to_messages(row, f"{source}, row {n}", system_prompt))
-            for n, row in rows]
+        rows = enumerate(load_hub_rows(source), start=1)
+    conversations = ((f"{source}, row {n}", row_to_messages(row, f"{source}, row {n}", system_prompt))
+                     for n, row in rows)
+    return list(conversations) if isinstance(rows, list) else conversations
 
 
 def gsm8k_solution(answer):
@@ -240,10 +241,10 @@ def load_qa(source, limit=None, seed=0):
     if source in ("gsm8k", "gsm8k-train"):
         split = "test" if source == "gsm8k" else "train"
         rows = [{"question": r["question"], "answer": r["answer"].rpartition("####")[2].strip()}
-                for _, r in load_hub_rows("openai/gsm8k", "main", split)]
+                for r in load_hub_rows("openai/gsm8k", "main", split)]
     elif source == "math500":
         rows = [{"question": r["problem"], "answer": r["answer"]}
-                for _, r in load_hub_rows("HuggingFaceH4/MATH-500", None, "test")]
+                for r in load_hub_rows("HuggingFaceH4/MATH-500", None, "test")]
     elif os.path.splitext(source)[1] in (".json", ".jsonl", ".parquet"):
         rows = []
         for number, row in read_local_rows(source):
@@ -414,7 +415,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and shuffling")
     args = parser.parse_args()
     try:
-        for where, messages in load_conversations(args.data, seed=args.seed)[: args.num_samples]:
+        conversations = load_conversations(args.data, seed=args.seed)
+        for where, messages in itertools.islice(conversations, args.num_samples):
             print(f"--- {where}\n" + json.dumps(messages, indent=1, ensure_ascii=False))
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -181,3 +181,50 @@ def test_doctests_run():
     import eksft
     for module in (data, eksft):
         assert doctest.testmod(module).failed == 0
+
+
+def fake_hub(tables):
+    """Stand-in for data.load_hub_rows: the Hub is unreachable here, the row handling is not."""
+    def load(name, config=None, split="train"):
+        return tables[(name, config, split)]
+    return load
+
+
+def test_openr1_takes_the_first_verified_complete_generation(monkeypatch):
+    rows = [
+        {"problem": "p1", "generations": ["wrong", "right1"], "correctness_math_verify": [False, True],
+         "is_reasoning_complete": [True, True]},
+        {"problem": "p2", "generations": ["cut off", "x"], "correctness_math_verify": [True, False],
+         "is_reasoning_complete": [False, True]},  # no generation is both verified and complete
+        {"problem": "p3", "generations": ["right3" + "y" * 400], "correctness_math_verify": [True],
+         "is_reasoning_complete": [True]},
+        {"problem": "p4", "generations": ["right4"], "correctness_math_verify": [True],
+         "is_reasoning_complete": [True]},
+    ]
+    monkeypatch.setattr(data, "load_hub_rows",
+                        fake_hub({("open-r1/OpenR1-Math-220k", "default", "train"): rows}))
+    convs = list(data.load_conversations("openr1-3k", seed=0))
+    assert sorted(m[-1]["content"][:6] for _, m in convs) == ["right1", "right3", "right4"]
+    assert all(m[0] == SYS and m[1]["role"] == "user" for _, m in convs)
+    # the seeded order is a permutation, the same for the same seed
+    assert [w for w, _ in convs] == [w for w, _ in data.load_conversations("openr1-3k", seed=0)]
+    # too long for --max-len: p3 is skipped, and num_samples counts only examples that fit
+    examples = data.build_sft_examples(TOKENIZER, data.load_conversations("openr1-3k", seed=0),
+                                       max_len=200, num_samples=2, log=lambda *_: None)
+    assert len(examples) == 2
+
+
+def test_gsm8k_answers_come_from_after_the_hashes(monkeypatch):
+    rows = [{"question": "q", "answer": "2*3=<<2*3=6>>6\n#### 1,200"}]
+    monkeypatch.setattr(data, "load_hub_rows", fake_hub({("openai/gsm8k", "main", "test"): rows,
+                                                        ("openai/gsm8k", "main", "train"): rows}))
+    assert data.load_qa("gsm8k") == [{"question": "q", "answer": "1,200"}]
+    [(where, messages)] = list(data.load_conversations("gsm8k"))
+    assert where == "gsm8k, row 1"
+    assert messages[-1]["content"] == "2*3=6\nThe answer is \\boxed{1,200}."
+
+
+def test_hub_failure_is_one_clear_line():
+    with pytest.raises(DataError, match="could not load dataset 'no-such/dataset'.*Offline, use "
+                                        "--data synthetic"):
+        list(data.load_conversations("no-such/dataset"))
