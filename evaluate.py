@@ -1,7 +1,7 @@
 """
 evaluate.py: one protocol to measure a base model, an SFT/EKSFT checkpoint and an RL checkpoint.
 
-    python evaluate.py --model tiny --benchmarks synthetic --limit 20          # offline CPU sanity run
+    python evaluate.py --model tiny --benchmarks synthetic --limit 20          # offline CPU run, ~6 s
     python evaluate.py --model Qwen2.5-0.5B --benchmarks gsm8k,math500          # greedy pass@1, one GPU
     python evaluate.py --model runs/rl-x --benchmarks math500 --samples 16 --temperature 0.6   # avg@16, pass@k
     python evaluate.py --model runs/eksft-x --benchmarks gsm8k-train --limit 500 --samples 16 --temperature 1.0
@@ -47,7 +47,7 @@ import torch
 from data import (SYSTEM_PROMPT, DataError, UserError, end_of_turn_ids, encode_prompt, load_qa,
                   prompt_messages, render)
 from eksft import (SHORT_NAMES, ModelLoadError, append_jsonl, load_model_and_tokenizer, pick_device,
-                   set_seed, write_json)
+                   quiet_hub_progress, set_seed, write_json)
 from rl import extract_answer, generate_completions, math_reward
 
 # -----------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def score_row(question_index, sample_index, problem, out, checker):
 
 
 def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, top_p=1.0,
-                   max_new_tokens=1024, batch_size=16, seed=0, checker="builtin",
+                   max_new_tokens=1024, batch_size=32, seed=0, checker="builtin",
                    system_prompt=SYSTEM_PROMPT, backend="transformers", done=(), on_row=None,
                    progress=True):
     """Generate `samples` completions for each problem (dict with question and answer), score them
@@ -308,6 +308,7 @@ def load_summaries(directory):
         if os.path.exists(path):
             with open(path) as f:
                 summary = json.load(f)
+            summary["metrics"] = summary["metrics"] or {}  # None: a run that has not finished yet
             found[summary["benchmark"]] = summary
     if not found:
         raise UserError(f"{directory}: no summary.json in it or in its sub-directories")
@@ -325,8 +326,8 @@ def compare(directories):
         lines.append([b, "model"] + [s["model"] if s else "-" for s in present])
         for key in metric_keys([s["metrics"] for s in present if s]):
             lines.append(["", key] + [show(key, s["metrics"]) if s else "-" for s in present])
-        protocols = [s["protocol"] for s in present if s]
-        for key in sorted({k for p in protocols for k in p}):
+        protocols = [dict(s["protocol"], questions=s["metrics"].get("questions")) for s in present if s]
+        for key in sorted({k for p in protocols for k in p}):  # a different --limit is a different test
             values = [json.dumps(p.get(key)) for p in protocols]
             if len(set(values)) > 1:
                 warnings.append(f"warning: {b}: runs differ in {key}: " + " vs ".join(
@@ -392,7 +393,8 @@ def run(args):
         model, tokenizer = load_vllm(args.model, args.seed)
     else:
         device, amp_dtype, why = pick_device(args.device, args.precision)
-        print(f"device: {device} ({why}); weights in {amp_dtype or torch.float32}")
+        print(f"device: {device} ({why.split(';')[0]}); weights in {amp_dtype or torch.float32}")
+        quiet_hub_progress()  # transformers' "Loading weights" bar would break the lines below
         model, tokenizer = load_model_and_tokenizer(args.model, device, dtype=amp_dtype or torch.float32,
                                                     seed=args.seed)
     proto = protocol(tokenizer, system_prompt=SYSTEM_PROMPT, max_new_tokens=args.max_new_tokens,
@@ -423,8 +425,9 @@ def run(args):
         write_json(summary_path, summary)
         summaries.append(summary)
         for r in rows[:args.show]:
+            lines = [line[:120] for line in r["completion"].strip().splitlines()[:6]] or ["(only whitespace)"]
             print(f"--- {name} question {r['question_index']} sample {r['sample_index']}: gold {r['gold']!r}, "
-                  f"extracted {r['extracted']!r}, correct {r['correct']}\n{r['completion'][:400]}")
+                  f"extracted {r['extracted']!r}, correct {r['correct']}\n" + "\n".join(lines))
     print(run_table(summaries))
     print(f"(rates in %; samples per question {args.samples}; results in {args.output_dir})")
     return summaries

@@ -213,11 +213,11 @@ def test_cli_resume_skips_finished_samples(chaotic, tmp_path, capsys):
         run(parse_args([a if a != "12" else "13" for a in argv]))
 
 
-def write_summary(directory, benchmark, accuracy, temperature):
+def write_summary(directory, benchmark, accuracy, temperature, questions=4):
     os.makedirs(os.path.join(directory, benchmark))
     summary = {"model": os.path.basename(directory), "benchmark": benchmark,
                "protocol": {"temperature": temperature, "max_new_tokens": 64},
-               "metrics": {"questions": 4, "samples": 1, "accuracy": accuracy, "pass@1": accuracy},
+               "metrics": {"questions": questions, "samples": 1, "accuracy": accuracy, "pass@1": accuracy},
                "time": {"tokens_per_second": 1.0}}
     with open(os.path.join(directory, benchmark, "summary.json"), "w") as f:
         json.dump(summary, f)
@@ -234,6 +234,8 @@ def test_compare_prints_side_by_side_and_warns(tmp_path, capsys):
     assert len(warnings) == 1 and "temperature" in warnings[0] and "max_new_tokens" not in warnings[0]
     write_summary(str(tmp_path / "same"), "gsm8k", 0.5, 0.0)
     assert evaluate.compare([base, str(tmp_path / "same")]) == []
+    write_summary(str(tmp_path / "fewer"), "gsm8k", 0.5, 0.0, questions=3)
+    assert "questions" in evaluate.compare([base, str(tmp_path / "fewer")])[0]
     with pytest.raises(UserError, match="no summary.json"):
         evaluate.compare([str(tmp_path)])
 
