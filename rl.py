@@ -1,34 +1,31 @@
 """RL with verifiable rewards (GRPO-style) from an SFT or EKSFT checkpoint.
 
-The paper's second claim is that EKSFT gives RL a better starting point. Train both checkpoints
-with this file, evaluate both with evaluate.py, and compare.
+EKSFT's second claim is that it gives RL a better starting point. To test it, run this file from
+both checkpoints with the same flags, then compare them with evaluate.py.
 
-Run me:
-    python rl.py --model tiny --max-steps 3                      # offline CPU sanity run (synthetic)
-    python rl.py --model runs/eksft/final --data gsm8k-train     # the real thing, one GPU
-    python rl.py --model Qwen2.5-0.5B --data gsm8k --no-std --loss-agg dr-grpo   # Dr. GRPO flavour
+    python rl.py --model tiny --max-steps 3                   # offline CPU sanity run, ~20 s
+    python rl.py --model runs/eksft-Qwen2.5-0.5B --data gsm8k  # from an eksft.py run, one GPU
+    python rl.py --model runs/sft-Qwen2.5-0.5B --data gsm8k    # the SFT baseline, same flags
+    python rl.py --model Qwen2.5-0.5B --no-std --loss-agg dr-grpo   # Dr. GRPO's choices
 
-The file reads top to bottom:
-  1. the answer checker (extract_answer, is_equiv, math_reward): pure functions, shared with
-     evaluate.py; model output is parsed, never executed, and a hostile string cannot hang it
-  2. rollouts: left-padded batched sampling, completion masks cut at the first end-of-sequence token
-  3. the loss: group-normalised advantages, clipped ratio, optional k3 KL to the starting model
-  4. the loop: sample, score, update, log, evaluate, checkpoint
+The file reads top to bottom: 1. the answer checker (extract_answer, is_equiv, math_reward; shared
+with evaluate.py), 2. rollouts (generate_completions), 3. the loss (pure torch), 4. the loop.
 
-Simplifications (say them out loud; they are choices, not accidents):
-  1. With --ppo-epochs 1 (the default) the ratio is exactly 1 and its gradient is the policy
-     gradient: this is REINFORCE with a group-mean baseline. K > 1 reuses each batch K times
-     with the PPO clipped ratio (epsilon 0.2, --clip-high for a separate upper epsilon).
-  2. No value network, no GAE: the advantage of every token of a completion is that completion's
-     group-normalised reward.
-  3. Generation runs in the same process with transformers' generate (no vLLM): slow but simple.
-  4. No KL penalty by default (--kl-coef 0, then no reference model is loaded at all).
-  5. Groups whose G rewards are all equal have zero advantage: they are skipped and counted,
-     not resampled (DAPO's dynamic sampling would resample them).
-  6. The built-in answer checker is a normaliser plus a tiny numeric parser, not a computer
-     algebra system: it knows numbers, fractions, percents, powers, products, tuples and
-     intervals; anything else falls back to normalised string equality. --checker math-verify
-     swaps in the math-verify package for equivalence (it must be installed separately).
+Simplifications (choices, not accidents):
+  1. --ppo-epochs 1 (the default) makes the ratio exactly 1, and its gradient is A * grad log pi:
+     this is REINFORCE with a group-mean baseline. K > 1 reuses each batch for K optimiser steps
+     with PPO's clipped ratio (epsilon 0.2; --clip-eps-high sets a separate upper one).
+  2. No value network and no GAE: every token of a completion gets that completion's advantage.
+  3. Generation is transformers' generate in the training process (no vLLM): simple, slow.
+  4. No KL penalty by default (--kl-coef 0, and then no reference model is loaded). With one, the
+     k3 estimate is added to the loss, as GRPO does, not subtracted from the reward.
+  5. Groups whose G rewards are all equal are skipped and counted, not resampled (DAPO would).
+  6. Constant learning rate, one optimiser step per PPO epoch (no mini-batches inside a batch).
+  7. The built-in checker is a normaliser plus a small numeric parser, not a computer algebra
+     system: numbers, fractions, percents, powers, products, tuples, intervals; anything else is
+     compared as a normalised string. --checker math-verify uses that package instead.
+  8. --model tiny is a random network that never answers a maths question, so its sanity run
+     trains on a toy reward (--reward digits: the fraction of digits it writes) to show learning.
 """
 import argparse
 import json
@@ -55,40 +52,50 @@ from eksft import (append_jsonl, export_model, latest_checkpoint, load_model_and
 #     caught: a hostile string (1 MB, unbalanced braces, 9^{9^{9^9}}, 1/0) returns in well under 1 s.
 
 _MAX_ANSWER_CHARS = 1000   # an "answer" longer than this is compared as a plain string
-_MAX_DEPTH = 40            # nesting depth the numeric parser and tuple splitter accept
+_MAX_DEPTH = 40            # nesting depth the numeric parser accepts
 _MAX_EXPONENT = 1000       # |exponent| the numeric parser evaluates (2^{1000} is fine, 9^{9^9} is not)
 _REL_TOL = 1e-4            # numbers are equal when |a - b| <= 1e-4 * max(|a|, |b|)
+_MAX_BOXES = 20            # only the last 20 \boxed of a completion are looked at
+_MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BRACE_RE = re.compile(r"[{}]")
+_SPACES_RE = re.compile(r"[ \t]*")
 _ANSWER_IS_RE = re.compile(r"(?i)the\s+(?:final\s+)?answer\s+is\s*:?\s*([^\n]*)")
 _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 _TOKEN_AFTER_BOX_RE = re.compile(r"[^\s$]+")
 
 
-def _brace_partners(text):
-    """{index of '{': index of its matching '}'} for the whole string, in one linear pass."""
-    stack, partner = [], {}
-    for m in re.finditer(r"[{}]", text):
-        if m.group() == "{":
-            stack.append(m.start())
-        elif stack:
-            partner[stack.pop()] = m.start()
-    return partner
+def _closing_brace(text, j):
+    """Index of the '}' that closes the '{' at text[j], looking at most _MAX_BOXED_CHARS ahead."""
+    depth = 0
+    for m in _BRACE_RE.finditer(text, j, j + _MAX_BOXED_CHARS):
+        depth += 1 if m.group() == "{" else -1
+        if depth == 0:
+            return m.start()
+    return None
+
+
+def _box_starts(text):
+    """Positions just after the last _MAX_BOXES \\boxed / \\fbox commands, last first."""
+    starts, before = [], {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
+    for _ in range(_MAX_BOXES):
+        if max(before.values()) < 0:
+            break
+        name = max(before, key=before.get)
+        i = before[name]
+        before[name] = text.rfind(name, 0, i)
+        if not text[i + len(name):i + len(name) + 1].isalpha():     # not \boxedfoo
+            starts.append(i + len(name))
+    return starts
 
 
 def _last_boxed(text):
     """Content of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, else None.
     An unclosed \\boxed{ (a truncated answer) is ignored."""
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
-    partner = None
-    for pos in reversed(starts):
-        j = pos
-        while j < len(text) and text[j] in " \t":
-            j += 1
+    for pos in _box_starts(text):
+        j = _SPACES_RE.match(text, pos).end()
         if j < len(text) and text[j] == "{":
-            if partner is None:
-                partner = _brace_partners(text)
-            end = partner.get(j)
+            end = _closing_brace(text, j)
             if end is None:
                 continue
             content = text[j + 1:end]
@@ -141,7 +148,7 @@ def _strip_text_commands(s):
         m = re.search(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{", s)
         if m is None:
             return s
-        end = _brace_partners(s).get(m.end() - 1)
+        end = _closing_brace(s, m.end() - 1)
         if end is None:                                   # unbalanced: drop the command name only
             return s[:m.start()] + s[m.end() - 1:]
         before, inner, after = s[:m.start()], s[m.end():end], s[end + 1:]
@@ -166,7 +173,7 @@ def _normalise(s):
     s = s.replace("\\%", "").replace("%", "")
     s = _strip_text_commands(s)
     s = s.rstrip(". ").strip()
-    if s.count("=") == 1:                                   # "x = 7" -> "7" (only a short name on the left)
+    if s.count("=") == 1:                                 # "x = 7" -> "7" (a short name on the left)
         lhs, rhs = s.split("=")
         if re.fullmatch(r"\s*\\?[A-Za-z]{1,6}(?:_\{?[A-Za-z0-9]+\}?)?\s*", lhs):
             s = rhs.strip()
@@ -197,69 +204,55 @@ _TOKEN_RE = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|\\[A-Za-z]+|\S")
 
 
 def _to_number(s):
-    """Value of a simple numeric expression, or None. A recursive-descent parser, no eval():
-        expr   := term (('+' | '-') term)*
-        term   := unary (('*' | '/' | \\cdot | \\times | \\div) unary | implicit-product)*
-        unary  := ('-' | '+') unary | power
-        power  := atom ('^' unary)?
-        atom   := number | '(' expr ')' | '{' expr '}' | \\frac{expr}{expr} | \\sqrt{expr} | \\pi
+    r"""Value of a simple numeric expression, or None. A recursive-descent parser, no eval():
+        expr  := term (('+' | '-') term)*
+        term  := unary (('*' | '/' | \cdot | \times | \div) unary | implicit product: 2\pi, 3\sqrt{2})*
+        unary := ('-' | '+') unary | atom ('^' unary)?
+        atom  := number | (expr) | {expr} | \frac{expr}{expr} | \sqrt{expr} | \pi
     """
-    if len(s) > 200:
-        return None
-    tokens, pos = _TOKEN_RE.findall(s), 0
-    closing = {"(": ")", "{": "}"}
+    tokens, pos = _TOKEN_RE.findall(s) if len(s) <= 200 else [], 0
 
     def peek():
         return tokens[pos] if pos < len(tokens) else None
 
     def take(expected=None):
         nonlocal pos
-        tok = peek()
-        if tok is None or (expected is not None and tok != expected):
+        if pos == len(tokens) or (expected is not None and tokens[pos] != expected):
             raise _NotANumber
         pos += 1
-        return tok
+        return tokens[pos - 1]
 
     def expr(depth):
         if depth > _MAX_DEPTH:
             raise _NotANumber
         value = term(depth)
         while peek() in ("+", "-"):
-            value = value + term(depth) if take() == "+" else value - term(depth)
+            value += (1 if take() == "+" else -1) * term(depth)
         return value
 
     def term(depth):
         value = unary(depth)
-        while True:
-            tok = peek()
-            if tok in ("*", "\\cdot", "\\times"):
-                take()
-                value *= unary(depth)
-            elif tok in ("/", "\\div"):
+        while peek() in ("*", "\\cdot", "\\times", "/", "\\div", "(", "{", "\\frac", "\\sqrt", "\\pi"):
+            if peek() in ("/", "\\div"):
                 take()
                 value /= unary(depth)                      # ZeroDivisionError is caught below
-            elif tok in ("(", "{", "\\frac", "\\sqrt", "\\pi"):   # 2\pi, 3\sqrt{2}, 2(3)
-                value *= unary(depth)
             else:
-                return value
+                if peek() in ("*", "\\cdot", "\\times"):
+                    take()
+                value *= unary(depth)
+        return value
 
     def unary(depth):
         if peek() in ("-", "+"):
-            return -unary(depth + 1) if take() == "-" else unary(depth + 1)
-        return power(depth)
-
-    def power(depth):
+            return (-1 if take() == "-" else 1) * unary(depth + 1)
         base = atom(depth)
         if peek() != "^":
             return base
         take()
         exponent = unary(depth + 1)
-        if abs(exponent) > _MAX_EXPONENT or (base == 0 and exponent < 0):
-            raise _NotANumber
-        value = base ** exponent                           # floats: overflow raises, never hangs
-        if isinstance(value, complex):
-            raise _NotANumber
-        return value
+        if abs(exponent) > _MAX_EXPONENT or (base < 0 and exponent != int(exponent)):
+            raise _NotANumber                              # 9^{9^9}, or a complex root
+        return base ** exponent                            # floats: overflow raises, never hangs
 
     def braced(depth):
         take("{")
@@ -268,32 +261,24 @@ def _to_number(s):
         return value
 
     def atom(depth):
-        if depth > _MAX_DEPTH:
-            raise _NotANumber
         tok = take()
         if tok[0].isdigit():
             return float(tok)
-        if tok in closing:
+        if tok in ("(", "{"):
             value = expr(depth + 1)
-            take(closing[tok])
+            take(")" if tok == "(" else "}")
             return value
         if tok == "\\frac":
-            num, den = braced(depth), braced(depth)
-            return num / den
+            return braced(depth) / braced(depth)
         if tok == "\\sqrt":
-            value = braced(depth)
-            if value < 0:
-                raise _NotANumber
-            return math.sqrt(value)
+            return math.sqrt(braced(depth))                # ValueError below zero is caught below
         if tok == "\\pi":
             return math.pi
         raise _NotANumber
 
     try:
         value = expr(0)
-        if pos != len(tokens) or not math.isfinite(value):
-            return None
-        return float(value)
+        return value if pos == len(tokens) and math.isfinite(value) else None
     except (_NotANumber, ArithmeticError, ValueError, RecursionError):
         return None
 
@@ -327,10 +312,6 @@ def _bracketed(s):
     return s[0], s[-1], s[1:-1]
 
 
-def _numbers_equal(a, b):
-    return a == b or abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
-
-
 def _equiv(a, a_pct, b, b_pct, depth=0):
     """Equivalence of two normalised answers (see is_equiv)."""
     if a == b:
@@ -341,17 +322,16 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
     if x is not None and y is not None:
         xs = (x, x / 100) if a_pct else (x,)               # 25% may mean 25 or 0.25
         ys = (y, y / 100) if b_pct else (y,)
-        return any(_numbers_equal(u, v) for u in xs for v in ys)
+        return any(abs(u - v) <= _REL_TOL * max(abs(u), abs(v)) for u in xs for v in ys)
     pa, pb = _bracketed(a), _bracketed(b)
     if pa and pb:                                          # tuples, intervals, sets: element by element
         ea, eb = _split_top_level(pa[2]), _split_top_level(pb[2])
         return (pa[:2] == pb[:2] and len(ea) == len(eb) and len(ea) > 1
                 and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
     if not pa and not pb and "," in a and "," in b:       # "1, 2" vs "2,1": unordered lists of answers
-        ea, eb = _split_top_level(a), _split_top_level(b)
-        if len(ea) != len(eb) or len(ea) > 50:
+        ea, unused = _split_top_level(a), _split_top_level(b)
+        if len(ea) != len(unused) or len(ea) > 50:
             return False
-        unused = list(eb)
         for u in ea:
             hit = next((v for v in unused if _equiv(u, False, v, False, depth + 1)), None)
             if hit is None:
@@ -359,17 +339,6 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
             unused.remove(hit)
         return True
     return False
-
-
-def _math_verify_equiv(pred, gold):
-    try:
-        import math_verify
-    except ImportError:
-        raise ImportError("--checker math-verify needs the math-verify package: "
-                          "pip install 'math-verify[antlr4_13_2]'") from None
-    # math-verify's argument order matters: gold first. Boxing both makes their extractor take them whole.
-    return bool(math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"),
-                                   math_verify.parse(f"\\boxed{{{pred}}}")))
 
 
 CHECKERS = ("builtin", "math-verify")
@@ -391,9 +360,13 @@ def is_equiv(pred, gold, checker="builtin"):
         return False
     if checker == "math-verify":
         try:
-            return _math_verify_equiv(pred, gold)
+            import math_verify
         except ImportError:
-            raise
+            raise ImportError("--checker math-verify needs the math-verify package: "
+                              "pip install 'math-verify[antlr4_13_2]'") from None
+        try:   # gold first (its argument order matters); boxing makes its extractor take each whole
+            return bool(math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"),
+                                           math_verify.parse(f"\\boxed{{{pred}}}")))
         except Exception:
             return False
     try:
@@ -437,7 +410,8 @@ def completion_mask_from_eos(completion_ids, eos_ids):
     >>> mask.int().tolist(), truncated.tolist()
     ([[1, 1, 0], [1, 1, 1]], [False, True])
     """
-    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_ids), device=completion_ids.device))  # (B, T)
+    eos_ids = torch.as_tensor(list(eos_ids), device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos_ids)            # (B, T)
     eos_before = is_eos.cumsum(dim=1) - is_eos.long()      # (B, T) EOS tokens strictly before t
     mask = eos_before == 0                                 # (B, T) t is at or before the first EOS
     truncated = ~is_eos.any(dim=1)                         # (B,)
@@ -503,7 +477,7 @@ def rollout_tensors(prompt_ids, completion_ids, pad_id):
     completions, completion_attn = pad_right(completion_ids, pad_id)  # (B, T)
     input_ids = torch.cat([prompts, completions], dim=1)              # (B, P + T)
     attention_mask = torch.cat([prompt_attn, completion_attn], dim=1)  # (B, P + T)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)    # (B, P + T) as generate counts them
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)    # (B, P + T) as in generate
     return input_ids, attention_mask, position_ids, completions, completion_attn.bool(), prompts.shape[1]
 
 
@@ -571,7 +545,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_ag
     and sums for logging.
     """
     mask = mask.float()                                                # (B, T)
-    adv = advantages.unsqueeze(1)                                      # (B, 1) every token gets its sequence's A
+    adv = advantages.unsqueeze(1)                                      # (B, 1) same A for every token
     ratio = torch.exp(logprobs - old_logprobs)                         # (B, T) pi / pi_old
     high = clip_eps if clip_eps_high is None else clip_eps_high
     # L_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
@@ -600,94 +574,84 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_ag
 # 4. The loop: sample G completions per prompt, score them, update, log, evaluate, checkpoint
 
 def digits_reward(completion, gold):
-    """A toy dense reward: the fraction of characters that are digits. A random tiny model can
-    learn it in a few dozen steps, so the offline sanity run and the tests see learning happen."""
+    """Toy dense reward: the fraction of characters that are digits (learnable by a random model)."""
     return sum(c.isdigit() for c in completion) / max(len(completion), 1)
 
 
 def train_eval_sets(data, eval_size, seed):
-    """(training questions, held-out questions) for --data.
-
-    gsm8k and synthetic have separate training and test splits; anything else (math500, a local
-    .jsonl) is shuffled with the seed and its first eval_size rows are held out."""
-    splits = {"gsm8k": ("gsm8k-train", "gsm8k"), "gsm8k-train": ("gsm8k-train", "gsm8k"),
-              "synthetic": ("synthetic-train", "synthetic"), "synthetic-train": ("synthetic-train", "synthetic")}
-    if data in splits:
-        train_name, eval_name = splits[data]
-        return load_qa(train_name, seed=seed), (load_qa(eval_name, limit=eval_size, seed=seed) if eval_size else [])
+    """(training questions, held-out questions). gsm8k and synthetic have their own test splits;
+    anything else (math500, a local .jsonl) is shuffled with the seed and eval_size rows held out."""
+    splits = {"gsm8k": ("gsm8k-train", "gsm8k"), "synthetic": ("synthetic-train", "synthetic")}
+    name = data.removesuffix("-train")
+    if name in splits:
+        held_out = load_qa(splits[name][1], limit=eval_size, seed=seed) if eval_size else []
+        return load_qa(splits[name][0], seed=seed), held_out
     rows = load_qa(data, seed=seed)
     random.Random(seed).shuffle(rows)
     return rows[eval_size:], rows[:eval_size]
 
 
 def evaluate_accuracy(model, tokenizer, rows, args, autocast):
-    """Greedy held-out accuracy with the same checker as the reward."""
+    """Greedy accuracy on held-out questions, with the same prompt and checker as the reward."""
     prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt) for r in rows]
     with autocast():
         outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                        batch_size=args.eval_batch_size)
-    return sum(math_reward(o["text"], r["answer"], checker=args.checker) for o, r in zip(outputs, rows)) / len(rows)
+    scores = [math_reward(o["text"], r["answer"], checker=args.checker) for o, r in zip(outputs, rows)]
+    return sum(scores) / len(rows)
 
 
 def sequence_logprobs(model, batch, temperature):
-    """Per-token log-probs (B, T) and entropies (B, T) of the completion tokens of a rollout batch."""
-    input_ids, attention_mask, position_ids, completions, _, _ = batch
+    """Log-probs and entropies (B, T) of the completion tokens of a rollout_tensors batch."""
+    input_ids, attention_mask, position_ids, completions = batch[:4]
     T = completions.shape[1]
-    # logits_to_keep = T + 1: only the positions P-1 .. P+T-1 are projected onto the vocabulary.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=T + 1).logits                   # (B, T + 1, V)
-    # the causal shift: logits[:, t] predicts input_ids[:, t + 1], so the first T rows score the completion
+                   logits_to_keep=T + 1).logits                      # (B, T + 1, V) last T + 1 only
+    # the causal shift: logits[:, t] predicts input_ids[:, t + 1]; the first T rows score the completion
     return token_logprobs(logits[:, :-1], completions, temperature)
 
 
 def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pad_id, device, autocast):
-    """--ppo-epochs optimiser steps on one batch of rollouts. Returns summed statistics."""
+    """--ppo-epochs optimiser steps on one batch of rollouts; returns sums for the metrics."""
     batch = rollout_tensors(prompts, [r["completion_ids"] for r in rollouts], pad_id)
-    mask = batch[4]                                                     # (N, T)
-    normaliser = loss_normaliser(mask, args.loss_agg, args.max_new_tokens)   # once per optimiser step
+    normaliser = loss_normaliser(batch[4], args.loss_agg, args.max_new_tokens)   # once per step
     micro = [slice(s, s + args.micro_batch_size) for s in range(0, len(rollouts), args.micro_batch_size)]
-
-    def micro_batch(sl):
-        return tuple(t[sl].to(device) for t in batch[:5]) + (batch[5],)
-
-    # log-probs of the sampling policy (needed when the batch is reused) and of the frozen start
+    on_device = lambda sl: [t[sl].to(device) for t in batch[:5]]
+    # log-probs of the policy that sampled (only needed when the batch is reused) and of the start
     old, ref = [None] * len(micro), [None] * len(micro)
     with torch.no_grad(), autocast():
         for i, sl in enumerate(micro):
             if args.ppo_epochs > 1:
-                old[i] = sequence_logprobs(model, micro_batch(sl), args.temperature)[0]
+                old[i] = sequence_logprobs(model, on_device(sl), args.temperature)[0]
             if ref_model is not None:
-                ref[i] = sequence_logprobs(ref_model, micro_batch(sl), args.temperature)[0]
-    sums = {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0, "loss": 0.0,
-            "grad_norm": 0.0, "train_tokens": 0}
+                ref[i] = sequence_logprobs(ref_model, on_device(sl), args.temperature)[0]
+    sums = dict(tokens=0, clipped_tokens=0, kl_sum=0, entropy_sum=0, loss=0, grad_norm=0, train_tokens=0)
     for epoch in range(args.ppo_epochs):
         for i, sl in enumerate(micro):
-            mb = micro_batch(sl)
+            mb = on_device(sl)
             with autocast():
                 logprobs, entropy = sequence_logprobs(model, mb, args.temperature)   # (b, T) each
-            mb_mask = mb[4]
-            loss, stats = policy_loss(logprobs, old[i] if old[i] is not None else logprobs.detach(),
-                                      advantages[sl].to(device), mb_mask, normaliser=normaliser,
-                                      loss_agg=args.loss_agg, clip_eps=args.clip_eps,
-                                      clip_eps_high=args.clip_eps_high, ref_logprobs=ref[i],
-                                      kl_coef=args.kl_coef)
+            loss, stats = policy_loss(
+                logprobs, logprobs.detach() if old[i] is None else old[i], advantages[sl].to(device),
+                mb[4], normaliser=normaliser, loss_agg=args.loss_agg, clip_eps=args.clip_eps,
+                clip_eps_high=args.clip_eps_high, ref_logprobs=ref[i], kl_coef=args.kl_coef)
             loss.backward()
             sums["clipped_tokens"] += stats["clipped_tokens"]
             sums["loss"] += loss.item() / args.ppo_epochs
             sums["train_tokens"] += int(mb[1].sum())
-            if epoch == 0:                       # entropy and KL of the policy that sampled this batch
+            if epoch == 0:                    # entropy and KL of the policy that sampled the batch
                 sums["tokens"] += stats["tokens"]
                 sums["kl_sum"] += stats["kl_sum"]
-                sums["entropy_sum"] += (entropy * mb_mask).sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        sums["grad_norm"] += float(grad_norm) / args.ppo_epochs
+                sums["entropy_sum"] += (entropy * mb[4]).sum().item()
+        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    sums["grad_norm"] /= args.ppo_epochs
     return sums
 
 
 def train(args, reward_fn=None):
-    """The RL loop. reward_fn(completion_text, gold) -> float overrides --reward (tests use this).
+    """The RL loop. reward_fn(completion_text, gold) -> float overrides --reward.
     Returns (model, tokenizer, list of per-step metric dicts)."""
     from tqdm import tqdm
     run_args = vars(args).copy()
@@ -695,16 +659,13 @@ def train(args, reward_fn=None):
     device, amp_dtype, why = pick_device(args.device, args.precision)
     print(f"device: {device} ({why})")
     autocast = lambda: torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
-    if args.checker == "math-verify":
-        try:
-            import math_verify  # noqa: F401
-        except ImportError:
-            raise UserError("--checker math-verify needs the math-verify package: "
-                            "pip install 'math-verify[antlr4_13_2]'") from None
+    try:
+        is_equiv("1", "1", args.checker)     # a missing math-verify fails now, not mid-run
+    except ImportError as e:
+        raise UserError(str(e)) from None
     if reward_fn is None:
-        reward_fn = (digits_reward if args.reward == "digits" else
-                     lambda text, gold: math_reward(text, gold, checker=args.checker,
-                                                    format_reward=args.format_reward))
+        reward_fn = digits_reward if args.reward == "digits" else (lambda text, gold: math_reward(
+            text, gold, checker=args.checker, format_reward=args.format_reward))
 
     # data first: a bad file fails in a second, before any model is loaded
     train_rows, eval_rows = train_eval_sets(args.data, args.eval_size, args.seed)
@@ -713,7 +674,7 @@ def train(args, reward_fn=None):
                         f"--prompts-per-step {args.prompts_per_step}")
     steps_per_epoch = len(train_rows) // args.prompts_per_step
     print(f"data: {len(train_rows)} training questions, {len(eval_rows)} held out; "
-          f"{args.prompts_per_step} prompts x {args.group_size} completions per step; reward {args.reward}")
+          f"{args.prompts_per_step} prompts x {args.group_size} completions; reward {args.reward}")
 
     # the policy (possibly resumed) and, only with --kl-coef > 0, the frozen starting model
     resume_from = latest_checkpoint(args.output_dir) if args.resume else None
@@ -721,18 +682,16 @@ def train(args, reward_fn=None):
         print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
     model, tokenizer = load_model_and_tokenizer(resume_from or args.model, device, seed=args.seed)
     ref_model = None
-    if args.kl_coef > 0:   # the START of this run's training, also when resuming
+    if args.kl_coef > 0:   # the start of the run (--model), also after a resume
         ref_model = load_model_and_tokenizer(args.model, device, seed=args.seed)[0]
-        ref_model.to(amp_dtype or torch.float32).eval().requires_grad_(False)
+        ref_model.eval().requires_grad_(False)       # fp32 like the policy: KL exactly 0 at step 1
     print(f"model: {resume_from or args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters; stop tokens {stop_token_ids(model, tokenizer)}; "
-          + ("reference model loaded for the KL penalty" if ref_model is not None else "no reference model (--kl-coef 0)"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99),
-                                  weight_decay=args.weight_decay)
+          f"parameters, stop tokens {stop_token_ids(model, tokenizer)}, "
+          + ("reference model for the KL penalty" if ref_model else "no reference model (--kl-coef 0)"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step = 0
     if resume_from:
-        saved = torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"))["optimizer"])
         with open(os.path.join(resume_from, "trainer_state.json")) as f:
             start_step = json.load(f)["step"]
         print(f"resume: from {resume_from} at step {start_step}")
@@ -740,6 +699,11 @@ def train(args, reward_fn=None):
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "args.json"), run_args)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):   # keep the rows up to where this run starts (none if fresh)
+        with open(metrics_path) as f:
+            rows = [l for l in f if l.strip() and resume_from and json.loads(l)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(rows)
     if eval_rows and start_step == 0:
         accuracy = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
         append_jsonl(metrics_path, {"step": 0, "eval_accuracy": accuracy})
@@ -750,44 +714,46 @@ def train(args, reward_fn=None):
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="rl",
                dynamic_ncols=True)
     for step in bar:
-        # 1. this step's prompts: a seeded shuffle per epoch, so --resume picks up the same order
+        # 1. this step's prompts, from a seeded shuffle per epoch (a resumed run sees the same ones)
         epoch, i = divmod(step, steps_per_epoch)
         order = list(range(len(train_rows)))
         random.Random(args.seed + epoch).shuffle(order)
         rows = [train_rows[j] for j in order[i * args.prompts_per_step:(i + 1) * args.prompts_per_step]]
-        prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt)
-                   for r in rows for _ in range(args.group_size)]      # G copies of each prompt, adjacent
-        golds = [r["answer"] for r in rows for _ in range(args.group_size)]
+        G = args.group_size
+        prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt) for r in rows]
+        prompts = [ids for ids in prompts for _ in range(G)]              # G adjacent copies of each
+        golds = [r["answer"] for r in rows for _ in range(G)]
 
-        # 2. rollouts, seeded per step: the same step samples the same completions after a resume
+        # 2. rollouts, seeded per step, and their rewards
         t0 = time.perf_counter()
         with autocast():
             rollouts = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                             temperature=args.temperature, top_p=args.top_p,
-                                            batch_size=args.gen_batch_size, seed=args.seed * 1_000_003 + step)
+                                            batch_size=args.gen_batch_size,
+                                            seed=args.seed * 1_000_003 + step)
         gen_seconds = time.perf_counter() - t0
-        rewards = torch.tensor([float(reward_fn(r["text"], g)) for r, g in zip(rollouts, golds)])   # (N,)
+        rewards = torch.tensor([float(reward_fn(r["text"], g)) for r, g in zip(rollouts, golds)])  # (N,)
         correct = [is_equiv(extract_answer(r["text"]), g, args.checker) for r, g in zip(rollouts, golds)]
+        truncated = torch.tensor([r["truncated"] for r in rollouts])     # (N,)
 
-        # 3. advantages; groups whose rewards are all equal are skipped
-        advantages, informative = group_advantages(rewards, args.group_size, scale_by_std=not args.no_std)
-        trained = informative.repeat_interleave(args.group_size)           # (N,)
-        if args.mask_truncated:                 # still part of their group's mean, but no loss of their own
-            trained &= ~torch.tensor([r["truncated"] for r in rollouts])
+        # 3. advantages, and the update on the completions that carry signal
+        advantages, informative = group_advantages(rewards, G, scale_by_std=not args.no_std)
+        trained = informative.repeat_interleave(G)                       # (N,) skip flat groups
+        if args.mask_truncated:              # still in their group's mean, but no loss of their own
+            trained &= ~truncated
         keep = trained.nonzero().flatten().tolist()
         t1 = time.perf_counter()
-        sums = {}
-        if keep:
-            sums = rl_step(model, ref_model, optimizer, [prompts[k] for k in keep], [rollouts[k] for k in keep],
-                           advantages[keep], args, tokenizer.pad_token_id, device, autocast)
+        sums = rl_step(model, ref_model, optimizer, [prompts[k] for k in keep],
+                       [rollouts[k] for k in keep], advantages[keep], args, tokenizer.pad_token_id,
+                       device, autocast) if keep else {}
         train_seconds = time.perf_counter() - t1
 
-        # 4. metrics: one JSON line per step
+        # 4. metrics: one JSON line per step, a log line, and now and then two samples
         lengths = [len(r["completion_ids"]) for r in rollouts]
         tokens = max(sums.get("tokens", 0), 1)
-        record = {"step": step + 1, "reward": rewards.mean().item(), "accuracy": sum(correct) / len(correct),
-                  "response_length": sum(lengths) / len(lengths),
-                  "truncated_frac": sum(r["truncated"] for r in rollouts) / len(rollouts),
+        record = {"step": step + 1, "reward": rewards.mean().item(),
+                  "accuracy": sum(correct) / len(correct), "response_length": sum(lengths) / len(lengths),
+                  "truncated_frac": truncated.float().mean().item(),
                   "entropy": sums["entropy_sum"] / tokens if keep else None,
                   "kl": sums["kl_sum"] / tokens if keep and ref_model is not None else None,
                   "clip_frac": sums["clipped_tokens"] / (tokens * args.ppo_epochs) if keep else None,
@@ -799,97 +765,96 @@ def train(args, reward_fn=None):
         append_jsonl(metrics_path, record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
         if (step + 1) % args.log_every == 0:
-            tqdm.write(f"step {step + 1:5d} | reward {record['reward']:.3f} | acc {record['accuracy']:.3f} | "
-                       f"len {record['response_length']:.0f} | trunc {record['truncated_frac']:.2f} | "
-                       f"skipped {record['skipped_groups']}/{len(rows)} | "
-                       + (f"H {record['entropy']:.3f} | clip {record['clip_frac']:.3f} | " if keep else "")
-                       + (f"KL {record['kl']:.4f} | " if record["kl"] is not None else "")
-                       + f"gen {record['gen_tokens_per_s']:.0f} tok/s")
+            r = record
+            tqdm.write(f"step {step + 1:5d} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | "
+                       f"len {r['response_length']:.0f} | trunc {r['truncated_frac']:.2f} | "
+                       f"skipped {r['skipped_groups']}/{len(rows)} | "
+                       + (f"H {r['entropy']:.3f} | clip {r['clip_frac']:.3f} | " if keep else "")
+                       + (f"KL {r['kl']:.4f} | " if r["kl"] is not None else "")
+                       + f"gen {r['gen_tokens_per_s']:.0f} tok/s")
         if args.print_every and (step + 1) % args.print_every == 0:
             for k in sorted({int(rewards.argmax()), int(rewards.argmin())}):   # the best and the worst
                 text = rollouts[k]["text"]
                 tqdm.write(f"--- sample {k} | gold {golds[k]} | extracted {extract_answer(text)!r} | "
                            f"reward {rewards[k]:.3f}\n{text[:800]}{' [...]' if len(text) > 800 else ''}")
 
-        # 5. held-out accuracy and checkpoints
+        # 5. held-out accuracy and checkpoints (atomic: complete or absent)
         done = step + 1 == args.max_steps
         if eval_rows and (done or (args.eval_every and (step + 1) % args.eval_every == 0)):
-            accuracy = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
-            append_jsonl(metrics_path, {"step": step + 1, "eval_accuracy": accuracy})
-            record["eval_accuracy"] = accuracy
-            tqdm.write(f"step {step + 1:5d} | held-out accuracy {accuracy:.3f}")
+            record["eval_accuracy"] = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
+            append_jsonl(metrics_path, {"step": step + 1, "eval_accuracy": record["eval_accuracy"]})
+            tqdm.write(f"step {step + 1:5d} | held-out accuracy {record['eval_accuracy']:.3f}")
         if done or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(args.output_dir, model, tokenizer, run_args, {"step": step + 1}, optimizer)
             prune_checkpoints(args.output_dir, args.keep_checkpoints)
     bar.close()
     export_model(args.output_dir, model, tokenizer, run_args)
-    print(f"done: model in {args.output_dir}; metrics in {metrics_path}; "
-          f"evaluate with: python evaluate.py --model {args.output_dir}")
+    print(f"done: model in {args.output_dir}, metrics in {metrics_path}; "
+          f"next: python evaluate.py --model {args.output_dir}")
     return model, tokenizer, history
 
 
-TINY_DEFAULTS = dict(data="synthetic", reward="digits", lr=1e-3, group_size=8, prompts_per_step=4,
-                     max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16, print_every=5)
-HUB_DEFAULTS = dict(data="gsm8k", reward="math", lr=1e-6, group_size=8, prompts_per_step=16,
-                    max_new_tokens=1024, micro_batch_size=4, max_steps=300, eval_size=200, print_every=10)
+TINY_DEFAULTS = dict(data="synthetic", reward="digits", lr=1e-3, prompts_per_step=4, max_new_tokens=32,
+                     micro_batch_size=32, max_steps=20, eval_size=16, print_every=5)
+HUB_DEFAULTS = dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, max_new_tokens=1024,
+                    micro_batch_size=4, max_steps=300, eval_size=200, print_every=10)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="RL with verifiable rewards (GRPO-style) for math reasoning.",
+    p = argparse.ArgumentParser(description="RL with verifiable rewards (GRPO-style) for maths.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B) | tiny")
-    p.add_argument("--data", default=None, help="gsm8k (train split; its test split is held out) | math500 | "
-                   "synthetic | local .jsonl with question and answer (default: synthetic for tiny, gsm8k)")
-    p.add_argument("--output-dir", default=None, help="checkpoints, metrics.jsonl and the final model "
-                   "(default runs/rl-{model})")
-    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none)")
+    add = p.add_argument
+    add("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B) | tiny")
+    add("--data", default=None, help="gsm8k (train split; test split held out) | math500 | synthetic | "
+        "local .jsonl with question and answer (default: synthetic for tiny, gsm8k)")
+    add("--output-dir", default=None, help="checkpoints, metrics.jsonl, final model (runs/rl-{model})")
+    add("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none)")
     # reward
-    p.add_argument("--reward", default=None, choices=["math", "digits"], help="math: 1 if the answer is "
-                   "right; digits: toy dense reward for sanity runs (default: digits for tiny, math)")
-    p.add_argument("--checker", default="builtin", choices=CHECKERS, help="answer equivalence backend")
-    p.add_argument("--format-reward", type=float, default=0.0, help="reward for a wrong but \\boxed answer")
+    add("--reward", default=None, choices=["math", "digits"], help="math: 1 for a right answer; digits: "
+        "toy reward for sanity runs (default: digits for tiny, math)")
+    add("--checker", default="builtin", choices=CHECKERS, help="answer equivalence backend")
+    add("--format-reward", type=float, default=0.0, help="reward for a wrong but \\boxed answer")
     # rollouts
-    p.add_argument("--group-size", "-G", type=int, default=None, help="completions per prompt (8)")
-    p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per optimiser step (16; 4 tiny)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (1024; 32 tiny)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also used in the loss)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    p.add_argument("--gen-batch-size", type=int, default=None, help="sequences per generate call (default all)")
-    p.add_argument("--mask-truncated", action="store_true", help="no loss on completions without an EOS")
+    add("--group-size", "-G", type=int, default=8, help="completions per prompt")
+    add("--prompts-per-step", type=int, default=None, help="prompts per step (16; 4 tiny)")
+    add("--max-new-tokens", type=int, default=None, help="completion budget (1024; 32 tiny)")
+    add("--temperature", type=float, default=1.0, help="sampling temperature, also used in the loss")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling")
+    add("--gen-batch-size", type=int, default=None, help="sequences per generate call (default all)")
+    add("--mask-truncated", action="store_true", help="no loss on completions without an EOS")
     # loss
-    p.add_argument("--no-std", action="store_true", help="advantage r - mean, not divided by std (Dr. GRPO)")
-    p.add_argument("--loss-agg", default="token-mean", choices=LOSS_AGGS, help="how token losses are averaged")
-    p.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch; 1 = REINFORCE with group baseline")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip epsilon (lower, and upper by default)")
-    p.add_argument("--clip-eps-high", type=float, default=None, help="separate upper epsilon (DAPO uses 0.28)")
-    p.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the starting model (0: none)")
+    add("--no-std", action="store_true", help="advantage r - mean, not divided by std (Dr. GRPO)")
+    add("--loss-agg", default="token-mean", choices=LOSS_AGGS, help="how token losses are averaged")
+    add("--ppo-epochs", type=int, default=1, help="updates per batch (1: REINFORCE with group baseline)")
+    add("--clip-eps", type=float, default=0.2, help="PPO clip epsilon (lower, and upper by default)")
+    add("--clip-eps-high", type=float, default=None, help="separate upper epsilon (DAPO uses 0.28)")
+    add("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the start (0: no reference model)")
     # optimisation
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (1e-6; 1e-3 tiny)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="completions per forward pass (4; 32 tiny)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (300; 20 tiny)")
+    add("--lr", type=float, default=None, help="AdamW learning rate (1e-6; 1e-3 tiny)")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    add("--micro-batch-size", type=int, default=None, help="completions per forward pass (4; 32 tiny)")
+    add("--max-steps", type=int, default=None, help="optimiser steps (300; 20 tiny)")
     # run
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
-    p.add_argument("--seed", type=int, default=0, help="seed for the tiny model, prompt order and sampling")
-    p.add_argument("--eval-size", type=int, default=None, help="held-out questions (200; 16 tiny; 0: none)")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out accuracy every N steps (and at start/end)")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per generate call in evaluation")
-    p.add_argument("--log-every", type=int, default=1, help="print a metrics line every N steps")
-    p.add_argument("--print-every", type=int, default=None, help="print the best and worst completion every N "
-                   "steps (10; 5 tiny; 0: never)")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    add("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
+    add("--seed", type=int, default=0, help="seed for the tiny model, prompt order and sampling")
+    add("--eval-size", type=int, default=None, help="held-out questions (200; 16 tiny; 0: none)")
+    add("--eval-every", type=int, default=50, help="held-out accuracy every N steps, and at start/end")
+    add("--eval-batch-size", type=int, default=64, help="sequences per generate call in evaluation")
+    add("--log-every", type=int, default=1, help="print a metrics line every N steps")
+    add("--print-every", type=int, default=None, help="print the best and worst completion every N "
+        "steps (10; 5 tiny; 0: never)")
+    add("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
+    add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints")
+    add("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     args = p.parse_args(argv)
     for key, value in (TINY_DEFAULTS if args.model == "tiny" else HUB_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.group_size < 2:
-        p.error("--group-size must be at least 2: the advantage compares completions of one prompt")
-    if args.ppo_epochs < 1 or args.temperature <= 0:
-        p.error("--ppo-epochs must be >= 1 and --temperature > 0 (RL samples; evaluation is greedy)")
+    if args.group_size < 2 or args.ppo_epochs < 1 or args.temperature <= 0:
+        p.error("need --group-size >= 2 (the advantage compares completions of a prompt), "
+                "--ppo-epochs >= 1 and --temperature > 0 (RL samples; evaluation is greedy)")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"rl-{os.path.basename(args.model.rstrip('/'))}")
     return args

@@ -28,6 +28,7 @@ EXTRACT_CASES = [
     ("\\boxed{}", None),                                              # empty answer counts as none
     ("\\boxed{2} and then \\boxed{3", "2"),                           # unclosed last box is ignored
     ("\\boxed{", None),
+    ("\\boxed{" + "1" * 20_000 + "}", None),                  # over 10,000 characters is not an answer
     ("The answer is 17.", "17"),
     ("Thus, the final answer is: **42**.", "42"),
     ("The answer is $\\frac{3}{4}$. Done.", "\\frac{3}{4}"),
@@ -201,6 +202,11 @@ PATHOLOGICAL = [
     "{" * MEGA,                                         # unbalanced braces
     "}" * MEGA,
     "\\boxed{" * 300_000,                               # many unclosed boxes
+    "\\boxed" + " " * MEGA,                            # a box followed by a megabyte of spaces
+    "\\boxed{" + "{" * MEGA + " \\boxed{1}",
+    "\\boxedx{" * 200_000,                             # not a box at all, many times
+    "####\n" * 200_000,
+    "The answer is 1. " * 60_000,
     "\\boxed{" + "{" * 100_000 + "1" + "}" * 100_000 + "}",   # deeply nested but balanced
     "(" * 100_000 + "1" + ")" * 100_000,
     "{" * 100_000 + "1" + "}" * 100_000,
