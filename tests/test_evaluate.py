@@ -23,6 +23,16 @@ from evaluate import evaluate_model, metrics_from_rows, parse_args, pass_at_k, r
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Generation of a 1M-parameter model is many tiny ops: on a busy 2-core machine two threads
+    were 10x slower than one (they wait for each other). Restored after this file."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # ----------------------------------------------------------------------------
 # pass@k
 
