@@ -3,7 +3,7 @@
 EKSFT's second claim is that it gives RL a better starting point. To test it, run this file from
 both checkpoints with the same flags, then compare them with evaluate.py.
 
-    python rl.py --model tiny --max-steps 3                   # offline CPU sanity run, ~20 s
+    python rl.py --model tiny --max-steps 3                   # offline sanity run, ~20 s on 2 CPUs
     python rl.py --model runs/eksft-Qwen2.5-0.5B --data gsm8k  # from an eksft.py run, one GPU
     python rl.py --model runs/sft-Qwen2.5-0.5B --data gsm8k    # the SFT baseline, same flags
     python rl.py --model Qwen2.5-0.5B --no-std --loss-agg dr-grpo   # Dr. GRPO's choices
@@ -16,7 +16,8 @@ Simplifications (choices, not accidents):
      this is REINFORCE with a group-mean baseline. K > 1 reuses each batch for K optimiser steps
      with PPO's clipped ratio (epsilon 0.2; --clip-eps-high sets a separate upper one).
   2. No value network and no GAE: every token of a completion gets that completion's advantage.
-  3. Generation is transformers' generate in the training process (no vLLM): simple, slow.
+  3. Generation is transformers' generate in the training process (no vLLM): simple, slow. On one
+     H100, 128 completions of 1024 tokens from a Qwen2.5-0.5B-sized model take ~90 s, the update ~4 s.
   4. No KL penalty by default (--kl-coef 0, and then no reference model is loaded). With one, the
      k3 estimate is added to the loss, as GRPO does, not subtracted from the reward.
   5. Groups whose G rewards are all equal are skipped and counted, not resampled (DAPO would).
@@ -47,7 +48,7 @@ from eksft import (append_jsonl, export_model, latest_checkpoint, load_model_and
 #
 # extract_answer(text) finds the final answer in a completion; is_equiv(pred, gold) decides whether
 # two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. Rules:
-#   - nothing here calls eval/exec/sympify: numbers are read by a 60-line recursive-descent parser;
+#   - nothing here calls eval/exec/sympify: numbers are read by a small recursive-descent parser;
 #   - every loop is linear in the input, recursion depth and exponents are capped, every error is
 #     caught: a hostile string (1 MB, unbalanced braces, 9^{9^{9^9}}, 1/0) returns in well under 1 s.
 
@@ -187,6 +188,7 @@ def _normalise(s):
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    s = re.sub(r"([_^])\{(\w)\}", r"\1\2", s)                  # x^{2} -> x^2
     s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)               # .5 -> 0.5
     s = re.sub(r"(\d\.\d*?)0+(?![\d])", r"\1", s)             # 2.50 -> 2.5
     s = re.sub(r"(\d)\.(?![\d])", r"\1", s)                   # 3. -> 3
@@ -444,7 +446,7 @@ def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temper
     eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
-    batch_size = batch_size or len(prompt_ids)
+    batch_size = batch_size or max(len(prompt_ids), 1)
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
                 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     was_training = model.training

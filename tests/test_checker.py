@@ -137,6 +137,8 @@ EQUIV_CASES = [
     ("y = 2x + 3", "2x+3", True),
     ("\\sqrt{x}", "\\sqrt{x}", True),
     ("x^2", "x^3", False),
+    ("x^{2} + 1", "x^2+1", True),
+    ("a_{1}", "a_1", True),
     # empty and missing answers never match
     ("", "5", False),
     ("5", "", False),
