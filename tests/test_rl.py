@@ -17,6 +17,17 @@ import rl
 from rl import (completion_mask_from_eos, group_advantages, loss_normaliser, policy_loss,
                 rollout_tensors, token_logprobs)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model is many tiny ops: on a busy 2-core machine two torch threads wait for each
+    other and run 10x slower than one. Restored after this file."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------
 # masks from the first EOS, with pad == eos
 
