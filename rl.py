@@ -689,7 +689,7 @@ def train(args, reward_fn=None):
         ref_model.eval().requires_grad_(False)       # fp32 like the policy: KL exactly 0 at step 1
     print(f"model: {resume_from or args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters, stop tokens {stop_token_ids(model, tokenizer)}, "
-          + ("reference model for the KL penalty" if ref_model else "no reference model (--kl-coef 0)"))
+          + ("reference model for the KL penalty" if ref_model is not None else "no reference model"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step = 0
     if resume_from:

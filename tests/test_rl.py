@@ -335,6 +335,17 @@ def test_kl_and_ppo_epochs_run(tmp_path):
     assert history[1]["kl"] > 0 and history[1]["clip_frac"] is not None
 
 
+def test_flat_groups_and_truncated_completions_carry_no_loss(tmp_path):
+    # the maths reward on a random model: every reward is 0, so all 4 groups are flat and skipped
+    flat = train(quick_args(tmp_path / "a", "--reward", "math", "--max-steps", "1", "--eval-size", "0"))[2]
+    assert flat[0]["skipped_groups"] == flat[0]["groups"] == 4 and flat[0]["loss"] is None
+    # 2 new tokens: every completion is truncated; some groups carry signal, but --mask-truncated
+    # leaves nothing to train on
+    cut = train(quick_args(tmp_path / "b", "--reward", "digits", "--max-steps", "1", "--eval-size", "0",
+                           "--max-new-tokens", "2", "--mask-truncated"))[2]
+    assert cut[0]["truncated_frac"] == 1.0 and cut[0]["skipped_groups"] < 4 and cut[0]["loss"] is None
+
+
 def test_bad_jsonl_row_is_one_clear_message(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1?", "answer": "2"}, {"question": "2+2?"}])
     proc = subprocess.run([sys.executable, "rl.py", "--model", "tiny", "--data", bad, "--output-dir",
