@@ -3,6 +3,7 @@
 Expected values are computed by hand (or by plain Python loops written for the test), never
 copied from the code under test. Run: python -m pytest tests/test_rl.py -q
 """
+import contextlib
 import copy
 import json
 import math
@@ -204,7 +205,7 @@ def test_rollout_tensors_align_completions():
 
 from data import encode_prompt, pad_left
 from eksft import load_model_and_tokenizer
-from rl import generate_completions, parse_args, sequence_logprobs, stop_token_ids, train
+from rl import generate_completions, parse_args, rl_step, sequence_logprobs, stop_token_ids, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -276,6 +277,27 @@ def test_recomputed_logprobs_match_the_sampling_distribution(tiny):
         batch = rollout_tensors(prompts, completions.tolist(), tok.pad_token_id)
         got, _ = sequence_logprobs(model, batch, temperature=0.7)
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "dr-grpo"])
+def test_rl_step_update_does_not_depend_on_the_micro_batch_size(tiny, agg):
+    """The same rollouts give the same parameter update (plain SGD, so update = -lr * gradient)
+    with 8 completions per forward pass, 3 (uneven: 3 + 3 + 2) or 1."""
+    model, tok = tiny
+    prompts = prompts_of(tok, QUESTIONS) * 2
+    rollouts = generate_completions(model, tok, prompts, max_new_tokens=10, temperature=1.0, seed=0)
+    advantages = torch.linspace(-1.0, 1.0, len(prompts))
+    updates = []
+    for micro in (8, 3, 1):
+        policy = copy.deepcopy(model)
+        args = parse_args(["--model", "tiny", "--micro-batch-size", str(micro), "--loss-agg", agg,
+                           "--max-new-tokens", "10", "--grad-clip", "1e9"])
+        before = [p.detach().clone() for p in policy.parameters()]
+        rl_step(policy, None, torch.optim.SGD(policy.parameters(), lr=1.0), prompts, rollouts, advantages,
+                args, tok.pad_token_id, CPU, contextlib.nullcontext)
+        updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]))
+    assert updates[0].abs().max() > 1e-3                   # a real update, far above the tolerance
+    assert torch.allclose(updates[1], updates[0], atol=1e-6) and torch.allclose(updates[2], updates[0], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------
