@@ -29,7 +29,8 @@ Simplifications and choices:
      not --batch-size rows (rl.generate_completions takes one seed per call). The vLLM backend
      seeds every sample from (--seed, question index, sample index) and batches freely.
   4. The vLLM backend (--backend vllm, or auto on a CUDA machine with vllm installed) is optional
-     and was not run here; transformers' generate is the tested default.
+     and was not run here; transformers' generate is the tested default. vLLM runs the checkpoint's
+     dtype (bf16 for Qwen), so its greedy completions can change with the batch (see 6).
   5. Benchmarks are fixed: --seed changes sampling only, never which questions are asked.
   6. fp32 weights by default, also on GPUs: in bf16, a batched greedy completion drifts from the
      unbatched one (padding changes the rounding), so results would depend on --batch-size.
