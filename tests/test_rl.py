@@ -14,9 +14,14 @@ import sys
 import pytest
 import torch
 
-import rl
-from rl import (completion_mask_from_eos, group_advantages, loss_normaliser, policy_loss,
-                rollout_tensors, token_logprobs)
+from data import encode_prompt, pad_left
+from eksft import load_model_and_tokenizer
+from rl import (completion_mask_from_eos, generate_completions, group_advantages, loss_normaliser,
+                parse_args, policy_loss, rl_step, rollout_tensors, sequence_logprobs, stop_token_ids,
+                token_logprobs, train)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -203,12 +208,6 @@ def test_rollout_tensors_align_completions():
 # ----------------------------------------------------------------------------
 # rollouts with the tiny model of eksft.py
 
-from data import encode_prompt, pad_left
-from eksft import load_model_and_tokenizer
-from rl import generate_completions, parse_args, rl_step, sequence_logprobs, stop_token_ids, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU = torch.device("cpu")
 QUESTIONS = ["1+1?", "What is 12 times 12?", "x", "Ava has 3 pens and buys 4 more. How many now?"]
 
 
