@@ -1,7 +1,7 @@
 """
 evaluate.py: one protocol to measure a base model, an SFT/EKSFT checkpoint and an RL checkpoint.
 
-    python evaluate.py --model tiny --benchmarks synthetic --limit 20          # offline CPU run, ~6 s
+    python evaluate.py --model tiny --benchmarks synthetic --limit 20          # offline CPU run, ~10 s
     python evaluate.py --model Qwen2.5-0.5B --benchmarks gsm8k,math500          # greedy pass@1, one GPU
     python evaluate.py --model runs/rl-x --benchmarks math500 --samples 16 --temperature 0.6   # avg@16, pass@k
     python evaluate.py --model runs/eksft-x --benchmarks gsm8k-train --limit 500 --samples 16 --temperature 1.0
