@@ -777,8 +777,9 @@ def train(args, reward_fn=None):
         if args.print_every and (step + 1) % args.print_every == 0:
             for k in sorted({int(rewards.argmax()), int(rewards.argmin())}):   # the best and the worst
                 text = rollouts[k]["text"]
+                shown = "".join(c if c.isprintable() or c == "\n" else "?" for c in text[:800])  # no escapes
                 tqdm.write(f"--- sample {k} | gold {golds[k]} | extracted {extract_answer(text)!r} | "
-                           f"reward {rewards[k]:.3f}\n{text[:800]}{' [...]' if len(text) > 800 else ''}")
+                           f"reward {rewards[k]:.3f}\n{shown}{' [...]' if len(text) > 800 else ''}")
 
         # 5. held-out accuracy and checkpoints (atomic: complete or absent)
         done = step + 1 == args.max_steps
