@@ -55,3 +55,32 @@ def test_trainer_adapter_matches_the_loop(tmp_path, method):
     assert hf_losses == pytest.approx(loop_losses, abs=2e-4), (hf_losses, loop_losses)
     if method == "eksft":
         assert any("eksft/masked_frac" in h for h in trainer.state.log_history)
+
+
+def test_reward_function_with_trls_calling_convention():
+    """GRPOTrainer calls reward_funcs(prompts=..., completions=..., completion_ids=...,
+    trainer_state=..., **dataset columns) by keyword; conversational completions are message lists."""
+    from rl import grpo_reward_fn
+    prompts = [[{"role": "user", "content": "2+2?"}]] * 3
+    completions = [[{"role": "assistant", "content": "so \\boxed{4}"}],
+                   [{"role": "assistant", "content": "The answer is 4.0"}],
+                   [{"role": "assistant", "content": "\\boxed{5}"}]]
+    rewards = grpo_reward_fn(prompts=prompts, completions=completions, completion_ids=[[1], [2], [3]],
+                             trainer_state=None, answer=["4", "4", "4"], question=["2+2?"] * 3)
+    assert rewards == [1.0, 1.0, 0.0]
+
+
+def test_trl_grpo_example_runs_offline(tmp_path):
+    pytest.importorskip("trl")
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "tutorial/trl_grpo.py", "--model", "tiny", "--max-steps", "2",
+                             "--max-new-tokens", "16", "--limit", "16", "--group-size", "4",
+                             "--output-dir", str(tmp_path / "trl")],
+                            cwd=root, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "done: 2 steps" in result.stdout
+    assert os.path.exists(tmp_path / "trl" / "config.json")
