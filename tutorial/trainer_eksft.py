@@ -2,8 +2,8 @@
 EKSFT with Hugging Face's Trainer (or TRL's SFTTrainer), for many GPUs with accelerate.
 
     python tutorial/trainer_eksft.py --model tiny --max-steps 2          # offline CPU check
-    accelerate launch --config_file zero3.yaml tutorial/trainer_eksft.py --model Qwen3-8B-Base-or-any-id \
-        --per-device-batch-size 1 --grad-accum 8 --max-len 20000 --bf16   # the released recipe on 8 GPUs
+    accelerate launch --config_file zero3.yaml tutorial/trainer_eksft.py --model Qwen/Qwen3-8B-Base \
+        --per-device-batch-size 1 --grad-accum 8 --max-len 20000 --bf16 --gradient-checkpointing
 
 The data and the loss are eksft.py's (data.load_conversations, data.build_sft_examples,
 eksft.eksft_trainer_class wrapping eksft_loss): only the engine changes. Defaults follow the
