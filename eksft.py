@@ -51,27 +51,50 @@ from data import (IGNORE_INDEX, CHATML_TEMPLATE, UserError, build_sft_examples, 
 # The loss: a pure function (torch only) to paste into any trainer
 
 
-def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX, chunk_size=1024):
+def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX, chunk_size=1024,
+                     return_ce=False):
     """Per-token entropy and KL(policy || reference) at response positions, without gradient.
 
     logits, ref_logits: (B, T, V); labels: (B, T), unshifted. Returns entropy and kl, both (B, T-1)
     and aligned with the shifted targets labels[:, 1:] (0 where the target is ignored; kl is None
-    without ref_logits). Rows are processed chunk_size at a time in fp32, so the extra memory is
-    a few (chunk_size, V) fp32 tensors whatever the sequence length."""
-    response = labels[:, 1:] != ignore_index                      # (B, T-1)
-    rows_b, rows_t = response.nonzero(as_tuple=True)              # (N,) each
-    entropy = torch.zeros(response.shape, device=logits.device)
-    kl = torch.zeros(response.shape, device=logits.device) if ref_logits is not None else None
+    without ref_logits); with return_ce also ce, the cross-entropy -log p(target) of each token
+    (eksft_loss takes its CE from here, so the statistics and the CE share one pass).
+    One pass over the logits, chunk_size rows at a time in fp32 (see response_spans), so the
+    extra memory is a few (chunk_size, V) fp32 tensors whatever the sequence length."""
+    V = logits.shape[-1]
+    response = labels[:, 1:] != ignore_index                           # (B, T-1)
+    targets = labels[:, 1:].clamp(0, V - 1)                            # ignored ones: masked below
+    zeros = lambda: torch.zeros(response.shape, dtype=torch.float32, device=logits.device)
+    entropy, ce = zeros(), zeros()
+    kl = zeros() if ref_logits is not None else None
     with torch.no_grad():
-        for s in range(0, rows_b.numel(), chunk_size):
-            b, t = rows_b[s: s + chunk_size], rows_t[s: s + chunk_size]
-            logp = logits[b, t].float().log_softmax(-1)          # (C, V); row t predicts label t+1
+        for b, s, e in response_spans(response, chunk_size):
+            # logits[b, t] predicts labels[b, t+1]; a slice of rows is a view, upcast in the kernel
+            logp = F.log_softmax(logits[b, s:e], -1, dtype=torch.float32)   # (C, V)
             p = logp.exp()
-            entropy[b, t] = -(p * logp).sum(-1)                   # H_t = -sum_v p log p
+            p_logp = torch.einsum("cv,cv->c", p, logp)             # row-wise dot: no (C, V) product
+            entropy[b, s:e] = -p_logp                              # H_t = -sum_v p log p
+            ce[b, s:e] = -logp.gather(1, targets[b, s:e, None]).squeeze(1)   # CE_t = -log p(target)
             if ref_logits is not None:
-                logq = ref_logits[b, t].float().log_softmax(-1)
-                kl[b, t] = (p * (logp - logq)).sum(-1)            # KL_t = sum_v p (log p - log q)
-    return entropy, kl
+                logq = F.log_softmax(ref_logits[b, s:e], -1, dtype=torch.float32)
+                # KL_t = sum_v p (log p - log q)
+                kl[b, s:e] = p_logp - torch.einsum("cv,cv->c", p, logq)
+    entropy, ce = torch.where(response, entropy, 0.0), torch.where(response, ce, 0.0)
+    kl = torch.where(response, kl, 0.0) if kl is not None else None
+    return (entropy, kl, ce) if return_ce else (entropy, kl)
+
+
+def response_spans(rows, chunk_size):
+    """(b, start, stop) for runs of at most chunk_size logit rows of sequence b, from its first to
+    its last row marked in rows (B, T-1). For speed: the prompt before and the padding after are
+    skipped, and a run of rows is a view, where picking out the marked rows would copy them (rows
+    in between, such as a user turn, come along and are masked by the caller)."""
+    for b in range(rows.shape[0]):
+        marked = rows[b].nonzero()
+        if marked.numel():
+            first, last = int(marked[0]), int(marked[-1])
+            for start in range(first, last + 1, chunk_size):
+                yield b, start, min(start + chunk_size, last + 1)
 
 
 def top_k_mask(scores, response, ratio, scope="sequence", largest=True, candidates=None):
@@ -134,15 +157,15 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     selective = ratio > 0 or lambda_entropy != 0 or lambda_kl != 0
     if selective and ref_logits is None and (ratio > 0 or lambda_kl != 0):
         raise ValueError("ref_logits is required when ratio > 0 or lambda_kl != 0")
-    # the causal shift, once: logits[:, t] predicts labels[:, t+1]. Views, no copies.
-    logits_s = logits[:, :-1]                                      # (B, T-1, V)
-    ref_s = ref_logits[:, :-1] if ref_logits is not None else None
+    # the causal shift, once: logits[:, t] predicts labels[:, t+1]
+    V = logits.shape[-1]
     targets = labels[:, 1:]                                        # (B, T-1)
     response = targets != ignore_index                             # (B, T-1)
     n_response = response.sum()
 
-    # 1. statistics (no gradient), in row chunks
-    entropy, kl = token_statistics(logits, labels, ref_logits, ignore_index, chunk_size)
+    # 1. statistics (no gradient), one pass in row chunks: H_t, KL_t and the cross-entropy CE_t
+    entropy, kl, token_ce = token_statistics(logits, labels, ref_logits, ignore_index, chunk_size,
+                                             return_ce=True)
 
     # 2. selection: E = top-k by entropy, K = top-k by KL among tokens with KL > threshold
     if ratio > 0:
@@ -154,29 +177,34 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     masked = (by_entropy | by_kl) if combine == "union" else (by_entropy & by_kl)
     kept = response & ~masked
 
-    # 3. cross-entropy on kept tokens: CE_t = log sum_v exp(z_v) - z_target, summed
-    kb, kt = kept.nonzero(as_tuple=True)
-    ce_sum = F.cross_entropy(logits_s[kb, kt].float(), targets[kb, kt], reduction="sum")
-    n_kept = kb.numel()
-    ce = ce_sum / (ce_normalizer if ce_normalizer is not None else max(n_kept, 1))
-    loss = ce
-
-    # 4. regularisers with gradient, on the selected rows only
-    vocab_log = math.log(logits.shape[-1])
-    ent_reg = kl_reg = logits.new_zeros((), dtype=torch.float32)
+    # 3. the loss, from the per-token statistics of step 1 (the CE needs no pass of its own):
+    #    CE over the kept tokens, entropy bonus H_t / log V over E, KL penalty over K
+    n_kept = int(kept.sum())
+    # F.nll_loss on one column only adds the kept CE_t up, in the order F.cross_entropy does:
+    # with ratio 0 the loss is F.cross_entropy's to the last bit
+    ce_sum = F.nll_loss(-token_ce.reshape(-1, 1), torch.where(kept, 0, ignore_index).flatten(),
+                        ignore_index=ignore_index, reduction="sum")
+    ce_norm = ce_normalizer if ce_normalizer is not None else max(n_kept, 1)
+    ce = ce_sum / ce_norm
+    vocab_log = math.log(V)
+    ent_reg = kl_reg = torch.zeros((), dtype=torch.float32, device=logits.device)
+    ent_weight = kl_weight = 0.0                            # d loss / d H_t on E, d KL_t on K
     if lambda_entropy != 0 and by_entropy.any():
-        eb, et = by_entropy.nonzero(as_tuple=True)
-        logp = logits_s[eb, et].float().log_softmax(-1)           # (|E|, V)
-        ent_sum = -(logp.exp() * logp).sum() / vocab_log           # sum over E of H_t / log V
-        ent_reg = ent_sum / (reg_normalizer if reg_normalizer is not None else eb.numel())
-        loss = loss - lambda_entropy * ent_reg
+        norm = reg_normalizer if reg_normalizer is not None else int(by_entropy.sum())
+        ent_reg = torch.where(by_entropy, entropy, 0.0).sum() / vocab_log / norm  # sum_E H_t/log V
+        ent_weight = -lambda_entropy / vocab_log / norm
     if lambda_kl != 0 and by_kl.any():
-        qb, qt = by_kl.nonzero(as_tuple=True)
-        logp = logits_s[qb, qt].float().log_softmax(-1)            # (|K|, V)
-        logq = ref_s[qb, qt].float().log_softmax(-1).detach()
-        kl_sum = (logp.exp() * (logp - logq)).sum()                # sum over K of KL_t
-        kl_reg = kl_sum / (reg_normalizer if reg_normalizer is not None else qb.numel())
-        loss = loss + lambda_kl * kl_reg
+        norm = reg_normalizer if reg_normalizer is not None else int(by_kl.sum())
+        kl_reg = torch.where(by_kl, kl, 0.0).sum() / norm                        # sum_K KL_t
+        kl_weight = lambda_kl / norm
+    loss = ce - lambda_entropy * ent_reg + lambda_kl * kl_reg
+
+    # 4. its gradient: loss = sum_t a_t CE_t + b_t H_t + c_t KL_t, with these per-token weights;
+    #    LossGradient (below) writes d loss / d logits out, chunk by chunk
+    a = kept / ce_norm
+    b, c = by_entropy * ent_weight, by_kl * kl_weight
+    loss = LossGradient.apply(loss, logits, ref_logits, targets, a, b, c, entropy,
+                              kl if kl is not None else torch.zeros_like(entropy), chunk_size)
 
     n_e, n_k = by_entropy.sum(), by_kl.sum()
     n_both, n_either = (by_entropy & by_kl).sum(), (by_entropy | by_kl).sum()
@@ -194,6 +222,48 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     if return_masks:
         stats.update(by_entropy=by_entropy, by_kl=by_kl, token_entropy=entropy, token_kl=kl)
     return loss, stats
+
+
+class LossGradient(torch.autograd.Function):
+    """Attaches to the EKSFT loss value its gradient with respect to the policy logits.
+
+    The loss is sum_t a_t CE_t + b_t H_t + c_t KL_t (per-token weights; 0 off the response).
+    For one logit row z with p = softmax(z) and q the reference's softmax:
+        dCE/dz = p - onehot(target),   dH/dz = -p (log p + H),   dKL/dz = p (log p - log q - KL)
+    so  d loss/dz_t = p * (a - b H - c KL + (c - b) log p - c log q) - a onehot(target).
+    The backward recomputes log p (and log q where c != 0) chunk_size rows at a time and writes
+    each chunk of the gradient once, in the logits' dtype. (This is for speed and memory: autograd
+    through log_softmax would keep a (tokens x vocab) fp32 tensor from forward to backward, and
+    give each indexed subset of rows its own zero-filled (tokens x vocab) gradient.) First
+    derivatives only. a, b, c, entropy, kl, targets: (B, T-1), aligned with labels[:, 1:]."""
+
+    @staticmethod
+    def forward(ctx, value, logits, ref_logits, targets, a, b, c, entropy, kl, chunk_size):
+        ctx.save_for_backward(logits, ref_logits, targets, a, b, c, entropy, kl)  # no copies
+        ctx.chunk_size = chunk_size
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, ref_logits, targets, a, b, c, entropy, kl = ctx.saved_tensors
+        a, b, c = a * grad_loss, b * grad_loss, c * grad_loss           # (B, T-1)
+        alpha, beta = a - b * entropy - c * kl, c - b                   # a - bH - cKL, c - b
+        targets = targets.clamp(0, logits.shape[-1] - 1)
+        grad = torch.zeros_like(logits)            # rows without weight: prompt, padding, last
+        for n, s, e in response_spans((a != 0) | (b != 0) | (c != 0), ctx.chunk_size):
+            r = (n, slice(s, e))                                        # rows s..e-1 of sequence n
+            logp = F.log_softmax(logits[r].detach(), -1, dtype=torch.float32)  # (C, V), recomputed
+            coef = alpha[r][:, None]                                    # (C, 1): plain CE rows
+            if ((b[r] != 0) | (c[r] != 0)).any():                       # rows in E or K
+                coef = torch.addcmul(coef, beta[r][:, None], logp)      # + (c - b) log p
+                k = (c[r] != 0).nonzero().squeeze(1)                    # K rows: log q only there
+                if ref_logits is not None and k.numel():
+                    logq = F.log_softmax(ref_logits[r][k], -1, dtype=torch.float32)  # (|k|, V)
+                    coef[k] -= c[r][k, None] * logq                     # - c log q
+            g = logp.exp_().mul_(coef)                                  # p * coef, in place
+            g.scatter_add_(1, targets[r][:, None], -a[r][:, None])      # - a onehot(target)
+            grad[r] = g                                                 # in the logits' dtype
+        return None, grad, None, None, None, None, None, None, None, None
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,447 @@
+"""
+bench_step.py: what one EKSFT optimizer step costs, next to plain SFT and the released trainer.
+
+    python tests/benchmarks/bench_step.py --threads 1   # CPU: random Qwen2, vocab 16,384, hidden 128;
+                                                        # 4 x 256 and 4 x 512 tokens (~3 min)
+    python tests/benchmarks/bench_step.py --gpu         # GPU: Qwen2.5-0.5B's shape, random weights,
+                                                        # bf16; 1 x 2048 and 1 x 4096 tokens
+
+A script, not a test: pytest collects only tests/test_*.py. Same model, same batch, same seed;
+each row is one whole optimizer step (forward passes, loss, backward, AdamW step):
+  sft       plain SFT as transformers does it: one forward with labels, the model's own loss
+  sft-loop  what `eksft.py --method sft` runs: eksft_loss with ratio 0 and lambdas 0
+  eksft     what `eksft.py` runs: policy forward with grad, reference forward without, eksft_loss
+  released  the released trainer's computation, re-created from its description (defects kept,
+            because this row is a cost model): three forward passes, full-vocabulary fp32
+            log-probs of both models, probs, their difference, a softmax with grad everywhere
+The reference is a second random model, so KL is above the threshold everywhere and both
+selections are full (at step 0 of a real run the reference equals the policy and nothing is
+selected by KL, which would flatter EKSFT).
+
+Time: median over --steps steps after --warmup steps; tokens/s = batch x length / step time.
+Memory: on GPU the peak of torch.cuda.max_memory_allocated during a step (weights, optimizer
+state and reference included). On CPU (Linux) it is measured by a second process that only does
+that: the peak resident set size during a step (VmHWM, reset before the step, glibc told to hand
+freed memory back at once) and its rise over the resident size before the step. A second table
+measures the loss alone on random logits: the working memory of token_statistics and of
+eksft_loss + backward (which includes the logits' gradient) at two lengths and two chunk sizes,
+also in units of one (tokens x vocab) fp32 tensor. On this 2-core CPU, which other jobs share,
+--threads 1 gives much steadier times than torch's default of 2.
+Simplifications: no padding (every sequence has the full length); attention as transformers
+picks it (sdpa); one micro-batch per step; the first 15% of each sequence is prompt.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from eksft import IGNORE_INDEX, eksft_loss, token_statistics  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Settings: one CPU and one GPU configuration
+
+CONFIGS = {
+    # vocab / hidden = 128, like real models (Qwen2.5-0.5B: 151,936 / 896 = 170)
+    "cpu": dict(model=dict(vocab_size=16384, hidden_size=128, intermediate_size=512,
+                           num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2),
+                shapes=[(4, 256), (4, 512)], dtype=None, steps=5, warmup=1),
+    # Qwen2.5-0.5B's architecture with random weights (no download); bf16 autocast, fp32 master
+    # weights and a bf16 reference, as eksft.py runs it on a GPU
+    "gpu": dict(model=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                           num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                           rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768),
+                shapes=[(1, 2048), (1, 4096)], dtype=torch.bfloat16, steps=10, warmup=2),
+}
+PROMPT_FRACTION = 0.15  # the first 15% of each sequence is prompt (labels ignored)
+
+
+def build_model(model_kwargs, seed, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(**model_kwargs, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return Qwen2ForCausalLM(config)
+
+
+def make_batch(batch_size, seq_len, vocab_size, seed, device):
+    """Random token ids; labels are the ids on the response part, IGNORE_INDEX on the prompt."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, : int(PROMPT_FRACTION * seq_len)] = IGNORE_INDEX
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "labels": labels.to(device)}
+
+
+# -----------------------------------------------------------------------------
+# The four ways to compute a step's loss. Each runs its own forward passes.
+
+
+def sft_loss(model, ref_model, batch, autocast):
+    with autocast():
+        return model(**batch).loss  # transformers shifts the labels and upcasts logits to fp32
+
+
+def sft_loop_loss(model, ref_model, batch, autocast):
+    with autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return eksft_loss(logits, batch["labels"], None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)[0]
+
+
+def eksft_step_loss(model, ref_model, batch, autocast):
+    """As eksft.train_step: two forward passes, then eksft_loss with the released recipe."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with autocast():
+        logits = model(**inputs).logits                                  # (B, T, V), with grad
+        with torch.no_grad():
+            ref_logits = ref_model(**inputs).logits                      # (B, T, V)
+    return eksft_loss(logits, batch["labels"], ref_logits)[0]
+
+
+def released_loss(model, ref_model, batch, autocast, ratio=0.2, lambda_entropy=0.05, lambda_kl=0.05):
+    """The released trainer's computation, re-created from EKSFT_METHOD.md (not its code).
+
+    Its defects are kept on purpose: the statistics of logits[t] select labels[t] (off by one),
+    and the "KL" is sum p (p - log q). Every tensor it names stays alive to the end of the step,
+    as local variables do in Python."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels = batch["labels"]
+    with torch.no_grad():
+        with autocast():
+            logits_nograd = model(**inputs).logits                       # pass 1: policy, no grad
+            ref_logits = ref_model(**inputs).logits                      # pass 2: reference
+        logp = logits_nograd.float().log_softmax(-1)                     # (B, T, V) fp32
+        logq = ref_logits.float().log_softmax(-1)                        # (B, T, V) fp32
+        p = logp.exp()                                                   # (B, T, V) fp32
+        diff = p - logq                                                  # (B, T, V) fp32
+        entropy = -(p * logp).sum(-1)                                    # (B, T)
+        kl = (p * diff).sum(-1)                                          # (B, T): not a KL
+        response = labels != IGNORE_INDEX                                # labels[t], not [t+1]
+        by_entropy = released_top_k(entropy, response, ratio)
+        by_kl = released_top_k(kl, response, ratio)
+        masked_labels = labels.masked_fill(by_entropy | by_kl, IGNORE_INDEX)
+    with autocast():
+        out = model(**inputs, labels=masked_labels)                      # pass 3, with grad
+    probs = out.logits.float().softmax(-1)                               # (B, T, V) fp32, grad
+    token_entropy = -(probs * torch.log(probs + 1e-10)).sum(-1)          # (B, T)
+    token_kl = (probs * (probs - logq)).sum(-1)                          # (B, T)
+    ent_reg = token_entropy[by_entropy].mean() / math.log(probs.shape[-1])
+    kl_reg = token_kl[by_kl].mean()
+    return out.loss - lambda_entropy * ent_reg + lambda_kl * kl_reg
+
+
+def released_top_k(scores, response, ratio):
+    """Per sequence, the floor(ratio * n) response positions with the largest score."""
+    chosen = torch.zeros_like(response)
+    for b in range(scores.shape[0]):
+        k = int(ratio * int(response[b].sum()))
+        top = scores[b].masked_fill(~response[b], float("-inf")).topk(k).indices
+        chosen[b, top] = True
+    return chosen
+
+
+VARIANTS = {"sft": sft_loss, "sft-loop": sft_loop_loss, "eksft": eksft_step_loss,
+            "released": released_loss}
+
+# -----------------------------------------------------------------------------
+# Measuring: time and peak memory of one optimizer step
+
+
+class PeakMemory:
+    """Peak memory during a region: CUDA's allocator counter, or the process's VmHWM on Linux."""
+
+    trim = None  # glibc's malloc_trim, once return_freed_memory has been called
+
+    def __init__(self, device):
+        self.device = device
+        self.cpu_ok = device.type == "cpu" and os.path.exists("/proc/self/clear_refs")
+
+    @classmethod
+    def return_freed_memory(cls):
+        """Make the resident size follow the live tensors: glibc keeps freed blocks for reuse, so
+        it would not fall when tensors are freed. From now on blocks of 64 KiB or more go back to
+        the OS when freed (mallopt M_MMAP_THRESHOLD), and the free heap is handed back before each
+        measurement (malloc_trim). That costs page faults, so time first."""
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)
+        cls.trim = libc.malloc_trim
+
+    def _status(self, key):
+        text = open("/proc/self/status").read()
+        return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
+
+    def reset(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        elif self.cpu_ok:
+            if self.trim:  # hand glibc's free heap back first, or reusing it would not show
+                self.trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM, the peak resident set size, to the current size
+            self.before = self._status("VmRSS")
+
+    def read(self):
+        """(peak bytes, rise over the start of the region), or (nan, nan) where unknown."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        elif self.cpu_ok:
+            peak = self._status("VmHWM")
+        else:
+            return float("nan"), float("nan")
+        return peak, peak - self.before
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_steps(name, model, ref_model, batch, device, dtype, steps, warmup, lr=1e-5):
+    """Step times (s) after warmup, and the largest peak memory and rise over those steps."""
+    loss_fn = VARIANTS[name]
+    autocast = lambda: torch.autocast(device.type, dtype, enabled=dtype is not None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+    memory = PeakMemory(device)
+    times, peaks, rises = [], [], []
+    for i in range(warmup + steps):
+        memory.reset()
+        t0 = time.perf_counter()
+        loss = loss_fn(model, ref_model, batch, autocast)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{name}: loss is {float(loss)}")
+        del loss
+        peak, rise = memory.read()
+        if i >= warmup:
+            times.append(seconds)
+            peaks.append(peak)
+            rises.append(rise)
+    return times, max(peaks), max(rises)
+
+
+def bench_steps(config, device, variants, steps, warmup, seed=0):
+    """One row per (shape, variant): step times, tokens/s, peak memory."""
+    model_kwargs = config["model"]
+    dtype = config["dtype"]
+    policy = build_model(model_kwargs, seed, device)
+    start_state = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
+    ref_model = build_model(model_kwargs, seed + 1, device)  # differs from the policy: full K
+    ref_model.to(dtype or torch.float32).eval().requires_grad_(False)
+    ref_bytes = sum(p.numel() * p.element_size() for p in ref_model.parameters())
+    n_params = sum(p.numel() for p in policy.parameters())
+    rows = []
+    for batch_size, seq_len in config["shapes"]:
+        batch = make_batch(batch_size, seq_len, model_kwargs["vocab_size"], seed, device)
+        for name in variants:
+            policy.load_state_dict(start_state)  # every variant starts from the same weights
+            policy.train()
+            torch.manual_seed(seed)
+            times, peak, rise = run_steps(name, policy, ref_model, batch, device, dtype, steps, warmup)
+            seconds = statistics.median(times)
+            rows.append(dict(variant=name, batch=batch_size, seq_len=seq_len, step_s=seconds,
+                             step_s_all=times, tokens_per_s=batch_size * seq_len / seconds,
+                             peak_bytes=peak, rise_bytes=rise))
+            print(f"  {name:9s} {batch_size} x {seq_len}: {seconds * 1e3:8.1f} ms "
+                  f"({' '.join(f'{t * 1e3:.0f}' for t in times)})", file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows, dict(ref_bytes=ref_bytes, n_params=n_params)
+
+
+def cpu_memory_in_child(argv):
+    """Run this script again with --memory-child: a fresh process that measures memory only.
+
+    (Memory needs PeakMemory.return_freed_memory, which slows every later allocation down, and a
+    heap that earlier steps have not filled; so the timing process does not measure it.)"""
+    import subprocess
+    out = subprocess.run([sys.executable, *argv, "--memory-child"], stdout=subprocess.PIPE,
+                         check=True, text=True).stdout
+    return json.loads(out)
+
+
+def bench_loss_memory(config, device, shapes, chunk_sizes, seed=0):
+    """Working memory of the loss alone on random logits: what it allocates beyond its inputs.
+
+    Includes the (B, T, V) gradient of the logits where there is a backward pass."""
+    V = config["model"]["vocab_size"]
+    dtype = config["dtype"] or torch.float32
+    memory = PeakMemory(device)
+    rows = []
+    for batch_size, seq_len in shapes:
+        g = torch.Generator(device=device).manual_seed(seed)
+        labels = make_batch(batch_size, seq_len, V, seed, device)["labels"]
+        logits = torch.randn(batch_size, seq_len, V, generator=g, device=device).to(dtype)
+        ref = (logits.float() + torch.randn(logits.shape, generator=g, device=device)).to(dtype)
+        unit = batch_size * seq_len * V * 4  # one (tokens x vocab) fp32 tensor
+        for chunk in chunk_sizes:
+            cases = {"token_statistics": lambda x: token_statistics(x, labels, ref, chunk_size=chunk),
+                     "eksft_loss + backward": lambda x: eksft_loss(x, labels, ref, chunk_size=chunk)[0].backward()}
+            for what, fn in cases.items():
+                x = logits.detach().requires_grad_(what != "token_statistics")
+                sync(device)
+                memory.reset()
+                fn(x)
+                peak, rise = memory.read()
+                rows.append(dict(what=what, batch=batch_size, seq_len=seq_len, chunk_size=chunk,
+                                 rise_bytes=rise, units=rise / unit))
+                del x
+        del logits, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Tables
+
+
+def step_table(rows):
+    out = ["| variant | batch x len | step (ms) | tokens/s | vs sft | vs released | peak memory (GiB) | rise in step (GiB) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        same = [x for x in rows if (x["batch"], x["seq_len"]) == (r["batch"], r["seq_len"])]
+        base = {x["variant"]: x["step_s"] for x in same}
+        vs = lambda other: f"{r['step_s'] / base[other]:.2f}x" if other in base else "-"
+        out.append(f"| {r['variant']} | {r['batch']} x {r['seq_len']} | {r['step_s'] * 1e3:.0f} | "
+                   f"{r['tokens_per_s']:.0f} | {vs('sft')} | {vs('released')} | "
+                   f"{r['peak_bytes'] / 2**30:.2f} | {r['rise_bytes'] / 2**30:.2f} |")
+    return "\n".join(out)
+
+
+def loss_memory_table(rows):
+    out = ["| computation | batch x len | chunk_size | working memory (MiB) | in (tokens x vocab) fp32 tensors |",
+           "|---|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['what']} | {r['batch']} x {r['seq_len']} | {r['chunk_size']} | "
+                   f"{r['rise_bytes'] / 2**20:.0f} | {r['units']:.2f} |")
+    return "\n".join(out)
+
+
+def targets(rows, info, config_name):
+    """The issue's targets, checked on the measured rows: list of (text, met)."""
+    found = []
+    for (b, t) in sorted({(r["batch"], r["seq_len"]) for r in rows}):
+        row = {r["variant"]: r for r in rows if (r["batch"], r["seq_len"]) == (b, t)}
+        if not {"sft", "eksft"} <= row.keys():
+            continue
+        ratio = row["eksft"]["step_s"] / row["sft"]["step_s"]
+        limit = 2.0 if config_name == "cpu" else 1.4
+        found.append((f"{b} x {t}: eksft step {ratio:.2f}x sft (target <= {limit})", ratio <= limit))
+        if "released" in row and config_name == "cpu":
+            ratio = row["eksft"]["step_s"] / row["released"]["step_s"]
+            found.append((f"{b} x {t}: eksft step {ratio:.2f}x released (target <= 0.55)", ratio <= 0.55))
+        if config_name == "gpu":
+            budget = row["sft"]["peak_bytes"] + info["ref_bytes"] + 2**30
+            found.append((f"{b} x {t}: eksft peak {row['eksft']['peak_bytes'] / 2**30:.2f} GiB, target "
+                          f"<= sft + reference weights + 1 GiB = {budget / 2**30:.2f} GiB",
+                          row["eksft"]["peak_bytes"] <= budget))
+    return found
+
+
+def statistics_memory_target(loss_rows):
+    """token_statistics' working memory at each chunk size, longest over shortest length."""
+    found = []
+    for chunk in sorted({r["chunk_size"] for r in loss_rows}):
+        rows = sorted((r for r in loss_rows if r["what"] == "token_statistics"
+                       and r["chunk_size"] == chunk), key=lambda r: r["seq_len"])
+        if len(rows) >= 2 and rows[0]["rise_bytes"] > 0:
+            growth = rows[-1]["rise_bytes"] / rows[0]["rise_bytes"]
+            found.append((f"token_statistics, chunk_size {chunk}: working memory x{growth:.2f} from "
+                          f"{rows[0]['seq_len']} to {rows[-1]['seq_len']} tokens per sequence "
+                          f"(target: flat, <= x1.1)", growth <= 1.1))
+    return found
+
+
+def machine(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="the GPU configuration (needs CUDA)")
+    p.add_argument("--variants", default="sft,sft-loop,eksft,released", help="comma-separated rows")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 10 GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 2 GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-loss-memory", action="store_true", help="skip the loss-alone memory table")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = "gpu" if args.gpu else "cpu"
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("error: --gpu needs CUDA")
+    device = torch.device("cuda" if args.gpu else "cpu")
+    config = CONFIGS[name]
+    steps = args.steps or config["steps"]
+    warmup = config["warmup"] if args.warmup is None else args.warmup
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            sys.exit(f"error: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+
+    chunks = [64, 128] if name == "cpu" else [512, 1024]  # below the response length: full chunks
+    if args.memory_child:  # CPU memory, in a process of its own (see cpu_memory_in_child)
+        PeakMemory.return_freed_memory()  # Linux and glibc only, like the CPU measurement itself
+        rows, _ = bench_steps(config, device, variants, steps=1, warmup=1)
+        loss_rows = [] if args.no_loss_memory else bench_loss_memory(config, device,
+                                                                     config["shapes"], chunks)
+        print(json.dumps({"steps": rows, "loss_memory": loss_rows}))
+        return
+
+    m = config["model"]
+    print(f"# bench_step.py, {name} configuration: {machine(device)}")
+    print(f"# model: random Qwen2, vocab {m['vocab_size']}, hidden {m['hidden_size']}, "
+          f"{m['num_hidden_layers']} layers; precision "
+          f"{'bf16 autocast, fp32 weights, bf16 reference' if config['dtype'] else 'fp32'}; "
+          f"median of {steps} steps after {warmup}")
+    rows, info = bench_steps(config, device, variants, steps, warmup)
+    loss_rows = []
+    if device.type == "cpu" and PeakMemory(device).cpu_ok:
+        child = cpu_memory_in_child(sys.argv)
+        memory = {(r["variant"], r["batch"], r["seq_len"]): r for r in child["steps"]}
+        for r in rows:
+            measured = memory[r["variant"], r["batch"], r["seq_len"]]
+            r.update(peak_bytes=measured["peak_bytes"], rise_bytes=measured["rise_bytes"])
+        loss_rows = child["loss_memory"]
+    elif not args.no_loss_memory:
+        loss_rows = bench_loss_memory(config, device, config["shapes"], chunks)
+    print(f"# {info['n_params'] / 1e6:.1f}M parameters; reference weights "
+          f"{info['ref_bytes'] / 2**30:.3f} GiB\n")
+    print(step_table(rows) + "\n")
+    for text, met in targets(rows, info, name):
+        print(f"target {'met    ' if met else 'NOT met'}: {text}")
+    if loss_rows:
+        print("\n# the loss alone on random logits: memory it allocates beyond its inputs")
+        print(loss_memory_table(loss_rows) + "\n")
+        for text, met in statistics_memory_target(loss_rows):
+            print(f"target {'met    ' if met else 'NOT met'}: {text}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": name, "machine": machine(device), "steps": rows,
+                       "loss_memory": loss_rows, **info}, f, indent=1)
+
+if __name__ == "__main__":
+    main()
