@@ -564,3 +564,39 @@ def test_selection_slots(ratio):
         labels[b, 2: 2 + n] = 1                         # labels[:, 1:] holds them all
     assert selection_slots(labels, ratio, "sequence") == sum(slots(ratio, n) for n in lengths)
     assert selection_slots(labels, ratio, "batch") == slots(ratio, sum(lengths))
+
+
+def test_minus_inf_logits_give_no_nan():
+    """A masked vocabulary entry (logit -inf in both models, never a target): p log p is 0 there,
+    not 0 * -inf = NaN, and the result equals that of the batch without the entry."""
+    logits, labels, ref = make_batch(seed=3, dtype=torch.float32)
+    V = logits.shape[-1]
+    labels = torch.where(labels == V - 1, 0, labels)
+    logits, ref = logits.clone(), ref.clone()
+    logits[..., -1] = float("-inf")
+    ref[..., -1] = float("-inf")
+    logits.requires_grad_(True)
+    loss, stats = eksft_loss(logits, labels, ref, ratio=0.3, lambda_entropy=0.0, lambda_kl=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(stats[k]) for k in ("entropy", "kl", "ce"))
+    assert torch.isfinite(logits.grad).all() and (logits.grad[..., -1] == 0).all()
+    expect, expect_stats, _, _ = reference_loss(logits.detach()[..., :-1].double(), labels,
+                                                ref[..., :-1].double(), ratio=0.3,
+                                                lambda_entropy=0.0, lambda_kl=0.1)
+    torch.testing.assert_close(loss.double(), expect.detach(), rtol=1e-5, atol=1e-6)
+    assert float(stats["entropy"]) == pytest.approx(expect_stats["entropy"], rel=1e-5)
+    with_bonus, _ = eksft_loss(logits, labels, ref, ratio=0.3, lambda_entropy=0.1, lambda_kl=0.1)
+    assert torch.isfinite(with_bonus)
+
+
+def test_int32_labels_and_regulariser_stats_without_lambdas():
+    logits, labels, ref = make_batch(seed=4, dtype=torch.float32)
+    loss64, st64 = eksft_loss(logits, labels, ref, ratio=0.3, lambda_entropy=0.0, lambda_kl=0.0)
+    loss32, _ = eksft_loss(logits, labels.int(), ref, ratio=0.3, lambda_entropy=0.0, lambda_kl=0.0)
+    assert torch.equal(loss64, loss32)
+    # the regularisers' values are reported for a masking-only ablation too
+    _, expect, _, _ = reference_loss(logits.double(), labels, ref.double(), ratio=0.3,
+                                     lambda_entropy=0.0, lambda_kl=0.0)
+    assert expect["ent_reg"] > 0 and expect["kl_reg"] > 0
+    assert float(st64["ent_reg"]) == pytest.approx(expect["ent_reg"], rel=1e-5)
+    assert float(st64["kl_reg"]) == pytest.approx(expect["kl_reg"], rel=1e-5)
