@@ -79,7 +79,7 @@ def test_quick_run_shows_the_mask(quick_run):
 
 def test_plots_are_written_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")
-    per_seed = [{name: {"accuracy": 0.1 * i + s, "kl_prose": 0.01 * i, "kl_chat": 0.02 * i}
+    per_seed = [{name: {"accuracy": 0.1 * i + s, "prose_accuracy": 0.5 - 0.1 * i, "kl_prose": 0.01 * i, "kl_chat": 0.02 * i}
                  for i, name in enumerate(tiny_lab.ROWS)} for s in (0.0, 0.05)]
     summary = tiny_lab.summarise(per_seed)
     curves = {"SFT": [{"step": 1, "kl": 0.0, "ce": 2.0}, {"step": 2, "kl": 0.1, "ce": 1.5}],

@@ -20,7 +20,7 @@ Everything is imported from data.py, eksft.py, rl.py and evaluate.py: this file 
 pre-training loop, the prose corpus, the text statistics and the table, nothing else.
 
 Simplifications (this is a miniature, not a replication):
-  1. The "pre-trained distribution" is 1 task in prose, not the web; the model has a few million
+  1. The "pre-trained distribution" is one task in prose, not the web; the model has 0.8M
      parameters and a character vocabulary (259 tokens), not 0.5B parameters and 152k tokens.
   2. SFT runs as `--method eksft --ratio 0 --lambda-entropy 0 --lambda-kl 0`: the same loss as
      `--method sft` (tests/test_loss.py checks this), plus a reference forward pass so that its
@@ -58,15 +58,16 @@ import rl  # noqa: E402
 # Settings: the full run and --quick (same pipeline, smaller everywhere)
 
 FULL = dict(
-    hidden_size=192, num_layers=4,                       # ~1.8M parameters
-    pretrain_problems=8000, pretrain_steps=800, pretrain_batch=16, block_size=256, pretrain_lr=3e-3,
-    sft_examples=256, sft_epochs=4, sft_batch=16, sft_lr=1e-3,
-    rl_steps=30, rl_prompts=8, rl_group=8, rl_lr=2e-4,
-    eval_questions=128, pass_questions=32, pass_samples=8, max_new_tokens=200, text_examples=64,
+    hidden_size=128, num_layers=4,                       # 0.82M parameters
+    pretrain_problems=8000, pretrain_steps=2500, pretrain_batch=8, block_size=256, pretrain_lr=3e-3,
+    sft_examples=256, sft_epochs=8, sft_batch=16, sft_lr=1e-3,
+    rl_steps=20, rl_prompts=16, rl_group=8, rl_lr=3e-4, temperature=1.0,
+    eval_questions=128, pass_questions=24, pass_samples=8, max_new_tokens=170, text_examples=64,
+    format_docs=0.0,
 )
-QUICK = dict(FULL, hidden_size=128, pretrain_problems=2000, pretrain_steps=150,
-             sft_examples=64, sft_epochs=2, rl_steps=4, rl_prompts=4,
-             eval_questions=32, pass_questions=8, pass_samples=4, text_examples=16)
+QUICK = dict(FULL, pretrain_problems=2000, pretrain_steps=250, sft_examples=64, sft_epochs=2,
+             rl_steps=3, rl_prompts=4, rl_group=4, eval_questions=32, pass_questions=8, pass_samples=4,
+             max_new_tokens=120, text_examples=16)
 HELD_OUT_SEED = 10_000      # data.load_qa("synthetic") draws the held-out questions with this seed
 PRETRAIN_SEED = 123_456     # the prose corpus: a seed no other set uses
 ROWS = ["base", "SFT", "EKSFT", "SFT+RL", "EKSFT+RL"]
@@ -93,6 +94,23 @@ def held_out_problems(n):
     return problems
 
 
+def pretraining_documents(cfg, tokenizer, held_out_questions):
+    """The corpus: every problem as prose, except that with format_docs = F > 0 one document in
+    round(1/F) is a chat example with a \\boxed answer instead, as real base models have seen some
+    instruction data (an exercise: by default the base never sees the answer format)."""
+    problems = [p for p in data.synthetic_problems(cfg["pretrain_problems"], seed=PRETRAIN_SEED)
+                if p["question"] not in held_out_questions]
+    every = round(1 / cfg["format_docs"]) if cfg["format_docs"] else 0
+    documents = []
+    for i, p in enumerate(problems):
+        if every and i % every == 0:
+            messages = data.row_to_messages({"problem": p["question"], "solution": p["solution"]}, "pre-training")
+            documents.append(data.render(tokenizer, messages).rstrip("\n"))
+        else:
+            documents.append(prose(p))
+    return documents
+
+
 def pretrain(cfg, tokenizer, device, held_out_questions, log=print):
     """Train a fresh tiny Qwen2 on packed prose with plain next-token cross-entropy.
 
@@ -100,15 +118,14 @@ def pretrain(cfg, tokenizer, device, held_out_questions, log=print):
     cross-entropy on every next token (the "response" is the whole text)."""
     model = eksft.tiny_model(tokenizer, seed=0, hidden_size=cfg["hidden_size"],
                              num_layers=cfg["num_layers"]).to(device)
-    problems = [p for p in data.synthetic_problems(cfg["pretrain_problems"], seed=PRETRAIN_SEED)
-                if p["question"] not in held_out_questions]
+    documents = pretraining_documents(cfg, tokenizer, held_out_questions)
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    stream = [t for ids in tokenizer([prose(p) for p in problems], add_special_tokens=False)["input_ids"]
+    stream = [t for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]
               for t in ids + newline]                                   # documents joined by "\n"
     block = cfg["block_size"]
     rows = torch.tensor(stream[: len(stream) // block * block]).view(-1, block)   # (R, block)
     log(f"pre-train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{len(problems)} prose documents, {len(stream) / 1e6:.2f}M tokens in {len(rows)} rows of "
+        f"{len(documents)} documents, {len(stream) / 1e6:.2f}M tokens in {len(rows)} rows of "
         f"{block}; {cfg['pretrain_steps']} steps of {cfg['pretrain_batch']} rows")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["pretrain_lr"], betas=(0.9, 0.95),
                                   weight_decay=0.1)
@@ -135,7 +152,7 @@ def pretrain(cfg, tokenizer, device, held_out_questions, log=print):
 def base_settings(cfg):
     """What the base depends on: a saved base is reused only if these match."""
     keys = ("hidden_size", "num_layers", "pretrain_problems", "pretrain_steps", "pretrain_batch",
-            "block_size", "pretrain_lr")
+            "block_size", "pretrain_lr", "format_docs")
     return {k: cfg[k] for k in keys} | {"pretrain_seed": PRETRAIN_SEED, "held_out": cfg["eval_questions"]}
 
 
@@ -223,16 +240,17 @@ def measure(model_dir, base, cfg, problems, texts, seed, device):
     model, tokenizer = eksft.load_model_and_tokenizer(model_dir, device)
     model.eval()
     common = dict(max_new_tokens=cfg["max_new_tokens"], batch_size=64, progress=False)
-    _, greedy = evaluate.evaluate_model(model, tokenizer, problems, **common)
+    rows, greedy = evaluate.evaluate_model(model, tokenizer, problems, **common)
     _, sampled = evaluate.evaluate_model(model, tokenizer, problems[:cfg["pass_questions"]],
-                                         samples=cfg["pass_samples"], temperature=1.0, seed=seed, **common)
+                                         samples=cfg["pass_samples"], temperature=cfg["temperature"], seed=seed,
+                                         **common)
     row = {"accuracy": greedy["accuracy"], "no_answer": greedy["no_answer"],
            "prose_accuracy": prose_accuracy(model, tokenizer, problems, cfg["max_new_tokens"])}
     row |= {k: v for k, v in sampled.items() if k.startswith("pass@")}
     for name in ("chat", "prose"):
         entropy, kl = text_statistics(model, base, texts[name], tokenizer.pad_token_id, device)
         row |= {f"entropy_{name}": entropy, f"kl_{name}": kl}
-    return row
+    return row, rows[0]["completion"]
 
 
 # -----------------------------------------------------------------------------
@@ -243,7 +261,8 @@ def rl_args(cfg, model_dir, out_dir, seed, device):
     return ["--model", model_dir, "--data", "synthetic", "--reward", "math", "--output-dir", out_dir,
             "--max-steps", str(cfg["rl_steps"]), "--group-size", str(cfg["rl_group"]),
             "--prompts-per-step", str(cfg["rl_prompts"]), "--max-new-tokens", str(cfg["max_new_tokens"]),
-            "--lr", str(cfg["rl_lr"]), "--micro-batch-size", "32", "--eval-size", "0", "--seed", str(seed),
+            "--lr", str(cfg["rl_lr"]), "--temperature", str(cfg["temperature"]), "--micro-batch-size", "32",
+            "--eval-size", "0", "--seed", str(seed),
             "--save-every", "0", "--keep-checkpoints", "1", "--print-every", "0",
             "--log-every", str(max(1, cfg["rl_steps"] // 5)), "--device", device]
 
@@ -261,7 +280,7 @@ def run_seed(cfg, out, base_dir, seed, problems, device, eksft_extra, show_mask)
     """Stages 2-4 for one seed. Returns (results by row name, training curves, stage seconds)."""
     base, tokenizer = eksft.load_model_and_tokenizer(base_dir, device)
     base.eval()
-    texts = held_out_texts(tokenizer, problems)
+    texts = held_out_texts(tokenizer, problems[:cfg["text_examples"]])
     results, curves, seconds = {}, {}, {}
     dirs = {"base": base_dir}
 
@@ -285,9 +304,10 @@ def run_seed(cfg, out, base_dir, seed, problems, device, eksft_extra, show_mask)
         curves[name] = timed(name, lambda: rl.train(rl.parse_args(argv))[2])
     banner(f"seed {seed}: measuring {len(ROWS)} models on {len(problems)} held-out questions")
     for name in ROWS:
-        results[name] = timed(f"measure {name}", lambda: measure(dirs[name], base, cfg, problems, texts,
-                                                                  seed, device))
+        results[name], example = timed(f"measure {name}", lambda: measure(dirs[name], base, cfg, problems,
+                                                                           texts, seed, device))
         print(f"{name:9s} " + " | ".join(f"{k} {v:.3f}" for k, v in results[name].items()))
+        print(f"{'':9s} held-out question 0, greedy: {example[:150]!r}")
     return results, curves, seconds
 
 
@@ -358,13 +378,13 @@ def save_plots(summary, curves, out):
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, key, title in zip(axes, ["accuracy", "kl_prose", "kl_chat"],
-                              ["held-out accuracy (greedy)", "KL to base on held-out prose",
-                               "KL to base on held-out chat answers"]):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    for ax, key, title in zip(axes, ["accuracy", "prose_accuracy", "kl_prose", "kl_chat"],
+                              ["held-out accuracy (greedy, chat prompt)", "skill in prose (greedy)",
+                               "KL to base on held-out prose", "KL to base on held-out chat answers"]):
         means = [summary[n][key]["mean"] for n in ROWS]
-        stds = [summary[n][key]["std"] for n in ROWS]
-        ax.bar(ROWS, means, yerr=stds, capsize=4, color=["gray", "C0", "C1", "C0", "C1"])
+        spread = [summary[n][key]["std"] for n in ROWS] if len(summary[ROWS[0]][key]["values"]) > 1 else None
+        ax.bar(ROWS, means, yerr=spread, capsize=4, color=["gray", "C0", "C1", "C0", "C1"])
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
@@ -390,6 +410,7 @@ def main(args):
     cfg = dict(QUICK if args.quick else FULL)
     if args.sft_examples:
         cfg["sft_examples"] = args.sft_examples
+    cfg["format_docs"] = args.format_docs
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     eksft.write_json(os.path.join(out, "args.json"), vars(args) | {"settings": cfg})
@@ -421,7 +442,7 @@ def main(args):
            f"{f' --seeds {args.seeds}' if args.seeds > 1 else ''}"
            f"{f' --eksft-args {shlex.quote(args.eksft_args)}' if args.eksft_args else ''}`")
     note = (f"{cfg['eval_questions']} held-out questions; accuracy greedy; pass@k from {k} samples at "
-            f"temperature 1 on the first {cfg['pass_questions']}; KL and entropy in nats per token; "
+            f"temperature {cfg['temperature']:g} on the first {cfg['pass_questions']}; KL and entropy in nats per token; "
             + (f"mean ± sample std over {args.seeds} seeds" if args.seeds > 1 else "one seed") + ".")
     banner("results")
     print(table + "\n" + note + f"\ntotal time {total / 60:.1f} min")
@@ -445,6 +466,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="the same pipeline, smaller: < 3 min on 2 CPU cores")
     p.add_argument("--seeds", type=int, default=1, help="repeat stages 2-4 with seeds 0..N-1; mean and spread")
     p.add_argument("--sft-examples", type=int, default=None, help="SFT examples (default 256; 64 with --quick)")
+    p.add_argument("--format-docs", type=float, default=0.0, metavar="F", help="fraction of pre-training "
+                   "documents written as chat examples with \\boxed answers (0: the base never sees the format)")
     p.add_argument("--eksft-args", default="", help="extra eksft.py flags for the EKSFT run, e.g. "
                    "\"--ratio 0.4 --combine intersection\"")
     p.add_argument("--show-mask", type=int, default=1, metavar="N", help="after EKSFT, print N examples "
@@ -455,6 +478,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
+    if not 0 <= args.format_docs <= 1:
+        p.error("--format-docs must be between 0 and 1")
     return args
 
 
