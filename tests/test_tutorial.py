@@ -24,7 +24,9 @@ def quick_run(tmp_path_factory):
     fake = tmp_path_factory.mktemp("no_matplotlib")
     (fake / "matplotlib").mkdir()
     (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('simulated: no matplotlib')\n")
-    env = dict(os.environ, PYTHONPATH=str(fake), TQDM_DISABLE="1")
+    # one thread: a tiny model gains nothing from two, and two spinning threads per process on a
+    # shared 2-core machine slowed this run 5x and more
+    env = dict(os.environ, PYTHONPATH=str(fake), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tutorial", "tiny_lab.py"), "--quick",
                            "--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
