@@ -61,7 +61,7 @@ FULL = dict(
     hidden_size=128, num_layers=4,                       # 0.82M parameters
     pretrain_problems=8000, pretrain_steps=2500, pretrain_batch=8, block_size=256, pretrain_lr=3e-3,
     sft_examples=256, sft_epochs=8, sft_batch=16, sft_lr=1e-3,
-    rl_steps=20, rl_prompts=16, rl_group=8, rl_lr=3e-4, temperature=1.0,
+    rl_steps=20, rl_prompts=16, rl_group=8, rl_lr=1e-4, temperature=1.0,
     eval_questions=128, pass_questions=24, pass_samples=8, max_new_tokens=170, text_examples=64,
     format_docs=0.0,
 )
@@ -445,7 +445,9 @@ def main(args):
             f"temperature {cfg['temperature']:g} on the first {cfg['pass_questions']}; KL and entropy in nats per token; "
             + (f"mean ± sample std over {args.seeds} seeds" if args.seeds > 1 else "one seed") + ".")
     banner("results")
-    print(table + "\n" + note + f"\ntotal time {total / 60:.1f} min")
+    stages = " | ".join(f"{k} {v:.0f} s" for k, v in all_seconds[0].items())
+    print(table + "\n" + note + f"\ntime: pre-train {pretrain_seconds:.0f} s | seed 0: {stages}"
+          f"\ntotal time {total / 60:.1f} min")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(f"{how}, {total / 60:.1f} min on {machine()['cpu']} ({os.cpu_count()} cores)\n\n"
                 f"{table}\n\n{note}\n")
