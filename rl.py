@@ -54,31 +54,31 @@ from eksft import (append_jsonl, export_model, latest_checkpoint, load_model_and
 # ----------------------------------------------------------------------------
 # 1. The answer checker
 #
-# extract_answer(text) finds the final answer in a completion; is_equiv(pred, gold) decides whether
-# two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. Three checkers:
-#   builtin      normalisation rules (tables below, one comment each) and a small numeric parser;
+# extract_answer(text) finds the final answer in a completion; is_equiv(pred, gold, checker) decides
+# whether two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. The checkers:
+#   builtin      the normalisation rules below (tables, one comment per rule) and a small numeric parser;
 #   math-verify  the math-verify package (sympy), in a worker process under a hard time limit;
-#   auto         builtin decides numbers, tuples, intervals, matrices and choices; an answer with
-#                symbols (\frac{x+2}{7}, \sec^2 y) that builtin rejects goes on to math-verify.
-# Rules: this process never calls eval/exec/sympify; every loop is linear in the input, recursion
-# depth and exponents are capped, every error is caught: a hostile string (1 MB, unbalanced
-# braces, 9^{9^{9^9}}, 1/0) returns in well under 1 s, and math-verify gets at most _MV_LIMIT_S.
+#   auto         builtin decides numbers, tuples, intervals, matrices and choices; answers with symbols
+#                (\frac{x+2}{7}, \sec^2 y) that builtin rejects go on to math-verify.
+# This process never calls eval/exec/sympify; loops are linear, recursion and exponents capped, errors
+# caught: a hostile string (1 MB, unbalanced braces, 9^{9^{9^9}}) returns in well under a second.
 
 _MAX_ANSWER_CHARS = 1000   # an "answer" longer than this is compared as a plain string
 _MAX_DEPTH = 40            # nesting depth the numeric parser accepts
 _MAX_EXPONENT = 1000       # |exponent| the numeric parser evaluates (2^{1000} is fine, 9^{9^9} is not)
 _MAX_BOXES = 20            # only the last 20 \boxed of a completion are looked at
 _MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
-_MV_LIMIT_S = 1.0          # hard limit on one math-verify verdict (sympy may never return)
-_MV_START_LIMIT_S = 30.0   # starting math-verify's worker process (imports sympy, ~1 s)
+_TAIL_CHARS = 20_000       # answer phrases and the last number are looked for in this many last characters
+_MV_LIMIT_S = 1.5          # hard limit on one math-verify verdict (sympy may never return)
+_MV_START_LIMIT_S = 30.0   # for a math-verify worker to start (it imports sympy: 1-3 s)
 
 _BRACE_RE = re.compile(r"[{}]")
 _SPACES_RE = re.compile(r"[ \t]*")
 _TOKEN_AFTER_BOX_RE = re.compile(r"[^\s$]+")
-# after "answer": "The (final) answer is X", "Final answer: X", "**Answer:** X", "Answer: X", "Answer $X$"
-_AFTER_ANSWER_RE = re.compile(r"\s+is\b\s*:?|\s*\**\s*[:：]\s*\**|(?=\s*(?:\$|\\\(|\\\[))")
+# "The (final) answer is X", "Final answer: X", "**Answer:** X", "Answer: X", "Answer $X$"
+_ANSWER_PHRASE_RE = re.compile(r"(?i)\banswer(?:\s+is\b\s*:?|\s*\**\s*[:：]\s*\**|(?=\s*(?:\$|\\\(|\\\[)))")
 _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
-# what may separate boxes that together form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
+# what may separate boxes that form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
 _BOX_GAP_RE = re.compile(r"(?:\s|[$,;.]|\\[\[\]()]|\\q?quad|\\[,;: ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|and|or)*")
 _LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")   # the Qwen2.5-Math harness's, on the text without commas
 
@@ -93,49 +93,31 @@ def _closing_brace(text, j):
     return None
 
 
-def _boxes(text):
-    """(start, end, content) of the last _MAX_BOXES complete \\boxed{...} / \\fbox{...} / `\\boxed 5`,
-    last first. An unclosed \\boxed{ (a truncated answer) and an empty one are skipped."""
+def _boxed_answer(text):
+    """(start, answer) of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, joined with the
+    boxes just before it that form one answer with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'), or
+    None. An unclosed \\boxed{ (a truncated answer) is skipped."""
     found, before = [], {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
-    for _ in range(_MAX_BOXES):
-        if max(before.values()) < 0:
-            break
+    for _ in range(_MAX_BOXES):                            # from the last box backwards
         name = max(before, key=before.get)
         start = before[name]
+        if start < 0:
+            break
         before[name] = text.rfind(name, 0, start)
         pos = start + len(name)
         j = _SPACES_RE.match(text, pos).end()
-        if text[pos:pos + 1].isalpha():                    # \boxedfoo is another command
-            continue
-        if j < len(text) and text[j] == "{":
-            end = _closing_brace(text, j)
-            if end is None:
-                continue
-            content, end = text[j + 1:end], end + 1
-        elif j > pos and (m := _TOKEN_AFTER_BOX_RE.match(text, j)):   # "\boxed 5"
+        content = end = None
+        if text[j:j + 1] == "{" and (close := _closing_brace(text, j)) is not None:
+            content, end = text[j + 1:close], close + 1
+        elif j > pos and (m := _TOKEN_AFTER_BOX_RE.match(text, j)):   # "\boxed 5", not \boxedfoo
             content, end = m.group().rstrip(".,;"), m.end()
-        else:
+        if not content or not content.strip():
             continue
-        if content.strip():
-            found.append((start, end, content.strip()))
-    return found
-
-
-def _boxed_answer(text):
-    """(start, answer): the last box, joined with the boxes just before it that form one answer
-    with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'); None without a box."""
-    boxes = _boxes(text)
-    if not boxes:
-        return None
-    start, _, answer = boxes[0]
-    parts = [answer]
-    for prev_start, prev_end, content in boxes[1:]:
-        gap = text[prev_end:start]
-        if prev_end > start or len(gap) > 40 or not _BOX_GAP_RE.fullmatch(gap):
-            break                                          # nested, or separated by words
-        parts.append(content)
-        start = prev_start
-    return boxes[0][0], ", ".join(reversed(parts))
+        if found and (end > found[-1][0] or found[-1][0] - end > 40
+                      or not _BOX_GAP_RE.fullmatch(text, end, found[-1][0])):
+            break                                          # nested in it, or words in between
+        found.append((start, content.strip()))
+    return (found[0][0], ", ".join(c for _, c in reversed(found))) if found else None
 
 
 def _clean_sentence_answer(s):
@@ -151,119 +133,94 @@ def _clean_sentence_answer(s):
     return s.strip().strip("*").rstrip(".").strip()
 
 
-def _last_answer_phrase(text):
-    """(start, end) of the last answer phrase, looking back over at most 50 words "answer"
-    (rfind, not a regex scan: a 1 MB completion takes milliseconds)."""
-    before = {word: text.rfind(word) for word in ("answer", "Answer", "ANSWER")}
-    for _ in range(50):
-        word = max(before, key=before.get)
-        i = before[word]
-        if i < 0:
-            return None
-        m = _AFTER_ANSWER_RE.match(text, i + len(word))
-        if m and not text[i - 1:i].isalnum():
-            return i, m.end()
-        before[word] = text.rfind(word, 0, i)
-    return None
-
-
 def _marked_answer(text):
-    """The answer a completion marks: the last box (with the boxes forming one answer with it), or a
-    later answer phrase ("The final answer is $X$" after an intermediate box), else None."""
-    phrase = _last_answer_phrase(text)
+    """The last box (with the boxes forming one answer with it), unless an answer phrase comes
+    later ("The final answer is $X$" after an intermediate box); None without either."""
+    phrase = None
+    for phrase in _ANSWER_PHRASE_RE.finditer(text, max(0, len(text) - _TAIL_CHARS)):
+        pass
     boxed = _boxed_answer(text)
-    if boxed and (phrase is None or boxed[0] > phrase[0]):
-        return boxed[1]
-    if phrase is not None:
-        answer = _clean_sentence_answer(text[phrase[1]:phrase[1] + _MAX_BOXED_CHARS])
+    if phrase and (boxed is None or boxed[0] < phrase.start()):
+        answer = _clean_sentence_answer(text[phrase.end():phrase.end() + _MAX_BOXED_CHARS])
         if answer:
             return answer
     return boxed[1] if boxed else None
 
 
 def extract_answer(text, *, last_number=False):
-    """The final answer of a completion as a string, or None.
+    """The final answer of a completion as a string, or None (also for an empty answer).
 
-    Only the text after a closing </think> counts, and only the inside of the last <answer>...</answer>.
-    Priority: the last \\boxed{...} (braces matched; also \\fbox{...}, `\\boxed 5`, and boxes joined
-    by "and" / commas), unless a later "the (final) answer is X" / "Final answer: X" / "Answer: X"
-    phrase; else the last GSM8K-style "#### X"; else, with last_number=True (the Qwen2.5-Math
-    harness's fallback; off for RL), the last number in the text. Empty answers count as none.
+    Only the text after a closing </think> counts, only the inside of the last <answer>...</answer>.
+    Priority: the last \\boxed{...} (braces matched; also \\fbox, `\\boxed 5`, and boxes joined by
+    "and" or commas) unless a later "the (final) answer is X" / "Final answer: X" / "Answer: X";
+    else the last GSM8K-style "#### X"; else, with last_number=True (the Qwen2.5-Math harness's
+    fallback; off for RL), the last number in the text.
     """
     if not isinstance(text, str):
         return None
     text = text[text.rfind("</think>") + len("</think>"):] if "</think>" in text else text
     close = text.rfind("</answer>")
-    opening = text.rfind("<answer>", 0, max(close, 0))
-    if opening >= 0:
+    if (opening := text.rfind("<answer>", 0, max(close, 0))) >= 0:
         inner = text[opening + len("<answer>"):close]
         return _marked_answer(inner) or inner.strip() or None
     answer = _marked_answer(text)
-    if answer:
-        return answer
-    last = _HASHES_RE.match(text, max(text.rfind("####"), 0))
-    if last is not None and (answer := _clean_sentence_answer(last.group(1))):
-        return answer
-    if last_number:                               # the last digit (10 fast rfinds), then its number
-        end = max(text.rfind(digit) for digit in "0123456789") + 1
-        numbers = _LAST_NUMBER_RE.findall(text[max(0, end - 200):end].replace(",", ""))
-        return numbers[-1] if numbers else None
-    return None
+    if not answer and (last := _HASHES_RE.match(text, max(text.rfind("####"), 0))):
+        answer = _clean_sentence_answer(last.group(1))
+    if not answer and last_number:
+        numbers = _LAST_NUMBER_RE.findall(text[-_TAIL_CHARS:].replace(",", ""))
+        answer = numbers[-1] if numbers else None
+    return answer or None
 
 
-# Normalisation, step 1: LaTeX and notation rules, (pattern, replacement) in this order.
+# Normalisation, step 1: LaTeX and notation, (pattern, replacement) applied in this order.
 _LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
     (r"[−–]", "-"),                                             # unicode minus and dash
     (r"×", r"\\times "), (r"·", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "), (r"∞", r"\\infty "),
-    (r"²", "^2"), (r"³", "^3"),                                  # 10 cm² = 10 cm^2
+    (r"²", "^2"), (r"³", "^3"), (r"≈", r"\\approx "),
     (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),                     # \dfrac, \tfrac, \cfrac are \frac
     (r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![A-Za-z])", ""),   # sizing commands
     (r"(?<=\d)(?:\{,\}|,\\!\s?|\\[,!])(?=\d{3}(?!\d))", ","),    # 14{,}916, 2,\!500, 1\,234: thousands
     (r"\\[!,;: ]|\\q?quad(?![A-Za-z])|~", " "),                  # LaTeX spacing
     (r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])|°", ""),   # degrees
     (r"\\[()\[\]]|\\?\$", ""),                                   # math delimiters, dollar signs
-    (r"≈", r"\\approx "),
     (r"\\(?:leq?|leqslant)(?![A-Za-z])|≤", "<="),                # relations in one spelling
     (r"\\(?:geq?|geqslant)(?![A-Za-z])|≥", ">="),
-    (r"\\(?:neq?)(?![A-Za-z])|≠", "!="), (r"\\lt(?![A-Za-z])", "<"), (r"\\gt(?![A-Za-z])", ">"),
+    (r"\\neq?(?![A-Za-z])|≠", "!="), (r"\\lt(?![A-Za-z])", "<"), (r"\\gt(?![A-Za-z])", ">"),
     (r"\+\s*\\infty|\\infin(?:ity)?(?![A-Za-z])", r"\\infty"),   # +\infty = \infty
-    (r",?\s*(?:\\(?:text\w*|mathrm)\s*\{\s*(?:and|or|,)\s*\}|\b(?:and|or)\b)|;", ","),   # "6 \text{ and } 8" = 6, 8
+    (r",?\s*(?:\\(?:text\w*|mathrm)\s*\{\s*(?:and|or|,)\s*\}|\b(?:and|or)\b)|;", ","),   # 6 \text{ and } 8 = 6, 8
     (r"(\^\{?\d+\}?)\s+(?=\d)", r"\1*"),                          # 2^6 3^5 is a product
     (r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2+\3/\4)"),            # mixed number "1 1/2" = 1 + 1/2
     (r"\\+\s*$", ""),                                           # a stray trailing backslash: "185\"
 ]]
-# Step 4: canonical spelling once spaces are gone.
+# Step 4 (after units, names and spaces are gone): one spelling for the same thing.
 _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
     (r"\\frac(\d)(\d)", r"\\frac{\1}{\2}"),                      # \frac12 -> \frac{1}{2}
     (r"\\frac(\d)\{", r"\\frac{\1}{"),
     (r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}"),
     (r"\\sqrt(\d+)", r"\\sqrt{\1}"),                             # \sqrt2 -> \sqrt{2}
-    (r"(\d)\*(?=[A-Za-z\\(])", r"\1"),                             # 2*x -> 2x
+    (r"(\d)\*(?=[A-Za-z\\(])", r"\1"),                           # 2*x -> 2x
     (r"([_^])\{(\w)\}", r"\1\2"),                                # x^{2} -> x^2
     (r"(?<![\d}])\.(\d)", r"0.\1"),                              # .5 -> 0.5
     (r"(\d\.\d*?)0+(?!\d)", r"\1"),                              # 2.50 -> 2.5
     (r"(\d)\.(?!\d)", r"\1"),                                    # 3. -> 3
     (r"^(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$", r"\1(\2+\3/\4)"),  # mixed number 7\frac{1}{2} = 7 + 1/2
     (r"^\(([A-Z])\)?$|^([A-Z])\)$", r"\1\2"),                    # choices: (B), B) -> B
-    (r"^([^<>=]+)<=[A-Za-z]<=([^<>=]+)$", r"[\1,\2]"),          # inequalities in one variable are
-    (r"^([^<>=]+)<=[A-Za-z]<([^<>=]+)$", r"[\1,\2)"),           # intervals: -2 <= x < 7 = [-2,7)
-    (r"^([^<>=]+)<[A-Za-z]<=([^<>=]+)$", r"(\1,\2]"),
-    (r"^([^<>=]+)<[A-Za-z]<([^<>=]+)$", r"(\1,\2)"),
-    (r"^[A-Za-z]>=([^<>=]+)$", r"[\1,\\infty)"), (r"^[A-Za-z]>([^<>=]+)$", r"(\1,\\infty)"),
-    (r"^[A-Za-z]<=([^<>=]+)$", r"(-\\infty,\1]"), (r"^[A-Za-z]<([^<>=]+)$", r"(-\\infty,\1)"),
+    (r"^([^<>=]+)(<=?)[A-Za-z](<=?)([^<>=]+)$",                   # -2 <= x < 7 -> [-2,7)
+     lambda m: f"{'[' if m[2] == '<=' else '('}{m[1]},{m[4]}{']' if m[3] == '<=' else ')'}"),
+    (r"^[A-Za-z]([<>])(=?)([^<>=]+)$",                            # x > 5 -> (5,\infty), x <= 5 -> (-\infty,5]
+     lambda m: f"{'[' if m[2] else '('}{m[3]},\\infty)" if m[1] == ">" else f"(-\\infty,{m[3]}{']' if m[2] else ')'}"),
 ]]
 _TEXT_COMMAND_RE = re.compile(r"\\(?:text\w*|math(?:rm|bf|it|sf)|mbox|hbox|operatorname)\s*\{")
 _MATRIX_RE = re.compile(r"(?:\\left\s*[\[(]\s*)?\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}"
                         r"(?:\s*\\right\s*[\])])?", re.S)
 _NAME = r"\\?[A-Za-z]+'?(?:_\{?\w+\}?)?(?:\^\{?\w+\}?)?(?:\([^()=]{0,20}\))?"   # x, a_1, \theta, f(x), P(A)
 _NAME_RE = re.compile(rf"\s*(?:{_NAME}|\(\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\))\s*")   # ... or (a, b)
-_ELEMENT_OF_RE = re.compile(rf"^\s*{_NAME}\s*\\(?:in|approx)(?![A-Za-z])\s*")   # "x \in [-2, 7]", "x \approx 11"
-_GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)    # "\frac{\sqrt3}{3} \approx 0.577": drop the gloss
-_NUMERIC_COMMANDS_RE = re.compile(r"\\(?:frac|sqrt|pi|infty|cdot|times|div)(?![A-Za-z])")
+_NAME_IN_RE = re.compile(rf"^\s*{_NAME}\s*\\(?:in|approx)(?![A-Za-z])\s*")   # "x \in [-2, 7]", "x \approx 11"
+_GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)     # "\frac{\sqrt3}{3} \approx 0.577"
 _EQUALS_RE = re.compile(r"(?<![<>!=])=(?!=)")
-_UNITS = (r"(?:[kcm]m|kg|mg|ml|lbs?|oz|ft|in|yd|mi|mph|hrs?|hours?|mins?|minutes?|secs?|seconds?|days?|"
-          r"weeks?|months?|years?|dollars?|cents?|miles?|meters?|metres?|inch(?:es)?|feet|foot|pounds?|"
-          r"liters?|litres?|gallons?|units?|degrees?)")
+_UNITS = (r"(?:[kcm]m|kg|mg|ml|lbs?|oz|ft|in|yd|mi|mph|hrs?|hours?|mins?|minutes?|secs?|seconds?|days?|weeks?|"
+          r"months?|years?|dollars?|cents?|miles?|met(?:er|re)s?|inch(?:es)?|feet|foot|pounds?|lit(?:er|re)s?|"
+          r"gallons?|units?|degrees?)")
 # "10cm^2", "10 weeks", "18 dollars" -> the number (a word glued to it only if it is a unit: 6xy stays)
 _NUMBER_WITH_UNIT_RE = re.compile(rf"(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)"
                                   r"\s*(?:\^\{?[23]\}?)?\.?")
@@ -293,16 +250,16 @@ def _matrix_to_lists(m):
 
 
 def _is_numeric(s):
-    return re.search(r"[A-Za-z]", _NUMERIC_COMMANDS_RE.sub("", s)) is None
+    """No letters but those of \\frac, \\sqrt, \\pi, \\infty, \\cdot, \\times, \\div."""
+    return not re.search(r"[A-Za-z]", re.sub(r"\\(?:frac|sqrt|pi|infty|cdot|times|div)(?![A-Za-z])", "", s))
 
 
 def _drop_names(s):
-    """'x = 7' -> '7', 'f(x) = 2x+3' -> '2x+3', '(a,b) = (2,7)' -> '(2,7)', 'x = 1, y = 2' -> '1, 2',
-    '|AB| = 1' -> '1', a chain '1/2 = 2/4 = 0.5' -> its last side, 'x \\in [1, 2]' -> '[1, 2]'.
-    Returns (answer, the left sides dropped). '2x + y = z' and '7 = 11a + c' are kept whole."""
-    s = _GLOSS_RE.sub("", _ELEMENT_OF_RE.sub("", s, count=1))
+    """(answer, the left sides dropped): 'x = 7' -> '7', 'f(x) = 2x+3' -> '2x+3', '(a,b) = (2,7)' ->
+    '(2,7)', 'x = 1, y = 2' -> '1, 2', '|AB| = 1' -> '1', a chain '1/2 = 2/4 = 0.5' -> its last side,
+    'x \\in [1, 2]' -> '[1, 2]'. An equation ('2x + y = z', '7 = 11a + c') is kept whole."""
     parts, names = [], []
-    for part in _split_top_level(s):
+    for part in _split_top_level(_GLOSS_RE.sub("", _NAME_IN_RE.sub("", s, count=1))):
         *left, right = _EQUALS_RE.split(part)
         if left and (all(_NAME_RE.fullmatch(x) for x in left) or _is_numeric(right)):
             part = right
@@ -312,10 +269,10 @@ def _drop_names(s):
 
 
 def _normalise(s):
-    """A canonical string for an answer, and whether it had a percent sign."""
+    """(canonical string, had a percent sign, names dropped) for one answer."""
     if "\\boxed" in s or "\\fbox" in s:                  # a gold written as a completion
         s = _marked_answer(s) or s
-    s = _MATRIX_RE.sub(_matrix_to_lists, s.strip())       # first: its \\ are not LaTeX spaces
+    s = _MATRIX_RE.sub(_matrix_to_lists, s.strip())       # first: its \\ are not LaTeX spacing
     for pattern, replacement in _LATEX_RULES:
         s = pattern.sub(replacement, s)
     had_percent = "%" in s
@@ -423,23 +380,21 @@ _DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)")
 
 
 def _numbers_equal(a, x, a_pct, b, y, b_pct):
-    """Numbers x, y (the values of normalised answers a, b) are equal when they agree to float
-    rounding (relative 1e-14: 70001 != 70000, 18.0009 != 18), or when one is written as a decimal
-    with 3 or more significant digits and the other is an exact form that rounds to it (0.333 =
-    1/3, 6.28 = 2\\pi; but 0.33 != 1/3: two digits say too little). 25% may mean 25 or 0.25."""
-    def forms(s, v, pct):
+    """Numbers x, y (values of the normalised answers a, b) are equal when they agree to float
+    rounding (relative 1e-14: 70001 != 70000, 18.0009 != 18), or when one is a decimal written with
+    3+ significant digits and the other an exact form (not a literal) that rounds to it: 0.333 = 1/3,
+    6.28 = 2\\pi, but 0.33 != 1/3 (two digits say too little). 25% may mean 25 or 0.25."""
+    def forms(s, v, pct):   # [(value, decimal places if a rounding, is a literal)]
         m = _DECIMAL_RE.fullmatch(s)
-        places = len(m.group(2)) if m and len((m.group(1) + m.group(2)).lstrip("0")) >= 3 else None
-        literal = m is not None or re.fullmatch(r"-?\d+", s) is not None
-        out = [(v, places, literal)]
-        return out + [(v / 100, places + 2 if places else None, literal)] if pct else out
-    for u, places_u, literal_u in forms(a, x, a_pct):
-        for v, places_v, literal_v in forms(b, y, b_pct):
-            if math.isclose(u, v, rel_tol=1e-14, abs_tol=1e-14):
+        places = len(m[2]) if m and len((m[1] + m[2]).lstrip("0")) >= 3 else 0
+        literal = bool(m or re.fullmatch(r"-?\d+", s))
+        return [(v, places, literal)] + ([(v / 100, places and places + 2, literal)] if pct else [])
+    for u, u_places, u_literal in forms(a, x, a_pct):
+        for v, v_places, v_literal in forms(b, y, b_pct):
+            if (math.isclose(u, v, rel_tol=1e-14, abs_tol=1e-14)
+                    or any(places and not literal and abs(u - v) <= 0.5 * 10 ** -places * (1 + 1e-9)
+                           for places, literal in ((u_places, v_literal), (v_places, u_literal)))):
                 return True
-            for places, other, literal_other in ((places_u, v, literal_v), (places_v, u, literal_u)):
-                if places and not literal_other and abs(u - v) <= 0.5 * 10 ** -places * (1 + 1e-9):
-                    return True
     return False
 
 
@@ -502,57 +457,43 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
     return False
 
 
-def _has_symbols(s):
-    """Whether a normalised answer has letters other than a choice and the numeric commands."""
-    return not re.fullmatch(r"[A-Z]", s) and not _is_numeric(s)
-
-
-# math-verify runs in a worker process: its own timeouts use signals, which work only in the main
+# math-verify runs in worker processes: its own timeouts use signals, which work only in the main
 # thread, and a sympy call that never returns can only be stopped by killing its process.
 _MV_WORKER = r"""
 import json, sys
 out, sys.stdout = sys.stdout, sys.stderr       # only verdicts go to the parent
 from math_verify import parse, verify
 verify(parse("$x$"), parse("$x$"))            # warm up: the first call is the slowest
-print("ready", file=out, flush=True)
-for line in sys.stdin:
-    gold, pred = json.loads(line)
-    try:                                        # no timeouts of its own: the parent kills us
-        ok = verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None)
-    except Exception:
-        ok = False
-    print(json.dumps(bool(ok)), file=out, flush=True)
+print(json.dumps(["ready", True]), file=out, flush=True)
+for line in sys.stdin:                         # no timeouts of its own: the parent kills it
+    number, gold, pred = json.loads(line)
+    ok = verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None)
+    print(json.dumps([number, bool(ok)]), file=out, flush=True)
 """
-_mv = {"workers": [], "failed_starts": 0}   # workers: [process, ready], the one in use first
+_mv = {"workers": [], "failed_starts": 0, "requests": 0}   # a worker: [process, ready, bytes read]
 _mv_lock = threading.Lock()
 
 
-def _read_line(process, seconds):
-    """One line from a worker within `seconds`, else None (also when it died)."""
-    deadline, data = time.monotonic() + seconds, b""
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([process.stdout], [], [], left)[0]:
-            return None
-        chunk = os.read(process.stdout.fileno(), 4096)
-        if not chunk:
-            return None
-        data += chunk
-    return data.decode().strip()
-
-
-def _start_math_verify():
-    """Keep two workers: the one in use and a spare that is already importing sympy (1-3 s), so
-    that a worker killed for taking too long is replaced at once. Does not wait for them."""
-    for worker in [w for w in _mv["workers"] if w[0].poll() is not None]:
-        _stop_math_verify(worker)                          # it died
-    while len(_mv["workers"]) < 2:
-        _mv["workers"].append([subprocess.Popen([sys.executable, "-c", _MV_WORKER], stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), False])
+def _read_reply(worker, number, seconds):
+    """The worker's verdict on request `number` within `seconds` (replies to requests whose caller
+    was interrupted are skipped), else None (also when it died)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        while b"\n" not in worker[2]:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([worker[0].stdout], [], [], left)[0]:
+                return None
+            if not (chunk := os.read(worker[0].stdout.fileno(), 4096)):
+                return None
+            worker[2] += chunk
+        line, _, worker[2] = worker[2].partition(b"\n")
+        if (reply := json.loads(line))[0] == number:
+            return reply[1]
 
 
 def _stop_math_verify(worker=None):
-    for process, _ in [worker] if worker else _mv["workers"]:
+    """Kill one worker (default: all of them)."""
+    for process, *_ in [worker] if worker else _mv["workers"]:
         process.kill()
         process.wait()
         process.stdin.close()
@@ -560,35 +501,42 @@ def _stop_math_verify(worker=None):
     _mv["workers"] = [w for w in _mv["workers"] if w is not worker] if worker else []
 
 
+def _start_math_verify():
+    """Keep two workers: the one in use and a spare already importing sympy (1-3 s), so that one
+    killed for taking too long is replaced at once. Does not wait for them."""
+    for worker in [w for w in _mv["workers"] if w[0].poll() is not None]:
+        _stop_math_verify(worker)                          # it died
+    while len(_mv["workers"]) < 2:
+        _mv["workers"].append([subprocess.Popen([sys.executable, "-c", _MV_WORKER], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), False, b""])
+
+
 atexit.register(_stop_math_verify)
 
 
 def _math_verify(pred, gold):
-    """math-verify's verdict (gold first: its argument order matters), or None when it gives none
-    within _MV_LIMIT_S seconds (then its worker is killed and the spare takes over)."""
+    """math-verify's verdict, or None when it has none within _MV_LIMIT_S (in any thread)."""
     if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS or _mv["failed_starts"] >= 3:
-        return None                                        # (3 workers failed to start: give up)
-    if not _mv_lock.acquire(timeout=4 * _MV_LIMIT_S):     # another thread's call takes too long
         return None
-    worker = None
+    if not _mv_lock.acquire(timeout=4 * _MV_LIMIT_S):     # other threads' calls take too long
+        return None
     try:
         _start_math_verify()
         worker = _mv["workers"][0]
-        if not worker[1] and _read_line(worker[0], _MV_START_LIMIT_S) != "ready":
+        worker[1] = worker[1] or _read_reply(worker, "ready", _MV_START_LIMIT_S)
+        if not worker[1]:
             _mv["failed_starts"] += 1
-            raise TimeoutError("math-verify's worker did not start")
-        worker[1] = True                  # boxing makes its extractor take each answer whole
-        worker[0].stdin.write((json.dumps([f"\\boxed{{{gold}}}", f"\\boxed{{{pred}}}"]) + "\n").encode())
+            _stop_math_verify(worker)
+            return None
+        _mv["requests"] = number = _mv["requests"] + 1    # gold first (the order matters); boxed,
+        request = [number, f"\\boxed{{{gold}}}", f"\\boxed{{{pred}}}"]   # so each is taken whole
+        worker[0].stdin.write((json.dumps(request) + "\n").encode())
         worker[0].stdin.flush()
-        verdict = _read_line(worker[0], _MV_LIMIT_S)
-        if verdict is None:
-            raise TimeoutError("math-verify took too long")
-        return verdict == "true"
-    except BaseException as e:            # out of time, a dead worker, or interrupted mid-exchange
-        if worker is not None and (isinstance(e, Exception) or worker[1]):
-            _stop_math_verify(worker)     # (interrupted while it starts: let it start)
-        if not isinstance(e, Exception):
-            raise
+        verdict = _read_reply(worker, number, _MV_LIMIT_S)
+        if verdict is None:                               # out of time (or dead): kill it
+            _stop_math_verify(worker)
+        return verdict
+    except Exception:                                      # e.g. a broken pipe
         return None
     finally:
         _mv_lock.release()
@@ -603,15 +551,14 @@ def _math_verify_installed():
 
 
 def default_checker():
-    """"auto" when math-verify is installed, else "builtin" (the default of --checker). The
-    environment variable EKSFT_CHECKER overrides it, e.g. to measure one checker with a script that
-    calls is_equiv(pred, gold) without naming one."""
+    """"auto" when math-verify is installed, else "builtin": the default of --checker and of the
+    functions below. The environment variable EKSFT_CHECKER overrides it (e.g. for a script that
+    calls is_equiv(pred, gold) without naming a checker)."""
     return os.environ.get("EKSFT_CHECKER") or ("auto" if _math_verify_installed() else "builtin")
 
 
 def checker_description(checker=None):
-    """What a run's scores were checked with, for args.json / summary.json: 'builtin',
-    'auto (builtin + math-verify 0.9.0)' or 'math-verify 0.9.0'."""
+    """For args.json / summary.json: 'builtin', 'auto (builtin + math-verify 0.9.0)', 'math-verify 0.9.0'."""
     checker = checker or default_checker()
     if checker == "builtin":
         return checker
@@ -625,14 +572,12 @@ def checker_description(checker=None):
 def is_equiv(pred, gold, checker=None):
     """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
 
-    checker: "builtin", "math-verify" or "auto" (default: default_checker()). The builtin rules:
-    normalise LaTeX (\\left, \\dfrac, \\frac12, spacing, \\text{} units, \\$, \\%, ^\\circ, thousands
-    separators 14{,}916 / 2,\\!500 / 1,234, trailing zeros, mixed numbers 7\\frac{1}{2}, matrices);
-    drop names and glosses (x = 7, f(x) = 2x+3, x \\in [1,2], chains a = b = 7 -> 7, \\approx 0.58);
-    then numbers are equal exactly, up to float rounding (a decimal with 3+ significant digits also
-    matches an exact form that rounds to it: 0.333 = 1/3), tuples, intervals and matrices element by
-    element, sets and unbracketed lists in any order, anything else as a normalised string. Never
-    raises on any answer; only an unknown checker (ValueError) or a missing math-verify (ImportError).
+    checker: "builtin", "math-verify" or "auto" (default: default_checker()). Builtin normalises both
+    (the rule tables above), drops names and glosses (x = 7, f(x) = 2x+3, x \\in [1,2], chains, \\approx
+    0.58), then compares numbers exactly (a decimal with 3+ significant digits also matches an exact
+    form that rounds to it: 0.333 = 1/3), tuples, intervals and matrices element by element, sets and
+    unbracketed lists in any order, anything else as normalised strings. Never raises on any answer:
+    only on an unknown checker (ValueError) or a missing math-verify (ImportError).
     """
     checker = checker or default_checker()
     if checker not in CHECKERS:
@@ -642,8 +587,8 @@ def is_equiv(pred, gold, checker=None):
                           "pip install 'math-verify[antlr4_13_2]'")
     if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
         return False
-    if not _mv["workers"] and checker != "builtin" and _mv_lock.acquire(blocking=False):
-        try:                                               # warm it up while builtin rules work
+    if checker != "builtin" and not _mv["workers"] and _mv_lock.acquire(blocking=False):
+        try:                                               # start it while the builtin rules work
             _start_math_verify()
         finally:
             _mv_lock.release()
@@ -653,25 +598,24 @@ def is_equiv(pred, gold, checker=None):
         if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
             return pred.strip() == gold.strip()
         (a, a_pct, a_names), (b, b_pct, b_names) = _normalise(pred), _normalise(gold)
-        # x = 7 and |AB| = 7 match 7 but not y = 7; the left side of an equation (2x+y = 0) must match
+        # x = 7 and |AB| = 7 match 7 but not y = 7; an equation's left side (2x+y = 0) must match
         names_agree = a_names == b_names or not (a_names and b_names or re.search("[-+]", "".join(a_names + b_names)))
         if names_agree and _equiv(a, a_pct, b, b_pct):
             return True
-        if checker == "builtin" or not (_has_symbols(a) or _has_symbols(b)):
-            return False
+        if checker == "builtin" or re.fullmatch("[A-Z]", a) or (_is_numeric(a) and _is_numeric(b)):
+            return False                                   # auto: only answers with symbols go on
     except Exception:                                      # a checker bug must not crash a training run
         return False
-    return bool(_math_verify(pred, gold))                  # auto, an answer with symbols
+    return bool(_math_verify(pred, gold))
 
 
 def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=False):
-    """1.0 when the completion's extracted answer is equivalent to gold, else 0.0.
-    With format_reward > 0 (off by default), a wrong answer that is at least \\boxed earns it.
-    last_number=True: a completion without a marked answer is judged by its last number."""
+    """1.0 when the completion's extracted answer is equivalent to gold, else 0.0. format_reward > 0
+    (off by default): what a wrong answer that is at least \\boxed earns. last_number: see extract_answer."""
     pred = extract_answer(completion, last_number=last_number)
     if pred is not None and is_equiv(pred, gold, checker):
         return 1.0
-    if format_reward and isinstance(completion, str) and _boxes(completion):
+    if format_reward and isinstance(completion, str) and _boxed_answer(completion):
         return float(format_reward)
     return 0.0
 

@@ -355,7 +355,8 @@ AUTO_CASES = [
 
 
 @needs_math_verify
-def test_auto_checker():
+def test_auto_checker(monkeypatch):
+    monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)                   # verdicts, not speed, on a busy machine
     for pred, gold, expected in AUTO_CASES:
         assert is_equiv(pred, gold, checker="auto") is expected, (pred, gold)
     assert is_equiv("0.5", "\\frac{1}{2}", checker="math-verify")
@@ -363,24 +364,27 @@ def test_auto_checker():
 
 
 @needs_math_verify
-def test_math_verify_time_limit_holds_outside_the_main_thread():
+def test_math_verify_time_limit_holds_outside_the_main_thread(monkeypatch):
     """sympy does not return on the hard pair: its worker is killed after the limit and the warm
     spare takes over, all from a thread that is not the main one (no signals)."""
     results = {}
 
     def judge():
+        monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
         results["warm"] = is_equiv("x + 1", "1 + x", checker="auto")
+        monkeypatch.setattr(rl, "_MV_LIMIT_S", 1.0)
         start = time.perf_counter()
         results["hard"] = is_equiv("\\sin(x)^{10000} + \\cos(x)^{10000}", "1", checker="auto")
         results["seconds"] = time.perf_counter() - start
+        monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
         results["next"] = is_equiv("2(x+1)", "2x+2", checker="auto")
 
     thread = threading.Thread(target=judge)
     thread.start()
-    thread.join(timeout=120)
+    thread.join(timeout=300)
     assert not thread.is_alive()
     assert results["warm"] is True
-    assert results["hard"] is False and rl._MV_LIMIT_S <= results["seconds"] < rl._MV_LIMIT_S + 1.0
+    assert results["hard"] is False and 1.0 <= results["seconds"] < 3.0
     assert results["next"] is True
 
 
