@@ -174,6 +174,7 @@ def extract_answer(text, *, last_number=False):
 
 # Normalisation, step 1: LaTeX and notation, (pattern, replacement) applied in this order.
 _LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
+    (r"\\\\(?=[A-Za-z])", r"\\"),                               # \\frac: a backslash escaped twice
     (r"[−–]", "-"),                                             # unicode minus and dash
     (r"×", r"\\times "), (r"·", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "), (r"∞", r"\\infty "),
     (r"²", "^2"), (r"³", "^3"), (r"≈", r"\\approx "),

@@ -205,6 +205,7 @@ EQUIV_CASES = [
     ("6 and 8", "8, 6", True),
     ("7, -2, \\text{and } -5", "-5, -2, 7", True),
     ("185\\", "185", True),                       # a stray trailing backslash
+    ("\\\\frac{1}{2}", "0.5", True),                # \\frac: a backslash escaped twice (JSON)
     # inequalities in one variable are intervals
     ("-2 \\le x \\le 7", "[-2, 7]", True),
     ("-2 \\leq x < 7", "[-2, 7)", True),
