@@ -193,8 +193,15 @@ _LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
     (r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2+\3/\4)"),            # mixed number "1 1/2" = 1 + 1/2
     (r"\\+\s*$", ""),                                           # a stray trailing backslash: "185\"
 ]]
-# Step 4 (after units, names and spaces are gone): one spelling for the same thing.
+_UNITS = (r"(?:[kcm]m|kg|mg|ml|lbs?|oz|ft|in|yd|mi|mph|hrs?|hours?|mins?|minutes?|secs?|seconds?|days?|weeks?|"
+          r"months?|years?|dollars?|cents?|miles?|met(?:er|re)s?|inch(?:es)?|feet|foot|pounds?|lit(?:er|re)s?|"
+          r"gallons?|units?|degrees?)")
+# Step 4, once \text, names and glosses are gone: one spelling for one value.
 _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
+    (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*(?:\^\{{?[23]\}}?)?\.?\s*$",
+     r"\1"),                                                     # 10cm^2, 10 weeks -> 10 (but 6xy stays)
+    (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234 (not 1,23 or 1, 234)
+    (r"\s+", ""),
     (r"\\frac(\d)(\d)", r"\\frac{\1}{\2}"),                      # \frac12 -> \frac{1}{2}
     (r"\\frac(\d)\{", r"\\frac{\1}{"),
     (r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}"),
@@ -219,13 +226,6 @@ _NAME_RE = re.compile(rf"\s*(?:{_NAME}|\(\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\))\s*"
 _NAME_IN_RE = re.compile(rf"^\s*{_NAME}\s*\\(?:in|approx)(?![A-Za-z])\s*")   # "x \in [-2, 7]", "x \approx 11"
 _GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)     # "\frac{\sqrt3}{3} \approx 0.577"
 _EQUALS_RE = re.compile(r"(?<![<>!=])=(?!=)")
-_UNITS = (r"(?:[kcm]m|kg|mg|ml|lbs?|oz|ft|in|yd|mi|mph|hrs?|hours?|mins?|minutes?|secs?|seconds?|days?|weeks?|"
-          r"months?|years?|dollars?|cents?|miles?|met(?:er|re)s?|inch(?:es)?|feet|foot|pounds?|lit(?:er|re)s?|"
-          r"gallons?|units?|degrees?)")
-# "10cm^2", "10 weeks", "18 dollars" -> the number (a word glued to it only if it is a unit: 6xy stays)
-_NUMBER_WITH_UNIT_RE = re.compile(rf"(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)"
-                                  r"\s*(?:\^\{?[23]\}?)?\.?")
-_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")   # 1,234,567 (but 1,23 and 1, 234 are lists)
 
 
 def _strip_text_commands(s):
@@ -279,12 +279,6 @@ def _normalise(s):
     had_percent = "%" in s
     s = _strip_text_commands(s.replace("\\%", "").replace("%", ""))
     s, names = _drop_names(s.rstrip(". ").strip())
-    s = s.strip()
-    if m := _NUMBER_WITH_UNIT_RE.fullmatch(s):
-        s = m.group(1)
-    if _THOUSANDS_RE.fullmatch(s):
-        s = s.replace(",", "")
-    s = re.sub(r"\s+", "", s)
     for pattern, replacement in _CANONICAL_RULES:
         s = pattern.sub(replacement, s)
     return s, had_percent, names
@@ -588,11 +582,6 @@ def is_equiv(pred, gold, checker=None):
                           "pip install 'math-verify[antlr4_13_2]'")
     if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
         return False
-    if checker != "builtin" and not _mv["workers"] and _mv_lock.acquire(blocking=False):
-        try:                                               # start it while the builtin rules work
-            _start_math_verify()
-        finally:
-            _mv_lock.release()
     if checker == "math-verify":
         return bool(_math_verify(pred, gold))
     try:
