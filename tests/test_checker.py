@@ -241,6 +241,9 @@ EQUIV_CASES = [
     ("1, 2", "2, 1", True),                       # an unbracketed list of solutions is unordered
     ("1, 2", "1, 3", False),
     ("1, 1, 2", "1, 2, 2", False),
+    ("\\pm 3", "3, -3", True),
+    ("1 \\pm \\sqrt{2}", "1-\\sqrt{2}, 1+\\sqrt{2}", True),
+    ("3", "\\pm 3", False),
     ("(2, 1), (1, 2)", "(1,2),(2,1)", True),
     # matrices and vectors: any spacing, element by element
     ("\\begin{pmatrix}1\\\\-2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", True),
