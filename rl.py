@@ -130,7 +130,7 @@ def _clean_sentence_answer(s):
             break
     else:
         s = re.split(r"\.(?:\s|$)|\n", s, maxsplit=1)[0]   # cut at the end of the sentence
-    return s.strip().strip("*").rstrip(".").strip()
+    return re.sub(r"^[\s*]+|[\s*.]+$", "", s)              # markdown bold, the final full stop
 
 
 def _marked_answer(text):

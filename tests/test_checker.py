@@ -55,6 +55,7 @@ EXTRACT_CASES = [
     ("so $\\boxed{12}$ is the area of one face.\nThe final answer is $72$.", "72"),   # later phrase wins
     ("The final answer is $\\boxed{9}$. I hope it is correct.", "9"),
     ("Final answer: -3.5", "-3.5"),
+    ("In all, the answer is **$1,250**.", "1,250"),
     ("**Final Answer:** 12 apples", "12 apples"),
     ("**Answer:** $\\frac{1}{2}$", "\\frac{1}{2}"),
     ("Answer: 7\nWait, no.", "7"),
