@@ -590,10 +590,10 @@ def is_equiv(pred, gold, checker=None):
             return pred.strip() == gold.strip()
         (a, a_pct, a_names), (b, b_pct, b_names) = _normalise(pred), _normalise(gold)
         # x = 7 and |AB| = 7 match 7 but not y = 7; an equation's left side (2x+y = 0) must match
-        names_agree = a_names == b_names or not (a_names and b_names or re.search("[-+]", "".join(a_names + b_names)))
-        if names_agree and _equiv(a, a_pct, b, b_pct):
+        equation = re.search("[-+]", "".join(a_names + b_names))
+        if (a_names == b_names or not (a_names and b_names or equation)) and _equiv(a, a_pct, b, b_pct):
             return True
-        if checker == "builtin" or re.fullmatch("[A-Z]", a) or (_is_numeric(a) and _is_numeric(b)):
+        if checker == "builtin" or re.fullmatch("[A-Z]", a) or (_is_numeric(a) and _is_numeric(b) and not equation):
             return False                                   # auto: only answers with symbols go on
     except Exception:                                      # a checker bug must not crash a training run
         return False

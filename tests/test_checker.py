@@ -356,6 +356,8 @@ AUTO_CASES = [
     ("70001", "70000", False),
     ("\\begin{pmatrix}1\\\\-2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", True),
     ("B", "C", False),
+    ("x^2/16 + y^2/12 = 1/4", "x^2/4 + y^2/3 = 1", True),        # equations
+    ("x + y = 1", "x + 2y = 1", False),
 ]
 
 
