@@ -470,6 +470,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print earlier runs side by side and exit")
     args = p.parse_args(argv)
+    if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
+        p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
     if args.max_new_tokens is None:
         args.max_new_tokens = 256 if args.model == "tiny" else 1024
     if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit or 1) < 1:

@@ -1074,6 +1074,8 @@ def parse_args(argv=None):
     add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints")
     add("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     args = p.parse_args(argv)
+    if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
+        p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
     for key, value in (TINY_DEFAULTS if args.model == "tiny" else HUB_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
