@@ -134,13 +134,16 @@ def _clean_sentence_answer(s):
 
 
 def _marked_answer(text):
-    """The last box (with the boxes forming one answer with it), unless an answer phrase comes
-    later ("The final answer is $X$" after an intermediate box); None without either."""
+    """The last box (with the boxes forming one answer with it), unless a final answer phrase comes
+    later ("The final answer is $X$" after an intermediate box, but not "the answer is correct");
+    else the last answer phrase; None without either."""
     phrase = None
     for phrase in _ANSWER_PHRASE_RE.finditer(text, max(0, len(text) - _TAIL_CHARS)):
         pass
     boxed = _boxed_answer(text)
-    if phrase and (boxed is None or boxed[0] < phrase.start()):
+    if phrase and (boxed is None or boxed[0] < phrase.start() and (
+            "final" in text[max(0, phrase.start() - 8):phrase.start()].lower()
+            or text[phrase.end():phrase.end() + 9].lstrip()[:1] in ("$", "\\"))):
         answer = _clean_sentence_answer(text[phrase.end():phrase.end() + _MAX_BOXED_CHARS])
         if answer:
             return answer

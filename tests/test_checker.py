@@ -54,6 +54,9 @@ EXTRACT_CASES = [
     ("The answer is 5. \\boxed{6}", "6"),                             # a later box beats the phrase
     ("so $\\boxed{12}$ is the area of one face.\nThe final answer is $72$.", "72"),   # later phrase wins
     ("The final answer is $\\boxed{9}$. I hope it is correct.", "9"),
+    ("\\boxed{5}. We check that the answer is correct.", "5"),       # a later remark is no answer
+    ("\\boxed{4}. Let me verify the answer: plug in x = 4.", "4"),
+    ("\\boxed{4}, and the answer is $\\frac{8}{2}$", "\\frac{8}{2}"),   # but a later formula is
     ("Final answer: -3.5", "-3.5"),
     ("In all, the answer is **$1,250**.", "1,250"),
     ("**Final Answer:** 12 apples", "12 apples"),
