@@ -399,6 +399,25 @@ def test_math_verify_time_limit_holds_outside_the_main_thread(monkeypatch):
 
 
 @needs_math_verify
+def test_auto_from_several_threads_at_once(monkeypatch):
+    """The workers are shared under a lock: concurrent callers each get their own verdict."""
+    monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
+    cases = [("(x+1)^2", "x^2+2x+1", True), ("(x+1)^2", "x^2+1", False),
+             ("\\frac{x}{7}+\\frac{2}{7}", "\\frac{x+2}{7}", True), ("2y", "y+y+1", False)] * 2
+    results = [None] * len(cases)
+
+    def judge(i):
+        results[i] = is_equiv(cases[i][0], cases[i][1], checker="auto")
+
+    threads = [threading.Thread(target=judge, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert results == [expected for _, _, expected in cases]
+
+
+@needs_math_verify
 def test_hostile_symbolic_inputs_with_auto_never_raise_or_hang():
     """At most one math-verify limit per call, plus a worker's start when the previous call's
     worker was killed and its spare has not finished starting."""
