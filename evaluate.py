@@ -53,7 +53,7 @@ from data import (SYSTEM_PROMPT, DataError, UserError, end_of_turn_ids, encode_p
                   prompt_messages, render)
 from eksft import (SHORT_NAMES, ModelLoadError, append_jsonl, load_model_and_tokenizer, pick_device,
                    quiet_hub_progress, set_seed, write_json)
-from rl import extract_answer, generate_completions, math_reward
+from rl import CHECKERS, default_checker, extract_answer, generate_completions, math_reward
 
 # -----------------------------------------------------------------------------
 # Metrics: unbiased pass@k and avg@n from per-sample rows
@@ -384,8 +384,8 @@ def benchmark_name(source):
 
 def run(args):
     set_seed(args.seed)
-    if args.checker == "math-verify" and importlib.util.find_spec("math_verify") is None:
-        raise UserError("--checker math-verify needs the math-verify package: "
+    if args.checker != "builtin" and importlib.util.find_spec("math_verify") is None:
+        raise UserError(f"--checker {args.checker} needs the math-verify package: "
                         "pip install 'math-verify[antlr4_13_2]'")
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     benchmarks = {benchmark_name(b): load_qa(b, limit=args.limit) for b in names}
@@ -454,8 +454,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion length limit (default "
                    "1024; 256 for tiny, whose synthetic solutions are under 160 characters)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--checker", default="builtin", choices=["builtin", "math-verify"], help="answer "
-                   "equivalence: rl.py's builtin checker, or the math-verify package")
+    p.add_argument("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: "
+                   "rl.py's builtin rules, the math-verify package, or auto (builtin, and math-verify for "
+                   "answers with symbols)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and the tiny model's weights)")
     p.add_argument("--output-dir", default=None, help="samples.jsonl and summary.json per benchmark "
                    "(default runs/eval-{model}[-t{temperature}-n{samples}])")

@@ -26,18 +26,26 @@ Simplifications (choices, not accidents):
      makes no optimiser step (TRL would step on AdamW's momentum).
   6. Constant learning rate, one optimiser step per PPO epoch (no mini-batches inside a batch).
   7. The built-in checker is a normaliser plus a small numeric parser, not a computer algebra
-     system: numbers, fractions, percents, powers, products, tuples, intervals; anything else is
-     compared as a normalised string. --checker math-verify uses that package instead.
+     system: numbers, fractions, percents, powers, tuples, intervals, matrices; anything else is
+     compared as a normalised string. --checker auto (the default when math-verify is installed)
+     sends answers with symbols that it rejects to math-verify, under a hard time limit.
   8. --model tiny is a random network that never answers a maths question, so its sanity run
      trains on a toy reward (--reward digits: the fraction of digits it writes) to show learning.
 """
 import argparse
+import atexit
+import functools
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
 import random
 import re
+import select
+import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -50,23 +58,32 @@ from eksft import (append_jsonl, export_model, latest_checkpoint, load_model_and
 # 1. The answer checker
 #
 # extract_answer(text) finds the final answer in a completion; is_equiv(pred, gold) decides whether
-# two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. Rules:
-#   - nothing here calls eval/exec/sympify: numbers are read by a small recursive-descent parser;
-#   - every loop is linear in the input, recursion depth and exponents are capped, every error is
-#     caught: a hostile string (1 MB, unbalanced braces, 9^{9^{9^9}}, 1/0) returns in well under 1 s.
+# two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. Three checkers:
+#   builtin      normalisation rules (tables below, one comment each) and a small numeric parser;
+#   math-verify  the math-verify package (sympy), in a worker process under a hard time limit;
+#   auto         builtin decides numbers, tuples, intervals, matrices and choices; an answer with
+#                symbols (\frac{x+2}{7}, \sec^2 y) that builtin rejects goes on to math-verify.
+# Rules: this process never calls eval/exec/sympify; every loop is linear in the input, recursion
+# depth and exponents are capped, every error is caught: a hostile string (1 MB, unbalanced
+# braces, 9^{9^{9^9}}, 1/0) returns in well under 1 s, and math-verify gets at most _MV_LIMIT_S.
 
 _MAX_ANSWER_CHARS = 1000   # an "answer" longer than this is compared as a plain string
 _MAX_DEPTH = 40            # nesting depth the numeric parser accepts
 _MAX_EXPONENT = 1000       # |exponent| the numeric parser evaluates (2^{1000} is fine, 9^{9^9} is not)
-_REL_TOL = 1e-4            # numbers are equal when |a - b| <= 1e-4 * max(|a|, |b|)
 _MAX_BOXES = 20            # only the last 20 \boxed of a completion are looked at
 _MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
+_MV_LIMIT_S = 1.0          # hard limit on one math-verify verdict (sympy may never return)
+_MV_START_LIMIT_S = 30.0   # starting math-verify's worker process (imports sympy, ~1 s)
 
 _BRACE_RE = re.compile(r"[{}]")
 _SPACES_RE = re.compile(r"[ \t]*")
-_ANSWER_IS_RE = re.compile(r"(?i)the\s+(?:final\s+)?answer\s+is\s*:?\s*([^\n]*)")
-_HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 _TOKEN_AFTER_BOX_RE = re.compile(r"[^\s$]+")
+# after "answer": "The (final) answer is X", "Final answer: X", "**Answer:** X", "Answer: X", "Answer $X$"
+_AFTER_ANSWER_RE = re.compile(r"\s+is\b\s*:?|\s*\**\s*[:：]\s*\**|(?=\s*(?:\$|\\\(|\\\[))")
+_HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
+# what may separate boxes that together form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
+_BOX_GAP_RE = re.compile(r"(?:\s|[$,;.]|\\[\[\]()]|\\q?quad|\\[,;: ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|and|or)*")
+_LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")   # the Qwen2.5-Math harness's, on the text without commas
 
 
 def _closing_brace(text, j):
@@ -79,126 +96,243 @@ def _closing_brace(text, j):
     return None
 
 
-def _box_starts(text):
-    """Positions just after the last _MAX_BOXES \\boxed / \\fbox commands, last first."""
-    starts, before = [], {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
+def _boxes(text):
+    """(start, end, content) of the last _MAX_BOXES complete \\boxed{...} / \\fbox{...} / `\\boxed 5`,
+    last first. An unclosed \\boxed{ (a truncated answer) and an empty one are skipped."""
+    found, before = [], {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
     for _ in range(_MAX_BOXES):
         if max(before.values()) < 0:
             break
         name = max(before, key=before.get)
-        i = before[name]
-        before[name] = text.rfind(name, 0, i)
-        if not text[i + len(name):i + len(name) + 1].isalpha():     # not \boxedfoo
-            starts.append(i + len(name))
-    return starts
-
-
-def _last_boxed(text):
-    """Content of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, else None.
-    An unclosed \\boxed{ (a truncated answer) is ignored."""
-    for pos in _box_starts(text):
+        start = before[name]
+        before[name] = text.rfind(name, 0, start)
+        pos = start + len(name)
         j = _SPACES_RE.match(text, pos).end()
+        if text[pos:pos + 1].isalpha():                    # \boxedfoo is another command
+            continue
         if j < len(text) and text[j] == "{":
             end = _closing_brace(text, j)
             if end is None:
                 continue
-            content = text[j + 1:end]
-        elif j > pos:                       # "\boxed 5": the next whitespace-free token
-            m = _TOKEN_AFTER_BOX_RE.match(text, j)
-            content = m.group().rstrip(".,;") if m else ""
+            content, end = text[j + 1:end], end + 1
+        elif j > pos and (m := _TOKEN_AFTER_BOX_RE.match(text, j)):   # "\boxed 5"
+            content, end = m.group().rstrip(".,;"), m.end()
         else:
             continue
         if content.strip():
-            return content.strip()
-    return None
+            found.append((start, end, content.strip()))
+    return found
+
+
+def _boxed_answer(text):
+    """(start, answer): the last box, joined with the boxes just before it that form one answer
+    with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'); None without a box."""
+    boxes = _boxes(text)
+    if not boxes:
+        return None
+    start, _, answer = boxes[0]
+    parts = [answer]
+    for prev_start, prev_end, content in boxes[1:]:
+        gap = text[prev_end:start]
+        if prev_end > start or len(gap) > 40 or not _BOX_GAP_RE.fullmatch(gap):
+            break                                          # nested, or separated by words
+        parts.append(content)
+        start = prev_start
+    return boxes[0][0], ", ".join(reversed(parts))
 
 
 def _clean_sentence_answer(s):
-    """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42'."""
+    """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42';  '\\[ 9 \\]' -> '9'."""
     s = s.strip().strip("*").strip()
-    if s.startswith("$"):
-        end = s.find("$", 1)
-        s = s[1:end] if end > 0 else s[1:]
+    for opening, closing in (("$$", r"\$\$"), ("$", r"(?<!\\)\$"), ("\\(", r"\\\)"), ("\\[", r"\\\]")):
+        if s.startswith(opening):
+            end = re.compile(closing).search(s, len(opening))
+            s = s[len(opening):end.start() if end else None]
+            break
     else:
-        s = re.split(r"\.(?:\s|$)", s, maxsplit=1)[0]   # cut at the end of the sentence
+        s = re.split(r"\.(?:\s|$)|\n", s, maxsplit=1)[0]   # cut at the end of the sentence
     return s.strip().strip("*").rstrip(".").strip()
 
 
-def extract_answer(text):
+def _last_answer_phrase(text):
+    """(start, end) of the last answer phrase, looking back over at most 50 words "answer"
+    (rfind, not a regex scan: a 1 MB completion takes milliseconds)."""
+    before = {word: text.rfind(word) for word in ("answer", "Answer", "ANSWER")}
+    for _ in range(50):
+        word = max(before, key=before.get)
+        i = before[word]
+        if i < 0:
+            return None
+        m = _AFTER_ANSWER_RE.match(text, i + len(word))
+        if m and not text[i - 1:i].isalnum():
+            return i, m.end()
+        before[word] = text.rfind(word, 0, i)
+    return None
+
+
+def _marked_answer(text):
+    """The answer a completion marks: the last box (with the boxes forming one answer with it), or a
+    later answer phrase ("The final answer is $X$" after an intermediate box), else None."""
+    phrase = _last_answer_phrase(text)
+    boxed = _boxed_answer(text)
+    if boxed and (phrase is None or boxed[0] > phrase[0]):
+        return boxed[1]
+    if phrase is not None:
+        answer = _clean_sentence_answer(text[phrase[1]:phrase[1] + _MAX_BOXED_CHARS])
+        if answer:
+            return answer
+    return boxed[1] if boxed else None
+
+
+def extract_answer(text, *, last_number=False):
     """The final answer of a completion as a string, or None.
 
-    Priority: the last \\boxed{...} (braces matched; also \\fbox{...} and `\\boxed 5`), else the
-    last "the answer is X", else the last GSM8K-style "#### X". Empty answers count as none.
+    Only the text after a closing </think> counts, and only the inside of the last <answer>...</answer>.
+    Priority: the last \\boxed{...} (braces matched; also \\fbox{...}, `\\boxed 5`, and boxes joined
+    by "and" / commas), unless a later "the (final) answer is X" / "Final answer: X" / "Answer: X"
+    phrase; else the last GSM8K-style "#### X"; else, with last_number=True (the Qwen2.5-Math
+    harness's fallback; off for RL), the last number in the text. Empty answers count as none.
     """
     if not isinstance(text, str):
         return None
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    for pattern in (_ANSWER_IS_RE, _HASHES_RE):
-        last = None
-        for last in pattern.finditer(text):
-            pass
-        if last is not None:
-            answer = _clean_sentence_answer(last.group(1))
-            if answer:
-                return answer
+    text = text[text.rfind("</think>") + len("</think>"):] if "</think>" in text else text
+    close = text.rfind("</answer>")
+    opening = text.rfind("<answer>", 0, max(close, 0))
+    if opening >= 0:
+        inner = text[opening + len("<answer>"):close]
+        return _marked_answer(inner) or inner.strip() or None
+    answer = _marked_answer(text)
+    if answer:
+        return answer
+    last = _HASHES_RE.match(text, max(text.rfind("####"), 0))
+    if last is not None and (answer := _clean_sentence_answer(last.group(1))):
+        return answer
+    if last_number:                               # the last digit (10 fast rfinds), then its number
+        end = max(text.rfind(digit) for digit in "0123456789") + 1
+        numbers = _LAST_NUMBER_RE.findall(text[max(0, end - 200):end].replace(",", ""))
+        return numbers[-1] if numbers else None
     return None
+
+
+# Normalisation, step 1: LaTeX and notation rules, (pattern, replacement) in this order.
+_LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
+    (r"[−–]", "-"),                                             # unicode minus and dash
+    (r"×", r"\\times "), (r"·", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "), (r"∞", r"\\infty "),
+    (r"²", "^2"), (r"³", "^3"),                                  # 10 cm² = 10 cm^2
+    (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),                     # \dfrac, \tfrac, \cfrac are \frac
+    (r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![A-Za-z])", ""),   # sizing commands
+    (r"(?<=\d)(?:\{,\}|,\\!\s?|\\[,!])(?=\d{3}(?!\d))", ","),    # 14{,}916, 2,\!500, 1\,234: thousands
+    (r"\\[!,;: ]|\\q?quad(?![A-Za-z])|~", " "),                  # LaTeX spacing
+    (r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])|°", ""),   # degrees
+    (r"\\[()\[\]]|\\?\$", ""),                                   # math delimiters, dollar signs
+    (r"≈", r"\\approx "),
+    (r"\\(?:leq?|leqslant)(?![A-Za-z])|≤", "<="),                # relations in one spelling
+    (r"\\(?:geq?|geqslant)(?![A-Za-z])|≥", ">="),
+    (r"\\(?:neq?)(?![A-Za-z])|≠", "!="), (r"\\lt(?![A-Za-z])", "<"), (r"\\gt(?![A-Za-z])", ">"),
+    (r"\+\s*\\infty|\\infin(?:ity)?(?![A-Za-z])", r"\\infty"),   # +\infty = \infty
+    (r",?\s*(?:\\(?:text\w*|mathrm)\s*\{\s*(?:and|or|,)\s*\}|\b(?:and|or)\b)|;", ","),   # "6 \text{ and } 8" = 6, 8
+    (r"(\^\{?\d+\}?)\s+(?=\d)", r"\1*"),                          # 2^6 3^5 is a product
+    (r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2+\3/\4)"),            # mixed number "1 1/2" = 1 + 1/2
+    (r"\\+\s*$", ""),                                           # a stray trailing backslash: "185\"
+]]
+# Step 4: canonical spelling once spaces are gone.
+_CANONICAL_RULES = [(re.compile(p), r) for p, r in [
+    (r"\\frac(\d)(\d)", r"\\frac{\1}{\2}"),                      # \frac12 -> \frac{1}{2}
+    (r"\\frac(\d)\{", r"\\frac{\1}{"),
+    (r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}"),
+    (r"\\sqrt(\d+)", r"\\sqrt{\1}"),                             # \sqrt2 -> \sqrt{2}
+    (r"(\d)\*(?=[A-Za-z\\(])", r"\1"),                             # 2*x -> 2x
+    (r"([_^])\{(\w)\}", r"\1\2"),                                # x^{2} -> x^2
+    (r"(?<![\d}])\.(\d)", r"0.\1"),                              # .5 -> 0.5
+    (r"(\d\.\d*?)0+(?!\d)", r"\1"),                              # 2.50 -> 2.5
+    (r"(\d)\.(?!\d)", r"\1"),                                    # 3. -> 3
+    (r"^(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$", r"\1(\2+\3/\4)"),  # mixed number 7\frac{1}{2} = 7 + 1/2
+    (r"^\(([A-Z])\)?$|^([A-Z])\)$", r"\1\2"),                    # choices: (B), B) -> B
+    (r"^([^<>=]+)<=[A-Za-z]<=([^<>=]+)$", r"[\1,\2]"),          # inequalities in one variable are
+    (r"^([^<>=]+)<=[A-Za-z]<([^<>=]+)$", r"[\1,\2)"),           # intervals: -2 <= x < 7 = [-2,7)
+    (r"^([^<>=]+)<[A-Za-z]<=([^<>=]+)$", r"(\1,\2]"),
+    (r"^([^<>=]+)<[A-Za-z]<([^<>=]+)$", r"(\1,\2)"),
+    (r"^[A-Za-z]>=([^<>=]+)$", r"[\1,\\infty)"), (r"^[A-Za-z]>([^<>=]+)$", r"(\1,\\infty)"),
+    (r"^[A-Za-z]<=([^<>=]+)$", r"(-\\infty,\1]"), (r"^[A-Za-z]<([^<>=]+)$", r"(-\\infty,\1)"),
+]]
+_TEXT_COMMAND_RE = re.compile(r"\\(?:text\w*|math(?:rm|bf|it|sf)|mbox|hbox|operatorname)\s*\{")
+_MATRIX_RE = re.compile(r"(?:\\left\s*[\[(]\s*)?\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}"
+                        r"(?:\s*\\right\s*[\])])?", re.S)
+_NAME = r"\\?[A-Za-z]+'?(?:_\{?\w+\}?)?(?:\^\{?\w+\}?)?(?:\([^()=]{0,20}\))?"   # x, a_1, \theta, f(x), P(A)
+_NAME_RE = re.compile(rf"\s*(?:{_NAME}|\(\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\))\s*")   # ... or (a, b)
+_ELEMENT_OF_RE = re.compile(rf"^\s*{_NAME}\s*\\(?:in|approx)(?![A-Za-z])\s*")   # "x \in [-2, 7]", "x \approx 11"
+_GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)    # "\frac{\sqrt3}{3} \approx 0.577": drop the gloss
+_NUMERIC_COMMANDS_RE = re.compile(r"\\(?:frac|sqrt|pi|infty|cdot|times|div)(?![A-Za-z])")
+_EQUALS_RE = re.compile(r"(?<![<>!=])=(?!=)")
+_UNITS = (r"(?:[kcm]m|kg|mg|ml|lbs?|oz|ft|in|yd|mi|mph|hrs?|hours?|mins?|minutes?|secs?|seconds?|days?|"
+          r"weeks?|months?|years?|dollars?|cents?|miles?|meters?|metres?|inch(?:es)?|feet|foot|pounds?|"
+          r"liters?|litres?|gallons?|units?|degrees?)")
+# "10cm^2", "10 weeks", "18 dollars" -> the number (a word glued to it only if it is a unit: 6xy stays)
+_NUMBER_WITH_UNIT_RE = re.compile(rf"(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)"
+                                  r"\s*(?:\^\{?[23]\}?)?\.?")
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")   # 1,234,567 (but 1,23 and 1, 234 are lists)
 
 
 def _strip_text_commands(s):
     """\\text{cm} after a number is a unit: drop it. \\text{(B)} alone is the answer: unwrap it."""
     for _ in range(20):                                   # bounded: at most 20 \text blocks
-        m = re.search(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{", s)
+        m = _TEXT_COMMAND_RE.search(s)
         if m is None:
             return s
         end = _closing_brace(s, m.end() - 1)
         if end is None:                                   # unbalanced: drop the command name only
             return s[:m.start()] + s[m.end() - 1:]
         before, inner, after = s[:m.start()], s[m.end():end], s[end + 1:]
-        is_unit = (re.search(r"\d", before) and re.fullmatch(r"\s*[A-Za-z][A-Za-z ./]*", inner)
+        is_unit = (re.search(r"[\d}]\s*$", before) and re.fullmatch(r"\s*[A-Za-z][A-Za-z ./]*", inner)
                    and re.fullmatch(r"\s*(?:\^\s*\{?\d\}?)?\s*", after))   # "5 \text{cm}^2" at the end
         s = before if is_unit else before + inner + after
     return s
 
 
+def _matrix_to_lists(m):
+    """\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix} -> [[1,2],[3,4]] (any matrix kind, spaces ignored)."""
+    rows = [row for row in re.split(r"\\\\", m.group(2)) if row.strip()]
+    return "[" + ",".join("[" + ",".join(row.split("&")) + "]" for row in rows) + "]"
+
+
+def _is_numeric(s):
+    return re.search(r"[A-Za-z]", _NUMERIC_COMMANDS_RE.sub("", s)) is None
+
+
+def _drop_names(s):
+    """'x = 7' -> '7', 'f(x) = 2x+3' -> '2x+3', '(a,b) = (2,7)' -> '(2,7)', 'x = 1, y = 2' -> '1, 2',
+    '|AB| = 1' -> '1', a chain '1/2 = 2/4 = 0.5' -> its last side, 'x \\in [1, 2]' -> '[1, 2]'.
+    Returns (answer, the left sides dropped). '2x + y = z' and '7 = 11a + c' are kept whole."""
+    s = _GLOSS_RE.sub("", _ELEMENT_OF_RE.sub("", s, count=1))
+    parts, names = [], []
+    for part in _split_top_level(s):
+        *left, right = _EQUALS_RE.split(part)
+        if left and (all(_NAME_RE.fullmatch(x) for x in left) or _is_numeric(right)):
+            part = right
+            names += [re.sub(r"\s+", "", x) for x in left if not _is_numeric(x)]
+        parts.append(part)
+    return ",".join(parts), sorted(names)
+
+
 def _normalise(s):
-    """A canonical string for an answer: LaTeX noise, units, '$', '%', degrees and 'x =' removed.
-    Returns (string, had_percent)."""
-    s = s.strip()
-    for a, b in (("−", "-"), ("×", "\\times "), ("·", "\\cdot "), ("÷", "\\div "), ("π", "\\pi "),
-                 ("°", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\displaystyle", "")):
-        s = s.replace(a, b)
-    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)
-    s = re.sub(r"\\[!,;: ]|\\q?quad(?![A-Za-z])|~", " ", s)
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])", "", s)
-    s = re.sub(r"\\[()\[\]]", "", s).replace("\\$", "").replace("$", "")
+    """A canonical string for an answer, and whether it had a percent sign."""
+    if "\\boxed" in s or "\\fbox" in s:                  # a gold written as a completion
+        s = _marked_answer(s) or s
+    s = _MATRIX_RE.sub(_matrix_to_lists, s.strip())       # first: its \\ are not LaTeX spaces
+    for pattern, replacement in _LATEX_RULES:
+        s = pattern.sub(replacement, s)
     had_percent = "%" in s
-    s = s.replace("\\%", "").replace("%", "")
-    s = _strip_text_commands(s)
-    s = s.rstrip(". ").strip()
-    if s.count("=") == 1:                                 # "x = 7" -> "7" (a short name on the left)
-        lhs, rhs = s.split("=")
-        if re.fullmatch(r"\s*\\?[A-Za-z]{1,6}(?:_\{?[A-Za-z0-9]+\}?)?\s*", lhs):
-            s = rhs.strip()
-    m = re.fullmatch(r"(-?[\d.,]*\d)\s+[A-Za-z]+(?:\s+[A-Za-z]+)*", s)   # "18 dollars" -> "18"
-    if m:
+    s = _strip_text_commands(s.replace("\\%", "").replace("%", ""))
+    s, names = _drop_names(s.rstrip(". ").strip())
+    s = s.strip()
+    if m := _NUMBER_WITH_UNIT_RE.fullmatch(s):
         s = m.group(1)
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):     # thousands separators: 1,234,567
-        s = s.replace(",", "")                                # (but "1,23" and "1, 234" are lists)
+    if _THOUSANDS_RE.fullmatch(s):
+        s = s.replace(",", "")
     s = re.sub(r"\s+", "", s)
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)       # \frac12 -> \frac{1}{2}
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
-    s = re.sub(r"([_^])\{(\w)\}", r"\1\2", s)                  # x^{2} -> x^2
-    s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)               # .5 -> 0.5
-    s = re.sub(r"(\d\.\d*?)0+(?![\d])", r"\1", s)             # 2.50 -> 2.5
-    s = re.sub(r"(\d)\.(?![\d])", r"\1", s)                   # 3. -> 3
-    m = re.fullmatch(r"\(?([A-Z])\)", s) or re.fullmatch(r"\(([A-Z])\)?", s)   # (B) -> B
-    if m:
-        s = m.group(1)
-    return s, had_percent
+    for pattern, replacement in _CANONICAL_RULES:
+        s = pattern.sub(replacement, s)
+    return s, had_percent, names
 
 
 class _NotANumber(Exception):
@@ -288,6 +422,30 @@ def _to_number(s):
         return None
 
 
+_DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)")
+
+
+def _numbers_equal(a, x, a_pct, b, y, b_pct):
+    """Numbers x, y (the values of normalised answers a, b) are equal when they agree to float
+    rounding (relative 1e-14: 70001 != 70000, 18.0009 != 18), or when one is written as a decimal
+    with 3 or more significant digits and the other is an exact form that rounds to it (0.333 =
+    1/3, 6.28 = 2\\pi; but 0.33 != 1/3: two digits say too little). 25% may mean 25 or 0.25."""
+    def forms(s, v, pct):
+        m = _DECIMAL_RE.fullmatch(s)
+        places = len(m.group(2)) if m and len((m.group(1) + m.group(2)).lstrip("0")) >= 3 else None
+        literal = m is not None or re.fullmatch(r"-?\d+", s) is not None
+        out = [(v, places, literal)]
+        return out + [(v / 100, places + 2 if places else None, literal)] if pct else out
+    for u, places_u, literal_u in forms(a, x, a_pct):
+        for v, places_v, literal_v in forms(b, y, b_pct):
+            if math.isclose(u, v, rel_tol=1e-14, abs_tol=1e-14):
+                return True
+            for places, other, literal_other in ((places_u, v, literal_v), (places_v, u, literal_u)):
+                if places and not literal_other and abs(u - v) <= 0.5 * 10 ** -places * (1 + 1e-9):
+                    return True
+    return False
+
+
 def _split_top_level(s):
     """Split at commas outside any bracket. '(1,(2,3))' inner -> ['1', '(2,3)']."""
     parts, depth, start = [], 0, 0
@@ -321,22 +479,23 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
     """Equivalence of two normalised answers (see is_equiv)."""
     if a == b:
         return True
-    if depth > 3:
+    if depth > 4:
         return False
     x, y = _to_number(a), _to_number(b)
     if x is not None and y is not None:
-        xs = (x, x / 100) if a_pct else (x,)               # 25% may mean 25 or 0.25
-        ys = (y, y / 100) if b_pct else (y,)
-        return any(abs(u - v) <= _REL_TOL * max(abs(u), abs(v)) for u in xs for v in ys)
+        return _numbers_equal(a, x, a_pct, b, y, b_pct)
     pa, pb = _bracketed(a), _bracketed(b)
-    if pa and pb:                                          # tuples, intervals, sets: element by element
+    sets = [p is not None and p[:2] == ("{", "}") for p in (pa, pb)]
+    if any(sets):                                          # a set: an unordered list of its elements
+        return _equiv(pa[2] if sets[0] else a, a_pct, pb[2] if sets[1] else b, b_pct, depth + 1)
+    if pa and pb:                                          # tuples, intervals, matrices: element-wise
         ea, eb = _split_top_level(pa[2]), _split_top_level(pb[2])
-        return (pa[:2] == pb[:2] and len(ea) == len(eb) and len(ea) > 1
+        return (pa[:2] == pb[:2] and len(ea) == len(eb)
                 and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
-    if not pa and not pb and "," in a and "," in b:       # "1, 2" vs "2,1": unordered lists of answers
+    if not pa and not pb and ("," in a or "," in b):       # "1, 2" vs "2,1": unordered lists of answers
         ea, unused = _split_top_level(a), _split_top_level(b)
-        if len(ea) != len(unused) or len(ea) > 50:
-            return False
+        if len(ea) != len(unused) or len(ea) > 50 or len(ea) == 1:
+            return a == b
         for u in ea:
             hit = next((v for v in unused if _equiv(u, False, v, False, depth + 1)), None)
             if hit is None:
@@ -346,49 +505,176 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
     return False
 
 
-CHECKERS = ("builtin", "math-verify")
+def _has_symbols(s):
+    """Whether a normalised answer has letters other than a choice and the numeric commands."""
+    return not re.fullmatch(r"[A-Z]", s) and not _is_numeric(s)
 
 
-def is_equiv(pred, gold, checker="builtin"):
+# math-verify runs in a worker process: its own timeouts use signals, which work only in the main
+# thread, and a sympy call that never returns can only be stopped by killing its process.
+_MV_WORKER = r"""
+import json, sys
+out, sys.stdout = sys.stdout, sys.stderr       # only verdicts go to the parent
+from math_verify import parse, verify
+verify(parse("$x$"), parse("$x$"))            # warm up: the first call is the slowest
+print("ready", file=out, flush=True)
+for line in sys.stdin:
+    gold, pred = json.loads(line)
+    try:                                        # no timeouts of its own: the parent kills us
+        ok = verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None)
+    except Exception:
+        ok = False
+    print(json.dumps(bool(ok)), file=out, flush=True)
+"""
+_mv = {"workers": [], "failed_starts": 0}   # workers: [process, ready], the one in use first
+_mv_lock = threading.Lock()
+
+
+def _read_line(process, seconds):
+    """One line from a worker within `seconds`, else None (also when it died)."""
+    deadline, data = time.monotonic() + seconds, b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([process.stdout], [], [], left)[0]:
+            return None
+        chunk = os.read(process.stdout.fileno(), 4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data.decode().strip()
+
+
+def _start_math_verify():
+    """Keep two workers: the one in use and a spare that is already importing sympy (1-3 s), so
+    that a worker killed for taking too long is replaced at once. Does not wait for them."""
+    for worker in [w for w in _mv["workers"] if w[0].poll() is not None]:
+        _stop_math_verify(worker)                          # it died
+    while len(_mv["workers"]) < 2:
+        _mv["workers"].append([subprocess.Popen([sys.executable, "-c", _MV_WORKER], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), False])
+
+
+def _stop_math_verify(worker=None):
+    for process, _ in [worker] if worker else _mv["workers"]:
+        process.kill()
+        process.wait()
+        process.stdin.close()
+        process.stdout.close()
+    _mv["workers"] = [w for w in _mv["workers"] if w is not worker] if worker else []
+
+
+atexit.register(_stop_math_verify)
+
+
+def _math_verify(pred, gold):
+    """math-verify's verdict (gold first: its argument order matters), or None when it gives none
+    within _MV_LIMIT_S seconds (then its worker is killed and the spare takes over)."""
+    if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS or _mv["failed_starts"] >= 3:
+        return None                                        # (3 workers failed to start: give up)
+    if not _mv_lock.acquire(timeout=4 * _MV_LIMIT_S):     # another thread's call takes too long
+        return None
+    worker = None
+    try:
+        _start_math_verify()
+        worker = _mv["workers"][0]
+        if not worker[1] and _read_line(worker[0], _MV_START_LIMIT_S) != "ready":
+            _mv["failed_starts"] += 1
+            raise TimeoutError("math-verify's worker did not start")
+        worker[1] = True                  # boxing makes its extractor take each answer whole
+        worker[0].stdin.write((json.dumps([f"\\boxed{{{gold}}}", f"\\boxed{{{pred}}}"]) + "\n").encode())
+        worker[0].stdin.flush()
+        verdict = _read_line(worker[0], _MV_LIMIT_S)
+        if verdict is None:
+            raise TimeoutError("math-verify took too long")
+        return verdict == "true"
+    except BaseException as e:            # out of time, a dead worker, or interrupted mid-exchange
+        if worker is not None and (isinstance(e, Exception) or worker[1]):
+            _stop_math_verify(worker)     # (interrupted while it starts: let it start)
+        if not isinstance(e, Exception):
+            raise
+        return None
+    finally:
+        _mv_lock.release()
+
+
+CHECKERS = ("builtin", "math-verify", "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def _math_verify_installed():
+    return importlib.util.find_spec("math_verify") is not None
+
+
+def default_checker():
+    """"auto" when math-verify is installed, else "builtin" (the default of --checker). The
+    environment variable EKSFT_CHECKER overrides it, e.g. to measure one checker with a script that
+    calls is_equiv(pred, gold) without naming one."""
+    return os.environ.get("EKSFT_CHECKER") or ("auto" if _math_verify_installed() else "builtin")
+
+
+def checker_description(checker=None):
+    """What a run's scores were checked with, for args.json / summary.json: 'builtin',
+    'auto (builtin + math-verify 0.9.0)' or 'math-verify 0.9.0'."""
+    checker = checker or default_checker()
+    if checker == "builtin":
+        return checker
+    try:
+        version = importlib.metadata.version("math-verify")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(not installed)"
+    return f"auto (builtin + math-verify {version})" if checker == "auto" else f"math-verify {version}"
+
+
+def is_equiv(pred, gold, checker=None):
     """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
 
-    Normalises LaTeX (\\left/\\right, \\dfrac, \\frac12, spaces, \\text{} units, \\$, \\%, ^\\circ,
-    trailing zeros, thousands separators like 1,234,567) and "x = 7" prefixes; then numbers are
-    equal within a relative 1e-4 (0.5 == \\frac{1}{2}, 25\\% == 0.25), tuples and intervals are
-    compared element by element, simple powers and products (2^{10}, 3\\cdot 4) are evaluated
-    without eval(); otherwise normalised string equality. Never raises on any input; the only
-    exception is an ImportError for checker="math-verify" when that package is missing.
+    checker: "builtin", "math-verify" or "auto" (default: default_checker()). The builtin rules:
+    normalise LaTeX (\\left, \\dfrac, \\frac12, spacing, \\text{} units, \\$, \\%, ^\\circ, thousands
+    separators 14{,}916 / 2,\\!500 / 1,234, trailing zeros, mixed numbers 7\\frac{1}{2}, matrices);
+    drop names and glosses (x = 7, f(x) = 2x+3, x \\in [1,2], chains a = b = 7 -> 7, \\approx 0.58);
+    then numbers are equal exactly, up to float rounding (a decimal with 3+ significant digits also
+    matches an exact form that rounds to it: 0.333 = 1/3), tuples, intervals and matrices element by
+    element, sets and unbracketed lists in any order, anything else as a normalised string. Never
+    raises on any answer; only an unknown checker (ValueError) or a missing math-verify (ImportError).
     """
+    checker = checker or default_checker()
     if checker not in CHECKERS:
         raise ValueError(f"unknown checker {checker!r}; choose one of {CHECKERS}")
+    if checker != "builtin" and not _math_verify_installed():
+        raise ImportError(f"--checker {checker} needs the math-verify package: "
+                          "pip install 'math-verify[antlr4_13_2]'")
     if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
         return False
+    if not _mv["workers"] and checker != "builtin" and _mv_lock.acquire(blocking=False):
+        try:                                               # warm it up while builtin rules work
+            _start_math_verify()
+        finally:
+            _mv_lock.release()
     if checker == "math-verify":
-        try:
-            import math_verify
-        except ImportError:
-            raise ImportError("--checker math-verify needs the math-verify package: "
-                              "pip install 'math-verify[antlr4_13_2]'") from None
-        try:   # gold first (its argument order matters); boxing makes its extractor take each whole
-            return bool(math_verify.verify(math_verify.parse(f"\\boxed{{{gold}}}"),
-                                           math_verify.parse(f"\\boxed{{{pred}}}")))
-        except Exception:
-            return False
+        return bool(_math_verify(pred, gold))
     try:
         if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
             return pred.strip() == gold.strip()
-        return _equiv(*_normalise(pred), *_normalise(gold))
+        (a, a_pct, a_names), (b, b_pct, b_names) = _normalise(pred), _normalise(gold)
+        # x = 7 and |AB| = 7 match 7 but not y = 7; the left side of an equation (2x+y = 0) must match
+        names_agree = a_names == b_names or not (a_names and b_names or re.search("[-+]", "".join(a_names + b_names)))
+        if names_agree and _equiv(a, a_pct, b, b_pct):
+            return True
+        if checker == "builtin" or not (_has_symbols(a) or _has_symbols(b)):
+            return False
     except Exception:                                      # a checker bug must not crash a training run
         return False
+    return bool(_math_verify(pred, gold))                  # auto, an answer with symbols
 
 
-def math_reward(completion, gold, *, checker="builtin", format_reward=0.0):
+def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=False):
     """1.0 when the completion's extracted answer is equivalent to gold, else 0.0.
-    With format_reward > 0 (off by default), a wrong answer that is at least \\boxed earns it."""
-    pred = extract_answer(completion)
+    With format_reward > 0 (off by default), a wrong answer that is at least \\boxed earns it.
+    last_number=True: a completion without a marked answer is judged by its last number."""
+    pred = extract_answer(completion, last_number=last_number)
     if pred is not None and is_equiv(pred, gold, checker):
         return 1.0
-    if format_reward and isinstance(completion, str) and _last_boxed(completion) is not None:
+    if format_reward and isinstance(completion, str) and _boxes(completion):
         return float(format_reward)
     return 0.0
 
@@ -696,7 +982,7 @@ def train(args, reward_fn=None):
     """The RL loop. reward_fn(completion_text, gold) -> float overrides --reward.
     Returns (model, tokenizer, list of per-step metric dicts)."""
     from tqdm import tqdm
-    run_args = vars(args).copy()
+    run_args = dict(vars(args), checker_description=checker_description(args.checker))
     set_seed(args.seed)
     device, amp_dtype, why = pick_device(args.device, args.precision)
     print(f"device: {device} ({why})")
@@ -851,7 +1137,8 @@ def parse_args(argv=None):
     # reward
     add("--reward", default=None, choices=["math", "digits"], help="math: 1 for a right answer; digits: "
         "toy reward for sanity runs (default: digits for tiny, math)")
-    add("--checker", default="builtin", choices=CHECKERS, help="answer equivalence backend")
+    add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: builtin rules, "
+        "the math-verify package, or auto (builtin, and math-verify for answers with symbols)")
     add("--format-reward", type=float, default=0.0, help="reward for a wrong but \\boxed answer")
     # rollouts
     add("--group-size", "-G", type=int, default=8, help="completions per prompt")
