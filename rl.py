@@ -812,15 +812,13 @@ KL_ESTIMATORS = ("k3", "k3-corrected")
 
 
 def loss_normaliser(mask, loss_agg, max_new_tokens):
-    """The denominator of the loss, computed ONCE per optimiser step from the masks of ALL the
-    completions sampled in the step (flat groups included: skipping them is only a speed-up), so
-    that neither the micro-batch split nor which completions get a backward pass changes the update.
-        token-mean: loss-masked tokens of all sampled completions (every token weighs the same;
-                    TRL's "dapo", its default)
-        seq-mean:   all sampled completions (each one's tokens first averaged; one without a loss
-                    mask, cut by --mask-truncated, counts as 0; TRL's "grpo")
-        dr-grpo:    all sampled completions x max_new_tokens (a constant: no length bias, Dr. GRPO)
-    mask (N, T) bool."""
+    """The loss's denominator, computed ONCE per optimiser step from the masks (N, T) of ALL the
+    completions sampled in the step, flat groups included, so that neither the micro-batch split
+    nor which completions get a backward pass changes the update:
+        token-mean: the loss-masked tokens of all N (every token weighs the same; TRL's "dapo")
+        seq-mean:   N, each completion's tokens first averaged (TRL's "grpo"; one masked out by
+                    --mask-truncated counts as 0)
+        dr-grpo:    N x max_new_tokens (a constant: no length bias, Dr. GRPO)"""
     if loss_agg == "token-mean":
         return max(mask.sum().item(), 1)
     if loss_agg == "seq-mean":
@@ -900,13 +898,28 @@ def train_eval_sets(data, eval_size, seed):
     return rows[eval_size:], rows[:eval_size]
 
 
+# Evaluation protocols (evaluate.py --protocol, rl.py --eval-protocol): what changes a score besides
+# the model. Both are zero-shot with the system prompt of the Qwen2.5-Math harness (qwen25-math-cot).
+PROTOCOLS = {
+    "qwen-math": dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=2048, last_number=True,
+                      about="the Qwen2.5-Math harness behind published numbers (qwen25-math-cot)",
+                      extraction="the stated answer (rl.extract_answer), else the last number"),
+    "strict": dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=1024, last_number=False,
+                   about="the RL reward's own rules: an answer that is not stated scores 0",
+                   extraction="the stated answer (rl.extract_answer), no last-number fallback"),
+}
+
+
 def evaluate_accuracy(model, tokenizer, rows, args, autocast):
-    """Greedy accuracy on held-out questions, with the same prompt and checker as the reward."""
-    prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt) for r in rows]
+    """Greedy held-out accuracy as evaluate.py --protocol args.eval_protocol scores it (prompt,
+    answer extraction, checker), but at the training budget --max-new-tokens, to stay cheap."""
+    proto = PROTOCOLS[args.eval_protocol]
+    prompts = [encode_prompt(tokenizer, r["question"], proto["system_prompt"]) for r in rows]
     with autocast():
         outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                        batch_size=args.eval_batch_size)
-    scores = [math_reward(o["text"], r["answer"], checker=args.checker) for o, r in zip(outputs, rows)]
+    scores = [math_reward(o["text"], r["answer"], checker=args.checker, last_number=proto["last_number"])
+              for o, r in zip(outputs, rows)]
     return sum(scores) / len(rows)
 
 
@@ -1169,6 +1182,8 @@ def parse_args(argv=None):
     add("--seed", type=int, default=0, help="seed for the tiny model, prompt order and sampling")
     add("--eval-size", type=int, default=None, help="held-out questions (200; 16 tiny; 0: none)")
     add("--eval-every", type=int, default=50, help="held-out accuracy every N steps, and at start/end")
+    add("--eval-protocol", default="qwen-math", choices=PROTOCOLS, help="score held-out answers as "
+        "evaluate.py --protocol does (its prompt, extraction, checker), at --max-new-tokens")
     add("--eval-batch-size", type=int, default=64, help="sequences per generate call in evaluation")
     add("--log-every", type=int, default=1, help="print a metrics line every N steps")
     add("--print-every", type=int, default=None, help="print the best and worst completion every N "

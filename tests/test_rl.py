@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from data import encode_prompt, pad_left
+import rl
 from eksft import load_model_and_tokenizer
 from rl import (completion_mask_from_eos, generate_completions, group_advantages, kl_penalty,
                 loss_normaliser, parse_args, policy_loss, rl_step, rollout_tensors, sequence_logprobs,
@@ -487,6 +488,25 @@ def test_same_loss_and_gradient_as_trl(agg, loss_type, estimator):
     theirs.backward()
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
     assert torch.allclose(ours_logp.grad, trl_logp.grad, atol=1e-7)
+
+
+def test_held_out_accuracy_is_scored_under_the_evaluation_protocol(tiny, monkeypatch):
+    """rl.py's held-out accuracy uses evaluate.py's protocols: the same prompt, extraction, checker."""
+    model, tok = tiny
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size):
+        seen.extend(prompts)
+        return [{"completion_ids": [1], "truncated": False, "text": "2 + 2 makes 4"} for _ in prompts]
+
+    monkeypatch.setattr(rl, "generate_completions", fake_generate)
+    rows = [{"question": "2+2?", "answer": "4"}]
+    for name, expected in (("qwen-math", 1.0), ("strict", 0.0)):   # only the harness takes the last number
+        args = parse_args(["--model", "tiny", "--eval-protocol", name, "--checker", "builtin",
+                           "--system-prompt", "a training prompt"])
+        assert rl.evaluate_accuracy(model, tok, rows, args, contextlib.nullcontext) == expected
+    assert seen == [encode_prompt(tok, "2+2?", rl.PROTOCOLS[name]["system_prompt"])
+                    for name in ("qwen-math", "strict")]
 
 
 # ----------------------------------------------------------------------------
