@@ -259,6 +259,14 @@ def read_rows(path):
     return rows
 
 
+def count_rows(path):
+    """Complete rows in a samples.jsonl, read-only (a run may be writing it right now)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(line.endswith(b"\n") and bool(line.strip()) for line in f)
+
+
 def resumable_rows(rows, problems, path):
     """The rows of an earlier run that belong to this one; refuse rows asked of other questions."""
     kept = {}
@@ -344,8 +352,7 @@ def load_summaries(directory):
                 summary = json.load(f)
             summary["unfinished"] = None
             if not summary.get("finished", summary["metrics"] is not None):   # older files: no "finished"
-                samples_path = os.path.join(os.path.dirname(path), "samples.jsonl")
-                done = len(read_rows(samples_path))
+                done = count_rows(os.path.join(os.path.dirname(path), "samples.jsonl"))
                 summary["unfinished"] = f"{done}/{summary.get('expected_samples', '?')} samples"
                 summary["metrics"] = None
             summary["metrics"] = summary["metrics"] or {}

@@ -343,6 +343,7 @@ def test_compare_marks_unfinished_runs(tmp_path, capsys):
         json.dump(summary, open(path, "w"))
         with open(os.path.join(directory, "gsm8k", "samples.jsonl"), "w") as f:
             f.writelines(json.dumps({"question_index": q, "sample_index": 0}) + "\n" for q in range(3))
+            f.write('{"question_index": 3, "sam')               # being written right now
     warnings = evaluate.compare([done, cut, old])
     printed = capsys.readouterr().out
     status = next(line for line in printed.splitlines() if "status" in line)
@@ -351,6 +352,8 @@ def test_compare_marks_unfinished_runs(tmp_path, capsys):
     assert accuracy.split()[1:] == ["50.0", "-", "-"]          # no numbers from a run that is not done
     assert any("cut is unfinished (3/4 samples)" in w for w in warnings)
     assert any("old is unfinished" in w for w in warnings)
+    with open(os.path.join(cut, "gsm8k", "samples.jsonl")) as f:
+        assert f.read().endswith('"sam')                        # --compare only reads
 
 
 # ----------------------------------------------------------------------------
