@@ -296,11 +296,13 @@ def check_same_run(summary_path, samples_path, model, proto):
         return
     with open(summary_path) as f:
         old = json.load(f)
-    old_proto = old.get("protocol") or {}
-    differ = [f"{k} {short(old_proto.get(k))} -> {short(proto.get(k))}"
-              for k in sorted(set(old_proto) | set(proto)) if old_proto.get(k) != proto.get(k)]
-    if old.get("model") != model:
-        differ.insert(0, f"model {short(old.get('model'))} -> {short(model)}")
+    old_settings = dict(old.get("protocol") or {}, model=old.get("model"))
+    new_settings = dict(proto, model=model)
+    differ = []
+    for key in sorted(set(old_settings) | set(new_settings)):
+        before, after = json.dumps(old_settings.get(key)), json.dumps(new_settings.get(key))
+        if before != after:   # short values are shown: 'seed 0 -> 3'; long ones named: 'prompt'
+            differ.append(f"{key} {before} -> {after}" if len(before + after) <= 60 else key)
     if differ:
         raise UserError(f"{summary_path} was measured differently ({'; '.join(differ)}); rerun with "
                         f"the same settings to resume, or use another --output-dir")
