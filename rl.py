@@ -952,8 +952,8 @@ def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pa
     on_device = lambda rows: [t[rows].to(device) for t in batch[:5]]
     sums = dict(tokens=mask.sum().item(), clipped_tokens=0, kl_sum=0.0, entropy_sum=0.0, loss=None,
                 grad_norm=None, train_tokens=0)
-    # before any update: the entropy of the completions without a loss, the log-probs of the policy
-    # that sampled (only needed when the batch is reused) and of the start
+    # before any update: the entropy of the completions without a backward pass, the log-probs of
+    # the policy that sampled (only needed when the batch is reused) and of the start
     old, ref = [None] * len(micro), [None] * len(micro)
     with torch.no_grad(), autocast():
         for rows in watched:
