@@ -7,12 +7,16 @@ evaluate.py: one protocol to measure a base model, an SFT/EKSFT checkpoint and a
     python evaluate.py --model runs/eksft-x --benchmarks gsm8k-train --limit 500 --samples 16 --temperature 1.0
     python evaluate.py --compare runs/eval-base runs/eval-sft runs/eval-eksft runs/eval-rl
 
-Small models' scores move by 5-30 points with the prompt and the answer extraction, so every run
-here uses the same protocol as SFT and RL: zero-shot, data.SYSTEM_PROMPT ("... put your final
-answer within \\boxed{}") and the question as the user turn, rendered by the model's chat template;
-the completion is scored by rl.math_reward, the RL reward itself. The protocol goes into every
-summary.json, and --compare warns when two runs were measured differently. The fourth example is
-the "better exploration" measure: pass@k on the RL training prompts, before and after RL.
+Small models' scores move by 5-30 points with the prompt and the answer extraction, so a run is
+measured under a named protocol (rl.PROTOCOLS). --protocol qwen-math (the default) reproduces the
+Qwen2.5-Math harness whose numbers papers report: zero-shot, system "Please reason step by step,
+and put your final answer within \\boxed{}." and the question as the user turn (rendered by the
+model's chat template; for Qwen2.5 exactly the harness's string, tested), greedy, 2048 new tokens,
+the answer rl.extract_answer finds stated (the last \\boxed{}, "the answer is X", ...), else the
+last number. --protocol strict is the RL reward's own rules (no last-number fallback, 1024 tokens).
+Every setting, the checker and the seed go into summary.json; a rerun into a directory measured
+otherwise is refused, and --compare warns when runs differ and marks unfinished ones. The fourth
+example is the "better exploration" measure: pass@k on the RL training prompts, before and after RL.
 
 Outputs, per benchmark, under --output-dir: samples.jsonl (one row per completion, appended as
 soon as it is scored; a rerun skips the rows already there, so an interrupted run loses nothing)
@@ -53,7 +57,8 @@ from data import (SYSTEM_PROMPT, DataError, UserError, end_of_turn_ids, encode_p
                   prompt_messages, render)
 from eksft import (SHORT_NAMES, ModelLoadError, append_jsonl, load_model_and_tokenizer, pick_device,
                    quiet_hub_progress, set_seed, write_json)
-from rl import CHECKERS, default_checker, extract_answer, generate_completions, math_reward
+from rl import (CHECKERS, PROTOCOLS, checker_description, default_checker, extract_answer,
+                generate_completions, math_reward)
 
 # -----------------------------------------------------------------------------
 # Metrics: unbiased pass@k and avg@n from per-sample rows
@@ -145,19 +150,21 @@ def vllm_generate(llm, prompt_ids, seeds, *, max_new_tokens, temperature, top_p,
              "truncated": o.outputs[0].finish_reason == "length"} for o in outputs]
 
 
-def score_row(question_index, sample_index, problem, out, checker):
-    """One per-sample JSONL row: the checker is rl.math_reward, exactly the RL reward."""
+def score_row(question_index, sample_index, problem, out, checker, last_number=False):
+    """One per-sample JSONL row: the checker is rl.math_reward, the RL reward (plus, with
+    last_number, the harness's fallback to the last number when no answer is stated)."""
     return {"question_index": question_index, "sample_index": sample_index,
             "question": problem["question"], "gold": problem["answer"], "completion": out["text"],
-            "extracted": extract_answer(out["text"]),
-            "correct": math_reward(out["text"], problem["answer"], checker=checker) == 1.0,
+            "extracted": extract_answer(out["text"], last_number=last_number),
+            "correct": math_reward(out["text"], problem["answer"], checker=checker,
+                                   last_number=last_number) == 1.0,
             "truncated": bool(out["truncated"]), "completion_tokens": len(out["completion_ids"])}
 
 
 def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, top_p=1.0,
                    max_new_tokens=1024, batch_size=32, seed=0, checker="builtin",
-                   system_prompt=SYSTEM_PROMPT, backend="transformers", done=(), on_row=None,
-                   progress=True):
+                   system_prompt=SYSTEM_PROMPT, last_number=False, backend="transformers", done=(),
+                   on_row=None, progress=True):
     """Generate `samples` completions for each problem (dict with question and answer), score them
     with rl.py's checker, and return (rows, metrics); rows sorted by (question, sample) index.
 
@@ -192,7 +199,7 @@ def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, to
         tokens += sum(len(o["completion_ids"]) for o in outs)
         new = [(job, out) for job, out in zip(call, outs) if job not in rows]
         for (q, s), out in new:
-            rows[q, s] = score_row(q, s, problems[q], out, checker)
+            rows[q, s] = score_row(q, s, problems[q], out, checker, last_number)
             if on_row is not None:
                 on_row(rows[q, s])
         bar.update(len(new))
@@ -205,14 +212,22 @@ def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, to
     return rows, metrics
 
 
-def protocol(tokenizer, *, system_prompt, max_new_tokens, temperature, top_p, samples, checker):
-    """Everything that changes a score besides the model: two runs compare only if these agree."""
-    return {"prompt": render(tokenizer, prompt_messages("{question}", system_prompt),
+# the Qwen2.5-Math harness's qwen25-math-cot prompt: --protocol qwen-math says when a template differs
+HARNESS_PROMPT = ("<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
+                  "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def protocol(tokenizer, name, *, max_new_tokens, temperature, top_p, samples, checker, seed, dtype):
+    """Everything that changes a score besides the model: two runs compare only if these agree.
+    name is a key of rl.PROTOCOLS (prompt and answer extraction); the rest is as run."""
+    settings = PROTOCOLS[name]
+    return {"name": name, "about": settings["about"], "system_prompt": settings["system_prompt"],
+            "prompt": render(tokenizer, prompt_messages("{question}", settings["system_prompt"]),
                              add_generation_prompt=True),
             "shots": 0, "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "top_p": top_p if temperature > 0 else None, "samples": samples,
-            "checker": f"rl.math_reward (checker={checker})",
-            "stop_tokens": tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))}
+            "top_p": top_p if temperature > 0 else None, "samples": samples, "seed": seed,
+            "extraction": settings["extraction"], "checker": checker_description(checker),
+            "dtype": dtype, "stop_tokens": tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))}
 
 
 # -----------------------------------------------------------------------------
@@ -244,6 +259,14 @@ def read_rows(path):
     return rows
 
 
+def count_rows(path):
+    """Complete rows in a samples.jsonl, read-only (a run may be writing it right now)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(line.endswith(b"\n") and bool(line.strip()) for line in f)
+
+
 def resumable_rows(rows, problems, path):
     """The rows of an earlier run that belong to this one; refuse rows asked of other questions."""
     kept = {}
@@ -258,16 +281,31 @@ def resumable_rows(rows, problems, path):
     return list(kept.values())
 
 
-def check_same_run(summary_path, model, proto):
-    """Resuming into a directory measured with another model or protocol would mix two runs."""
+def short(value, width=40):
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width - 4] + '..."'
+
+
+def check_same_run(summary_path, samples_path, model, proto):
+    """Resuming into a directory measured with another model, protocol or seed would mix two runs:
+    refuse, naming each setting that differs (old -> new)."""
     if not os.path.exists(summary_path):
+        if os.path.exists(samples_path):
+            raise UserError(f"{samples_path} has no summary.json beside it, so how it was measured is "
+                            f"unknown; use another --output-dir")
         return
     with open(summary_path) as f:
         old = json.load(f)
-    differ = [k for k in sorted(set(old["protocol"]) | set(proto)) if old["protocol"].get(k) != proto.get(k)]
-    if old["model"] != model or differ:
-        what = f"model {old['model']!r}" if old["model"] != model else "protocol: " + ", ".join(differ)
-        raise UserError(f"{summary_path} was measured with another {what}; use another --output-dir")
+    old_settings = dict(old.get("protocol") or {}, model=old.get("model"))
+    new_settings = dict(proto, model=model)
+    differ = []
+    for key in sorted(set(old_settings) | set(new_settings)):
+        before, after = json.dumps(old_settings.get(key)), json.dumps(new_settings.get(key))
+        if before != after:   # short values are shown: 'seed 0 -> 3'; long ones named: 'prompt'
+            differ.append(f"{key} {before} -> {after}" if len(before + after) <= 60 else key)
+    if differ:
+        raise UserError(f"{summary_path} was measured differently ({'; '.join(differ)}); rerun with "
+                        f"the same settings to resume, or use another --output-dir")
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +342,8 @@ def run_table(summaries):
 
 
 def load_summaries(directory):
-    """{benchmark: summary} of a run directory (or of one benchmark's directory)."""
+    """{benchmark: summary} of a run directory (or of one benchmark's directory). An unfinished
+    run (interrupted, or still running) gets no metrics and summary["unfinished"] = 'n/N samples'."""
     paths = [os.path.join(directory, "summary.json")]
     if os.path.isdir(directory):
         paths += [os.path.join(directory, d, "summary.json") for d in sorted(os.listdir(directory))]
@@ -313,7 +352,12 @@ def load_summaries(directory):
         if os.path.exists(path):
             with open(path) as f:
                 summary = json.load(f)
-            summary["metrics"] = summary["metrics"] or {}  # None: a run that has not finished yet
+            summary["unfinished"] = None
+            if not summary.get("finished", summary["metrics"] is not None):   # older files: no "finished"
+                done = count_rows(os.path.join(os.path.dirname(path), "samples.jsonl"))
+                summary["unfinished"] = f"{done}/{summary.get('expected_samples', '?')} samples"
+                summary["metrics"] = None
+            summary["metrics"] = summary["metrics"] or {}
             found[summary["benchmark"]] = summary
     if not found:
         raise UserError(f"{directory}: no summary.json in it or in its sub-directories")
@@ -321,7 +365,8 @@ def load_summaries(directory):
 
 
 def compare(directories):
-    """Print runs side by side, one column per run, and warn where their protocols differ."""
+    """Print runs side by side, one column per run; warn where their protocols differ and mark
+    unfinished runs (their metrics are not shown)."""
     runs = [load_summaries(d) for d in directories]
     names = [os.path.basename(os.path.normpath(d)) for d in directories]
     benchmarks = sorted({b for run in runs for b in run})
@@ -329,14 +374,21 @@ def compare(directories):
     for b in benchmarks:
         present = [run.get(b) for run in runs]
         lines.append([b, "model"] + [s["model"] if s else "-" for s in present])
+        lines.append(["", "status"] + [("UNFINISHED " + s["unfinished"] if s["unfinished"] else "finished")
+                                       if s else "-" for s in present])
+        for name, s in zip(names, present):
+            if s and s["unfinished"]:
+                warnings.append(f"warning: {b}: {name} is unfinished ({s['unfinished']}); rerun its "
+                                f"command to finish it")
         for key in metric_keys([s["metrics"] for s in present if s]):
             lines.append(["", key] + [show(key, s["metrics"]) if s else "-" for s in present])
-        protocols = [dict(s["protocol"], questions=s["metrics"].get("questions")) for s in present if s]
+        protocols = [dict(s["protocol"], questions=s.get("questions", s["metrics"].get("questions")))
+                     for s in present if s]
         for key in sorted({k for p in protocols for k in p}):  # a different --limit is a different test
             values = [json.dumps(p.get(key)) for p in protocols]
             if len(set(values)) > 1:
-                warnings.append(f"warning: {b}: runs differ in {key}: " + " vs ".join(
-                    v if len(v) < 40 else v[:37] + '..."' for v in values))
+                warnings.append(f"warning: {b}: runs differ in {key}: "
+                                + " vs ".join(short(p.get(key)) for p in protocols))
     print(format_table(["benchmark", "metric"] + names, lines))
     for w in warnings:
         print(w)
@@ -403,10 +455,14 @@ def run(args):
         print(f"device: {device} ({why.split(';')[0]}); weights in {dtype}")
         quiet_hub_progress()  # transformers' "Loading weights" bar would break the lines below
         model, tokenizer = load_model_and_tokenizer(args.model, device, dtype=dtype, seed=args.seed)
-    proto = protocol(tokenizer, system_prompt=SYSTEM_PROMPT, max_new_tokens=args.max_new_tokens,
+    # bf16 and fp32 greedy completions differ, so the dtype is part of the protocol
+    proto = protocol(tokenizer, args.protocol, max_new_tokens=args.max_new_tokens, seed=args.seed,
                      temperature=args.temperature, top_p=args.top_p, samples=args.samples,
-                     checker=args.checker)
-    proto["dtype"] = str(dtype)  # bf16 and fp32 greedy completions differ: say which one this was
+                     checker=args.checker, dtype=str(dtype))
+    print(f"protocol {args.protocol}: {proto['about']}; checker {proto['checker']}")
+    if args.protocol == "qwen-math" and proto["prompt"] != HARNESS_PROMPT:
+        print("note: this tokenizer's chat template renders another prompt than the harness's: "
+              + json.dumps(proto["prompt"]))
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
@@ -415,9 +471,10 @@ def run(args):
         out_dir = os.path.join(args.output_dir, name)
         os.makedirs(out_dir, exist_ok=True)
         samples_path, summary_path = (os.path.join(out_dir, f) for f in ("samples.jsonl", "summary.json"))
-        check_same_run(summary_path, args.model, proto)
-        summary = {"model": args.model, "benchmark": name, "protocol": proto, "metrics": None,
-                   "backend": backend, "args": vars(args)}
+        check_same_run(summary_path, samples_path, args.model, proto)
+        summary = {"model": args.model, "benchmark": name, "protocol": proto, "finished": False,
+                   "questions": len(problems), "expected_samples": len(problems) * args.samples,
+                   "metrics": None, "backend": backend, "args": vars(args)}
         write_json(summary_path, summary)  # before any sample: a resume can check the protocol
         done = resumable_rows(read_rows(samples_path), problems, samples_path)
         if done:
@@ -425,10 +482,12 @@ def run(args):
         rows, metrics = evaluate_model(
             model, tokenizer, problems, samples=args.samples, temperature=args.temperature,
             top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            seed=args.seed, checker=args.checker, backend=backend, done=done,
+            seed=args.seed, checker=args.checker, system_prompt=PROTOCOLS[args.protocol]["system_prompt"],
+            last_number=PROTOCOLS[args.protocol]["last_number"], backend=backend, done=done,
             on_row=lambda row: append_jsonl(samples_path, row), progress=not args.no_progress)
         in_file = resumable_rows(read_rows(samples_path), problems, samples_path)  # the file is the truth
-        summary.update(metrics=metrics_from_rows(in_file), time=dict(metrics["time"], resumed_rows=len(done)))
+        summary.update(finished=True, metrics=metrics_from_rows(in_file),
+                       time=dict(metrics["time"], resumed_rows=len(done)))
         write_json(summary_path, summary)
         summaries.append(summary)
         for r in rows[:args.show]:
@@ -451,15 +510,19 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=1, help="completions per question (avg@n, pass@k)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (temperature > 0 only)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length limit (default "
-                   "1024; 256 for tiny, whose synthetic solutions are under 160 characters)")
+    p.add_argument("--protocol", default="qwen-math", choices=PROTOCOLS, help="qwen-math: the Qwen2.5-Math "
+                   "harness (published numbers; last-number fallback, 2048 tokens); strict: the RL reward's "
+                   "rules (1024 tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length limit (default: "
+                   "the protocol's; 256 for tiny, whose synthetic solutions are under 160 characters)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: "
                    "rl.py's builtin rules, the math-verify package, or auto (builtin, and math-verify for "
                    "answers with symbols)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (and the tiny model's weights)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (and the tiny model's weights); "
+                   "recorded, a resume needs the same")
     p.add_argument("--output-dir", default=None, help="samples.jsonl and summary.json per benchmark "
-                   "(default runs/eval-{model}[-t{temperature}-n{samples}])")
+                   "(default runs/eval-{model}[-{protocol}][-t{temperature}-n{samples}])")
     p.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"],
                    help="auto: vllm if installed and a CUDA GPU is present, else transformers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps (transformers)")
@@ -473,7 +536,7 @@ def parse_args(argv=None):
     if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
         p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
     if args.max_new_tokens is None:
-        args.max_new_tokens = 256 if args.model == "tiny" else 1024
+        args.max_new_tokens = 256 if args.model == "tiny" else PROTOCOLS[args.protocol]["max_new_tokens"]
     if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit or 1) < 1:
         p.error("--samples, --batch-size, --max-new-tokens and --limit must be positive")
     if args.samples > 1 and args.temperature == 0:
@@ -483,7 +546,8 @@ def parse_args(argv=None):
     if args.output_dir is None:
         model = re.sub(r"[^A-Za-z0-9.]+", "-", args.model.rstrip("/")).strip("-")
         sampling = f"-t{args.temperature:g}-n{args.samples}" if args.temperature > 0 else ""
-        args.output_dir = os.path.join("runs", f"eval-{model}{sampling}")
+        protocol_name = "" if args.protocol == "qwen-math" else f"-{args.protocol}"
+        args.output_dir = os.path.join("runs", f"eval-{model}{protocol_name}{sampling}")
     return args
 
 

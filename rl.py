@@ -19,8 +19,11 @@ Simplifications (choices, not accidents):
   3. Generation is transformers' generate in the training process (no vLLM): simple, slow. On one
      H100, 128 completions of 1024 tokens from a Qwen2.5-0.5B-sized model take ~90 s, the update ~4 s.
   4. No KL penalty by default (--kl-coef 0, and then no reference model is loaded). With one, the
-     k3 estimate is added to the loss, as GRPO does, not subtracted from the reward.
-  5. Groups whose G rewards are all equal are skipped and counted, not resampled (DAPO would).
+     k3 estimate is added to the loss, as GRPO does, not subtracted from the reward; its gradient is
+     that of KL(ref || pi), --kl-estimator k3-corrected's that of KL(pi || ref) (see kl_penalty).
+  5. Groups whose G rewards are all equal (flat) are counted, not resampled (DAPO would): advantage
+     0, still in the loss's denominator and in the KL term; a step of only flat groups without KL
+     makes no optimiser step (TRL would step on AdamW's momentum).
   6. Constant learning rate, one optimiser step per PPO epoch (no mini-batches inside a batch).
   7. The built-in checker is a normaliser plus a small numeric parser, not a computer algebra
      system: numbers, fractions, percents, powers, tuples, intervals, matrices; anything else is
@@ -718,14 +721,15 @@ def group_advantages(rewards, group_size, *, scale_by_std=True, eps=1e-4):
         A_i = (r_i - mean_group(r)) / (std_group(r) + eps)     (std with Bessel's correction, as TRL)
         A_i =  r_i - mean_group(r)                             (scale_by_std=False: Dr. GRPO)
 
-    Returns advantages (N,) and informative (N // G,) bool: False for groups whose rewards are all
-    equal, which have zero advantage and carry no signal.
+    Returns advantages (N,) and informative (N // G,) bool: False for a flat group (rewards all
+    equal), whose advantages are exactly 0: no policy signal, but still a KL term when there is one.
     """
     r = rewards.float().view(-1, group_size)                           # (P, G)
     advantages = r - r.mean(dim=1, keepdim=True)                       # (P, G)
     if scale_by_std:
         advantages = advantages / (r.std(dim=1, keepdim=True) + eps)   # (P, G)
     informative = r.max(dim=1).values > r.min(dim=1).values            # (P,)
+    advantages = advantages * informative.unsqueeze(1)                 # (P, G) 0, not 1e-17, when flat
     return advantages.view(-1), informative
 
 
@@ -742,33 +746,50 @@ def token_logprobs(logits, tokens, temperature=1.0):
 
 
 LOSS_AGGS = ("token-mean", "seq-mean", "dr-grpo")
+KL_ESTIMATORS = ("k3", "k3-corrected")
 
 
 def loss_normaliser(mask, loss_agg, max_new_tokens):
-    """The denominator of the loss, computed ONCE per optimiser step from the masks of ALL its
-    completions, so that splitting the step into micro-batches never changes the update.
-        token-mean: completion tokens in the step (every token weighs the same)
-        seq-mean:   completions in the step (each completion's tokens are first averaged)
-        dr-grpo:    completions x max_new_tokens (a constant: no length bias, Dr. GRPO)
-    mask (N, T) bool."""
+    """The loss's denominator, computed ONCE per optimiser step from the masks (N, T) of ALL the
+    completions sampled in the step, flat groups included, so that neither the micro-batch split
+    nor which completions get a backward pass changes the update:
+        token-mean: the loss-masked tokens of all N (every token weighs the same; TRL's "dapo")
+        seq-mean:   N, each completion's tokens first averaged (TRL's "grpo"; one masked out by
+                    --mask-truncated counts as 0)
+        dr-grpo:    N x max_new_tokens (a constant: no length bias, Dr. GRPO)"""
     if loss_agg == "token-mean":
         return max(mask.sum().item(), 1)
     if loss_agg == "seq-mean":
-        return max(mask.any(dim=1).sum().item(), 1)
+        return max(mask.shape[0], 1)
     if loss_agg == "dr-grpo":
         return max(mask.shape[0] * max_new_tokens, 1)
     raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose one of {LOSS_AGGS}")
 
 
+def kl_penalty(logprobs, ref_logprobs, ratio, estimator="k3"):
+    """Per-token KL penalty (B, T) on tokens sampled from pi_old; log r = log ref - log pi.
+        k3           = exp(log r) - log r - 1 >= 0: on-policy an unbiased estimate of KL(pi || ref),
+                       but its expected gradient E_pi[(1 - ref/pi) grad log pi] = -sum_x ref grad log pi
+                       is the gradient of KL(ref || pi) (GRPO's choice).
+        k3-corrected = ratio * k3, ratio = pi / pi_old (1 on-policy, but with a gradient): its gradient
+                       ratio * (log pi - log ref) grad log pi has expectation under pi_old the gradient
+                       of KL(pi || ref) (DeepSeek-V3.2; TRL 1.16's default use_bias_correction_kl)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+    log_r = ref_logprobs - logprobs                                    # (B, T)
+    k3 = torch.exp(log_r) - log_r - 1                                  # (B, T)
+    return k3 * ratio if estimator == "k3-corrected" else k3
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_agg="token-mean",
-                clip_eps=0.2, clip_eps_high=None, ref_logprobs=None, kl_coef=0.0):
-    """Clipped policy-gradient loss with an optional k3 KL penalty, for one micro-batch.
+                clip_eps=0.2, clip_eps_high=None, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3"):
+    """Clipped policy-gradient loss with an optional KL penalty, for one micro-batch.
 
     logprobs (B, T) current policy, with grad; old_logprobs (B, T) the policy that sampled, detached
     (with one update per batch they are logprobs.detach(): ratio 1, and the gradient is exactly
     REINFORCE's A * grad log pi); ref_logprobs (B, T) the frozen start; advantages (B,); mask (B, T).
     Returns the loss (already divided by the step's normaliser: micro-batch losses simply add up)
-    and sums for logging.
+    and sums for logging (a token is clipped when the clip removes its gradient, as TRL counts it).
     """
     mask = mask.float()                                                # (B, T)
     adv = advantages.unsqueeze(1)                                      # (B, 1) same A for every token
@@ -779,10 +800,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_ag
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv         # (B, T)
     per_token = -torch.min(unclipped, clipped)                         # (B, T)
     kl = torch.zeros_like(logprobs)
-    if kl_coef:
-        # k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1  (>= 0, unbiased)
-        log_r = ref_logprobs - logprobs                                # (B, T)
-        kl = torch.exp(log_r) - log_r - 1                              # (B, T)
+    if kl_coef:                              # added to the loss (GRPO), not subtracted from the reward
+        kl = kl_penalty(logprobs, ref_logprobs, ratio, kl_estimator)  # (B, T)
         per_token = per_token + kl_coef * kl
     if loss_agg == "seq-mean":
         weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1)   # (B, T) each completion sums to 1
@@ -817,13 +836,28 @@ def train_eval_sets(data, eval_size, seed):
     return rows[eval_size:], rows[:eval_size]
 
 
+# Evaluation protocols (evaluate.py --protocol, rl.py --eval-protocol): what changes a score besides
+# the model. Both are zero-shot with the system prompt of the Qwen2.5-Math harness (qwen25-math-cot).
+PROTOCOLS = {
+    "qwen-math": dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=2048, last_number=True,
+                      about="the Qwen2.5-Math harness behind published numbers (qwen25-math-cot)",
+                      extraction="the stated answer (rl.extract_answer), else the last number"),
+    "strict": dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=1024, last_number=False,
+                   about="the RL reward's own rules: an answer that is not stated scores 0",
+                   extraction="the stated answer (rl.extract_answer), no last-number fallback"),
+}
+
+
 def evaluate_accuracy(model, tokenizer, rows, args, autocast):
-    """Greedy accuracy on held-out questions, with the same prompt and checker as the reward."""
-    prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt) for r in rows]
+    """Greedy held-out accuracy as evaluate.py --protocol args.eval_protocol scores it (prompt,
+    answer extraction, checker), but at the training budget --max-new-tokens, to stay cheap."""
+    proto = PROTOCOLS[args.eval_protocol]
+    prompts = [encode_prompt(tokenizer, r["question"], proto["system_prompt"]) for r in rows]
     with autocast():
         outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                        batch_size=args.eval_batch_size)
-    scores = [math_reward(o["text"], r["answer"], checker=args.checker) for o, r in zip(outputs, rows)]
+    scores = [math_reward(o["text"], r["answer"], checker=args.checker, last_number=proto["last_number"])
+              for o, r in zip(outputs, rows)]
     return sum(scores) / len(rows)
 
 
@@ -838,35 +872,54 @@ def sequence_logprobs(model, batch, temperature):
 
 
 def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pad_id, device, autocast):
-    """--ppo-epochs optimiser steps on one batch of rollouts; returns sums for the metrics."""
+    """--ppo-epochs optimiser steps on ALL N completions sampled in one step; returns metric sums.
+    The loss is normalised over all N. A completion with advantage 0 (a flat group) adds nothing to
+    the policy term, so without KL it gets no backward pass, only a forward without grad for the
+    entropy; with KL it is trained like any other. Metric sums cover the loss-masked tokens of all N."""
     batch = rollout_tensors(prompts, [r["completion_ids"] for r in rollouts], pad_id)
-    normaliser = loss_normaliser(batch[4], args.loss_agg, args.max_new_tokens)   # once per step
-    micro = [slice(s, s + args.micro_batch_size) for s in range(0, len(rollouts), args.micro_batch_size)]
-    on_device = lambda sl: [t[sl].to(device) for t in batch[:5]]
-    # log-probs of the policy that sampled (only needed when the batch is reused) and of the start
+    mask = batch[4]                                                     # (N, T)
+    if args.mask_truncated:              # still in their group's mean, but no loss of their own
+        mask[torch.tensor([r["truncated"] for r in rollouts])] = False
+    normaliser = loss_normaliser(mask, args.loss_agg, args.max_new_tokens)   # once per step, all N
+    has_loss = mask.any(dim=1)                                          # (N,)
+    needs_grad = has_loss & ((advantages != 0) | (args.kl_coef > 0))   # (N,)
+    size = args.micro_batch_size
+    chunks = lambda rows: [rows[s:s + size] for s in range(0, len(rows), size)]   # micro-batches of rows
+    micro = chunks(needs_grad.nonzero().flatten().tolist())
+    watched = chunks((has_loss & ~needs_grad).nonzero().flatten().tolist())      # entropy only
+    on_device = lambda rows: [t[rows].to(device) for t in batch[:5]]
+    sums = dict(tokens=mask.sum().item(), clipped_tokens=0, kl_sum=0.0, entropy_sum=0.0, loss=None,
+                grad_norm=None, train_tokens=0)
+    # before any update: the entropy of the completions without a backward pass, the log-probs of
+    # the policy that sampled (only needed when the batch is reused) and of the start
     old, ref = [None] * len(micro), [None] * len(micro)
     with torch.no_grad(), autocast():
-        for i, sl in enumerate(micro):
+        for rows in watched:
+            mb = on_device(rows)
+            sums["entropy_sum"] += (sequence_logprobs(model, mb, args.temperature)[1] * mb[4]).sum().item()
+        for i, rows in enumerate(micro):
             if args.ppo_epochs > 1:
-                old[i] = sequence_logprobs(model, on_device(sl), args.temperature)[0]
+                old[i] = sequence_logprobs(model, on_device(rows), args.temperature)[0]
             if ref_model is not None:
-                ref[i] = sequence_logprobs(ref_model, on_device(sl), args.temperature)[0]
-    sums = dict(tokens=0, clipped_tokens=0, kl_sum=0, entropy_sum=0, loss=0, grad_norm=0, train_tokens=0)
+                ref[i] = sequence_logprobs(ref_model, on_device(rows), args.temperature)[0]
+    if not micro:                        # nothing to learn from: no optimiser step at all
+        return sums
+    sums.update(loss=0.0, grad_norm=0.0)
     for epoch in range(args.ppo_epochs):
-        for i, sl in enumerate(micro):
-            mb = on_device(sl)
+        for i, rows in enumerate(micro):
+            mb = on_device(rows)
             with autocast():
                 logprobs, entropy = sequence_logprobs(model, mb, args.temperature)   # (b, T) each
             loss, stats = policy_loss(
-                logprobs, logprobs.detach() if old[i] is None else old[i], advantages[sl].to(device),
+                logprobs, logprobs.detach() if old[i] is None else old[i], advantages[rows].to(device),
                 mb[4], normaliser=normaliser, loss_agg=args.loss_agg, clip_eps=args.clip_eps,
-                clip_eps_high=args.clip_eps_high, ref_logprobs=ref[i], kl_coef=args.kl_coef)
+                clip_eps_high=args.clip_eps_high, ref_logprobs=ref[i], kl_coef=args.kl_coef,
+                kl_estimator=args.kl_estimator)
             loss.backward()
             sums["clipped_tokens"] += stats["clipped_tokens"]
             sums["loss"] += loss.item() / args.ppo_epochs
             sums["train_tokens"] += int(mb[1].sum())
             if epoch == 0:                    # entropy and KL of the policy that sampled the batch
-                sums["tokens"] += stats["tokens"]
                 sums["kl_sum"] += stats["kl_sum"]
                 sums["entropy_sum"] += (entropy * mb[4]).sum().item()
         sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
@@ -962,31 +1015,27 @@ def train(args, reward_fn=None):
         correct = [is_equiv(extract_answer(r["text"]), g, args.checker) for r, g in zip(rollouts, golds)]
         truncated = torch.tensor([r["truncated"] for r in rollouts])     # (N,)
 
-        # 3. advantages, and the update on the completions that carry signal
+        # 3. advantages, and the update (flat groups have advantage 0: see rl_step)
         advantages, informative = group_advantages(rewards, G, scale_by_std=not args.no_std)
-        trained = informative.repeat_interleave(G)                       # (N,) skip flat groups
-        if args.mask_truncated:              # still in their group's mean, but no loss of their own
-            trained &= ~truncated
-        keep = trained.nonzero().flatten().tolist()
         t1 = time.perf_counter()
-        sums = rl_step(model, ref_model, optimizer, [prompts[k] for k in keep],
-                       [rollouts[k] for k in keep], advantages[keep], args, tokenizer.pad_token_id,
-                       device, autocast) if keep else {}
+        sums = rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args,
+                       tokenizer.pad_token_id, device, autocast)
         train_seconds = time.perf_counter() - t1
 
-        # 4. metrics: one JSON line per step, a log line, and now and then two samples
+        # 4. metrics: one JSON line per step, a log line, and now and then two samples. Entropy, KL
+        # and clip fraction are means over the loss-masked tokens of all sampled completions
         lengths = [len(r["completion_ids"]) for r in rollouts]
-        tokens = max(sums.get("tokens", 0), 1)
+        tokens = sums["tokens"] or None                      # 0: --mask-truncated cut every one
         record = {"step": step + 1, "reward": rewards.mean().item(),
                   "accuracy": sum(correct) / len(correct), "response_length": sum(lengths) / len(lengths),
                   "truncated_frac": truncated.float().mean().item(),
-                  "entropy": sums["entropy_sum"] / tokens if keep else None,
-                  "kl": sums["kl_sum"] / tokens if keep and ref_model is not None else None,
-                  "clip_frac": sums["clipped_tokens"] / (tokens * args.ppo_epochs) if keep else None,
-                  "loss": sums.get("loss"), "grad_norm": sums.get("grad_norm"),
-                  "skipped_groups": int((~informative).sum()), "groups": len(rows),
-                  "gen_tokens_per_s": sum(lengths) / gen_seconds,
-                  "train_tokens_per_s": sums["train_tokens"] / train_seconds if keep else None}
+                  "entropy": sums["entropy_sum"] / tokens if tokens else None,
+                  "kl": sums["kl_sum"] / tokens if tokens and ref_model is not None else None,
+                  "clip_frac": sums["clipped_tokens"] / (tokens * args.ppo_epochs) if tokens else None,
+                  "loss": sums["loss"], "grad_norm": sums["grad_norm"],
+                  "flat_groups": int((~informative).sum()), "groups": len(rows),
+                  "gen_tokens_per_s": sum(lengths) / gen_seconds, "train_tokens_per_s":
+                      sums["train_tokens"] / train_seconds if sums["train_tokens"] else None}
         history.append(record)
         append_jsonl(metrics_path, record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
@@ -994,8 +1043,8 @@ def train(args, reward_fn=None):
             r = record
             tqdm.write(f"step {step + 1:5d} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | "
                        f"len {r['response_length']:.0f} | trunc {r['truncated_frac']:.2f} | "
-                       f"skipped {r['skipped_groups']}/{len(rows)} | "
-                       + (f"H {r['entropy']:.3f} | clip {r['clip_frac']:.3f} | " if keep else "")
+                       f"flat {r['flat_groups']}/{len(rows)} | "
+                       + (f"H {r['entropy']:.3f} | clip {r['clip_frac']:.3f} | " if tokens else "")
                        + (f"KL {r['kl']:.4f} | " if r["kl"] is not None else "")
                        + f"gen {r['gen_tokens_per_s']:.0f} tok/s")
         if args.print_every and (step + 1) % args.print_every == 0:
@@ -1056,7 +1105,9 @@ def parse_args(argv=None):
     add("--ppo-epochs", type=int, default=1, help="updates per batch (1: REINFORCE with group baseline)")
     add("--clip-eps", type=float, default=0.2, help="PPO clip epsilon (lower, and upper by default)")
     add("--clip-eps-high", type=float, default=None, help="separate upper epsilon (DAPO uses 0.28)")
-    add("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the start (0: no reference model)")
+    add("--kl-coef", type=float, default=0.0, help="KL penalty to the start (0: no reference model)")
+    add("--kl-estimator", default="k3", choices=KL_ESTIMATORS, help="k3: gradient of KL(ref || pi) "
+        "(GRPO); k3-corrected: k3 x pi/pi_old, gradient of KL(pi || ref) (TRL 1.16's default)")
     # optimisation
     add("--lr", type=float, default=None, help="AdamW learning rate (1e-6; 1e-3 tiny)")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -1069,6 +1120,8 @@ def parse_args(argv=None):
     add("--seed", type=int, default=0, help="seed for the tiny model, prompt order and sampling")
     add("--eval-size", type=int, default=None, help="held-out questions (200; 16 tiny; 0: none)")
     add("--eval-every", type=int, default=50, help="held-out accuracy every N steps, and at start/end")
+    add("--eval-protocol", default="qwen-math", choices=PROTOCOLS, help="score held-out answers as "
+        "evaluate.py --protocol does (its prompt, extraction, checker), at --max-new-tokens")
     add("--eval-batch-size", type=int, default=64, help="sequences per generate call in evaluation")
     add("--log-every", type=int, default=1, help="print a metrics line every N steps")
     add("--print-every", type=int, default=None, help="print the best and worst completion every N "

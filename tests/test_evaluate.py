@@ -121,6 +121,88 @@ def test_checker_and_prompt_integration(monkeypatch):
 
 
 # ----------------------------------------------------------------------------
+# protocols: the Qwen2.5-Math harness's prompt and extraction, and the strict one
+
+# the harness's qwen25-math-cot prompt, as its template writes it (question as the user turn)
+HARNESS = ("<|im_start|>system\nPlease reason step by step, and put your final answer within "
+           "\\boxed{}.<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+QWEN_TEMPLATE = os.path.join(ROOT, "..", "shared", "fixtures", "qwen2.5_chat_template.jinja")
+
+
+def test_qwen25_chat_template_renders_the_harness_prompt():
+    if not os.path.exists(QWEN_TEMPLATE):
+        pytest.skip(f"{QWEN_TEMPLATE} is absent (the fixture lives outside this repository)")
+    from eksft import char_tokenizer
+    tokenizer = char_tokenizer()
+    with open(QWEN_TEMPLATE) as f:
+        tokenizer.chat_template = f.read()                   # Qwen2.5's own template
+    proto = evaluate.protocol(tokenizer, "qwen-math", max_new_tokens=2048, temperature=0.0, top_p=1.0,
+                              samples=1, checker="builtin", seed=0, dtype="torch.float32")
+    assert proto["prompt"] == HARNESS
+    question = "Natalia sold clips to 48 of her friends in April. How many {clips}?"
+    text = HARNESS.replace("{question}", question)
+    assert encode_prompt(tokenizer, question, proto["system_prompt"]) == tokenizer(
+        text, add_special_tokens=False)["input_ids"]
+    assert evaluate.HARNESS_PROMPT == HARNESS                 # what run() checks other templates against
+
+
+def fake_generate(replies):
+    """A stand-in for rl.generate_completions answering each question with a fixed text."""
+    def generate(model, tok, prompt_ids, *, max_new_tokens, temperature, top_p, batch_size, seed):
+        texts = [tok.decode(ids) for ids in prompt_ids]
+        return [{"completion_ids": [1, 2], "truncated": False,
+                 "text": next(r for q, r in replies.items() if q in t)} for t in texts]
+    return generate
+
+
+def test_protocols_differ_only_where_the_harness_falls_back_to_the_last_number(monkeypatch, tmp_path):
+    replies = {"3+4?": "3 + 4 = 7, so \\boxed{7}.",               # boxed: right in both
+               "Pens?": "She had 5 pens and buys 3, so she has 8 pens.",   # no stated answer, last number 8
+               "Apples?": "There are 6 apples. So 2 + 4 = 6, done",        # last number 6, gold 7
+               "Legs?": "I do not know."}                                    # no number at all
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                            for q, a in zip(replies, ["7", "8", "7", "24"])))
+    monkeypatch.setattr(evaluate, "generate_completions", fake_generate(replies))
+    results = {}
+    for name in ("qwen-math", "strict"):
+        out = str(tmp_path / name)
+        run(parse_args(["--benchmarks", str(data), "--output-dir", out, "--protocol", name, "--no-progress",
+                        "--show", "0", "--checker", "builtin"]))
+        rows = sorted(read_jsonl(os.path.join(out, "qa", "samples.jsonl")), key=lambda r: r["question_index"])
+        results[name] = [(r["extracted"], r["correct"]) for r in rows]
+        summary = json.load(open(os.path.join(out, "qa", "summary.json")))
+        proto = summary["protocol"]
+        assert proto["name"] == name and proto["system_prompt"] == SYSTEM_PROMPT and proto["shots"] == 0
+        assert (proto["temperature"], proto["top_p"], proto["samples"], proto["seed"]) == (0.0, None, 1, 0)
+        assert proto["max_new_tokens"] == 256                 # tiny's default, whatever the protocol
+        assert proto["dtype"] == "torch.float32" and "builtin" in proto["checker"]
+        assert ("last number" in proto["extraction"]) == (name == "qwen-math")
+        assert summary["finished"] and summary["expected_samples"] == 4
+    assert results["qwen-math"] == [("7", True), ("8", True), ("6", False), (None, False)]
+    assert results["strict"] == [("7", True), (None, False), (None, False), (None, False)]
+    assert parse_args(["--model", "Qwen2.5-0.5B"]).max_new_tokens == 2048       # the harness's budget
+    assert parse_args(["--model", "Qwen2.5-0.5B", "--protocol", "strict"]).max_new_tokens == 1024
+
+
+def test_resume_refuses_another_protocol_seed_or_unknown_origin(tmp_path):
+    out = str(tmp_path / "eval")
+    argv = ["--benchmarks", "synthetic", "--limit", "2", "--max-new-tokens", "4", "--output-dir", out,
+            "--no-progress", "--show", "0", "--checker", "builtin"]
+    run(parse_args(argv))
+    for extra, expected in ((["--protocol", "strict"], 'name "qwen-math" -> "strict"'),
+                            (["--seed", "1"], "seed 0 -> 1"),
+                            (["--checker", "math-verify"], "checker")):
+        with pytest.raises(UserError) as refused:
+            run(parse_args(argv + extra))
+        assert expected in str(refused.value) and "\n" not in str(refused.value)
+    run(parse_args(argv))                                      # the same settings resume
+    os.remove(os.path.join(out, "synthetic", "summary.json"))
+    with pytest.raises(UserError, match="no summary.json beside it"):
+        run(parse_args(argv))
+
+
+# ----------------------------------------------------------------------------
 # generation with a tiny model whose greedy outputs differ from prompt to prompt
 
 
@@ -248,6 +330,30 @@ def test_compare_prints_side_by_side_and_warns(tmp_path, capsys):
     assert "questions" in evaluate.compare([base, str(tmp_path / "fewer")])[0]
     with pytest.raises(UserError, match="no summary.json"):
         evaluate.compare([str(tmp_path)])
+
+
+def test_compare_marks_unfinished_runs(tmp_path, capsys):
+    done, cut, old = str(tmp_path / "done"), str(tmp_path / "cut"), str(tmp_path / "old")
+    write_summary(done, "gsm8k", 0.5, 0.0)
+    write_summary(cut, "gsm8k", 0.9, 0.0)
+    write_summary(old, "gsm8k", 0.9, 0.0)
+    for directory, extra in ((cut, {"finished": False, "expected_samples": 4}), (old, {})):
+        path = os.path.join(directory, "gsm8k", "summary.json")
+        summary = dict(json.load(open(path)), metrics=None, **extra)   # old: a file without "finished"
+        json.dump(summary, open(path, "w"))
+        with open(os.path.join(directory, "gsm8k", "samples.jsonl"), "w") as f:
+            f.writelines(json.dumps({"question_index": q, "sample_index": 0}) + "\n" for q in range(3))
+            f.write('{"question_index": 3, "sam')               # being written right now
+    warnings = evaluate.compare([done, cut, old])
+    printed = capsys.readouterr().out
+    status = next(line for line in printed.splitlines() if "status" in line)
+    assert status.split()[1:] == ["finished", "UNFINISHED", "3/4", "samples", "UNFINISHED", "3/?", "samples"]
+    accuracy = next(line for line in printed.splitlines() if "accuracy" in line)
+    assert accuracy.split()[1:] == ["50.0", "-", "-"]          # no numbers from a run that is not done
+    assert any("cut is unfinished (3/4 samples)" in w for w in warnings)
+    assert any("old is unfinished" in w for w in warnings)
+    with open(os.path.join(cut, "gsm8k", "samples.jsonl")) as f:
+        assert f.read().endswith('"sam')                        # --compare only reads
 
 
 # ----------------------------------------------------------------------------

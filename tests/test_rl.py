@@ -3,6 +3,7 @@
 Expected values are computed by hand (or by plain Python loops written for the test), never
 copied from the code under test. Run: python -m pytest tests/test_rl.py -q
 """
+import collections
 import contextlib
 import copy
 import json
@@ -10,15 +11,17 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 from data import encode_prompt, pad_left
+import rl
 from eksft import load_model_and_tokenizer
-from rl import (completion_mask_from_eos, generate_completions, group_advantages, loss_normaliser,
-                parse_args, policy_loss, rl_step, rollout_tensors, sequence_logprobs, stop_token_ids,
-                token_logprobs, train)
+from rl import (completion_mask_from_eos, generate_completions, group_advantages, kl_penalty,
+                loss_normaliser, parse_args, policy_loss, rl_step, rollout_tensors, sequence_logprobs,
+                stop_token_ids, token_logprobs, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -81,9 +84,9 @@ def test_group_advantages_by_hand():
 # the loss against a hand computation
 
 
-def hand_loss(logp, old, ref, adv, mask, eps_low, eps_high, kl_coef, agg, max_new_tokens):
+def hand_loss(logp, old, ref, adv, mask, eps_low, eps_high, kl_coef, agg, max_new_tokens, kl_estimator="k3"):
     """The same objective written as plain Python loops over tokens."""
-    per_seq, n_tokens, n_seqs = [], 0, 0
+    per_seq, n_tokens = [], 0
     for b in range(len(logp)):
         terms = []
         for t in range(len(logp[b])):
@@ -92,35 +95,47 @@ def hand_loss(logp, old, ref, adv, mask, eps_low, eps_high, kl_coef, agg, max_ne
             ratio = math.exp(logp[b][t] - old[b][t])
             surrogate = min(ratio * adv[b], min(max(ratio, 1 - eps_low), 1 + eps_high) * adv[b])
             d = ref[b][t] - logp[b][t]
-            terms.append(-surrogate + kl_coef * (math.exp(d) - d - 1))
+            kl = (math.exp(d) - d - 1) * (ratio if kl_estimator == "k3-corrected" else 1)
+            terms.append(-surrogate + kl_coef * kl)
         per_seq.append(terms)
         n_tokens += len(terms)
-        n_seqs += bool(terms)
-    if agg == "token-mean":
+    if agg == "token-mean":                      # all tokens of the step
         return sum(sum(s) for s in per_seq) / n_tokens
-    if agg == "seq-mean":
-        return sum(sum(s) / len(s) for s in per_seq if s) / n_seqs
+    if agg == "seq-mean":                        # all completions, a masked-out one counting as 0
+        return sum(sum(s) / len(s) for s in per_seq if s) / len(logp)
     return sum(sum(s) for s in per_seq) / (len(logp) * max_new_tokens)
 
 
-LOGP = [[-1.0, -0.5, -2.0, -0.3], [-0.2, -1.5, -0.7, -0.9]]
-OLD = [[-1.2, -0.5, -1.5, -0.3], [-0.9, -1.0, -0.7, -0.1]]     # ratios 1.22, 1, 0.61, 1 / 2.01, 0.61, 1, 0.45
-REF = [[-0.8, -0.6, -2.1, -1.0], [-0.2, -1.4, -0.5, -0.9]]
-ADV = [1.5, -0.7]
-MASK = [[1, 1, 1, 0], [1, 1, 1, 1]]
+LOGP = [[-1.0, -0.5, -2.0, -0.3], [-0.2, -1.5, -0.7, -0.9], [-0.4, -1.1, -0.6, -0.6], [-0.3] * 4]
+OLD = [[-1.2, -0.5, -1.5, -0.3], [-0.9, -1.0, -0.7, -0.1], [-0.4, -1.1, -0.6, -0.6], [-0.3] * 4]
+# ratios 1.22, 1, 0.61, 1 / 2.01, 0.61, 1, 0.45 / 1 (a flat group's completion) / 1 (masked out)
+REF = [[-0.8, -0.6, -2.1, -1.0], [-0.2, -1.4, -0.5, -0.9], [-0.9, -0.7, -0.6, -0.1], [-1.0] * 4]
+ADV = [1.5, -0.7, 0.0, 0.8]
+MASK = [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]   # row 4: cut by --mask-truncated
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "dr-grpo"])
-@pytest.mark.parametrize("kl_coef,eps_high", [(0.0, 0.2), (0.1, 0.28)])
-def test_policy_loss_matches_hand_computation(agg, kl_coef, eps_high):
+@pytest.mark.parametrize("kl_coef,eps_high,estimator", [(0.0, 0.2, "k3"), (0.1, 0.28, "k3"),
+                                                       (0.1, 0.2, "k3-corrected")])
+def test_policy_loss_matches_hand_computation(agg, kl_coef, eps_high, estimator):
     mask = torch.tensor(MASK, dtype=torch.bool)
     normaliser = loss_normaliser(mask, agg, max_new_tokens=4)
     loss, stats = policy_loss(torch.tensor(LOGP), torch.tensor(OLD), torch.tensor(ADV), mask,
                               normaliser=normaliser, loss_agg=agg, clip_eps=0.2, clip_eps_high=eps_high,
-                              ref_logprobs=torch.tensor(REF), kl_coef=kl_coef)
-    expected = hand_loss(LOGP, OLD, REF, ADV, MASK, 0.2, eps_high, kl_coef, agg, 4)
+                              ref_logprobs=torch.tensor(REF), kl_coef=kl_coef, kl_estimator=estimator)
+    expected = hand_loss(LOGP, OLD, REF, ADV, MASK, 0.2, eps_high, kl_coef, agg, 4, estimator)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert stats["tokens"] == 7
+    assert stats["tokens"] == 9
+
+
+def test_loss_normaliser_by_hand():
+    """Every sampled completion counts, also one masked out entirely (TRL does the same)."""
+    mask = torch.tensor(MASK, dtype=torch.bool)
+    assert loss_normaliser(mask, "token-mean", 4) == 3 + 4 + 2 + 0
+    assert loss_normaliser(mask, "seq-mean", 4) == 4
+    assert loss_normaliser(mask, "dr-grpo", 1024) == 4 * 1024   # a constant: completions x budget
+    with pytest.raises(ValueError):
+        loss_normaliser(mask, "nosuch", 4)
 
 
 def test_clip_fraction_by_hand():
@@ -130,9 +145,9 @@ def test_clip_fraction_by_hand():
     # (1,0) ratio e^0.7 = 2.01, A = -0.7: -1.41 < -0.84 -> not clipped
     # (1,1) ratio e^-0.5 = 0.61 < 0.8, A < 0: 0.8 * -0.7 = -0.56 < -0.42 -> clipped
     # (1,3) ratio e^-0.8 = 0.45, A < 0: -0.56 < -0.31 -> clipped
-    # the other two masked tokens have ratio 1: 3 of 7 clipped
+    # the other masked tokens have ratio 1: 3 of 9 clipped
     mask = torch.tensor(MASK, dtype=torch.bool)
-    _, stats = policy_loss(torch.tensor(LOGP), torch.tensor(OLD), torch.tensor(ADV), mask, normaliser=7)
+    _, stats = policy_loss(torch.tensor(LOGP), torch.tensor(OLD), torch.tensor(ADV), mask, normaliser=9)
     assert stats["clipped_tokens"] == 3
 
 
@@ -140,10 +155,52 @@ def test_one_epoch_is_reinforce_with_a_group_baseline():
     """With old = logprobs.detach(), d loss / d logp_t = -A_b * mask / normaliser (token-mean)."""
     logp = torch.tensor(LOGP, requires_grad=True)
     mask = torch.tensor(MASK, dtype=torch.bool)
-    loss, _ = policy_loss(logp, logp.detach(), torch.tensor(ADV), mask, normaliser=7)
+    loss, _ = policy_loss(logp, logp.detach(), torch.tensor(ADV), mask, normaliser=9)
     loss.backward()
-    expected = [[-ADV[b] * MASK[b][t] / 7 for t in range(4)] for b in range(2)]
+    expected = [[-ADV[b] * MASK[b][t] / 9 for t in range(4)] for b in range(4)]
     assert torch.allclose(logp.grad, torch.tensor(expected))
+
+
+# ----------------------------------------------------------------------------
+# the KL estimators: the value, and the direction of the gradient, on a 5-token vocabulary
+
+
+def expected_penalty(logits, old_logits, ref_logp, estimator):
+    """E_{x ~ pi_old}[kl_penalty(x)], summed exactly over the vocabulary (no sampling)."""
+    logp = torch.log_softmax(logits, dim=-1)                               # (V,)
+    old_logp = torch.log_softmax(old_logits, dim=-1).detach()             # (V,)
+    penalty = kl_penalty(logp, ref_logp, torch.exp(logp - old_logp), estimator)   # (V,)
+    return (old_logp.exp() * penalty).sum()
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_kl_estimator_gradients_point_where_the_docstring_says(off_policy):
+    torch.manual_seed(0)
+    start = torch.randn(5)
+    ref_logp = torch.log_softmax(torch.randn(5), dim=-1)
+    old_logits = start + (0.7 * torch.randn(5) if off_policy else 0)    # the policy that sampled
+
+    def grad(f):
+        logits = start.clone().requires_grad_(True)
+        f(logits).backward()
+        return logits.grad
+
+    def exact_kl(p_logp, q_logp):                                          # KL(p || q) = sum p log(p / q)
+        return (p_logp.exp() * (p_logp - q_logp)).sum()
+
+    forward = grad(lambda z: exact_kl(torch.log_softmax(z, -1), ref_logp))    # grad KL(pi || ref)
+    backward = grad(lambda z: exact_kl(ref_logp, torch.log_softmax(z, -1)))   # grad KL(ref || pi)
+    assert (forward - backward).abs().max() > 0.05                          # the two really differ
+    corrected = grad(lambda z: expected_penalty(z, old_logits, ref_logp, "k3-corrected"))
+    assert torch.allclose(corrected, forward, atol=1e-6)                     # on- and off-policy
+    if not off_policy:
+        k3 = grad(lambda z: expected_penalty(z, start, ref_logp, "k3"))
+        assert torch.allclose(k3, backward, atol=1e-6)
+        # and the value of both is KL(pi || ref) on-policy (unbiased)
+        logp = torch.log_softmax(start, -1)
+        for estimator in ("k3", "k3-corrected"):
+            value = expected_penalty(start, start, ref_logp, estimator)
+            assert value.item() == pytest.approx(exact_kl(logp, ref_logp).item(), rel=1e-5)
 
 
 def test_token_logprobs_uses_the_sampling_temperature():
@@ -299,6 +356,159 @@ def test_rl_step_update_does_not_depend_on_the_micro_batch_size(tiny, agg):
     assert torch.allclose(updates[1], updates[0], atol=1e-6) and torch.allclose(updates[2], updates[0], atol=1e-6)
 
 
+def naive_step_gradient(model, ref_model, prompts, rollouts, advantages, agg, kl_coef, estimator,
+                        max_new_tokens):
+    """The step's gradient and entropy written without rl.py's batching: one unpadded forward per
+    completion, every completion in the loss (flat groups too), the step's denominator by hand."""
+    lengths = [len(r["completion_ids"]) for r in rollouts]
+    denominator = {"token-mean": sum(lengths), "seq-mean": len(rollouts),
+                   "dr-grpo": len(rollouts) * max_new_tokens}[agg]
+    model.zero_grad()
+    entropy_sum = 0.0
+    for prompt, rollout, adv in zip(prompts, rollouts, advantages.tolist()):
+        ids = torch.tensor([prompt + rollout["completion_ids"]])
+        P, T = len(prompt), len(rollout["completion_ids"])
+        scored = ids[0, P:]                                           # logits[P - 1 + t] predicts ids[P + t]
+        logp_all = torch.log_softmax(model(ids).logits[0, P - 1:P - 1 + T], dim=-1)
+        logp = logp_all.gather(1, scored[:, None])[:, 0]             # (T,)
+        entropy_sum += -(logp_all.exp() * logp_all).sum().item()
+        total = -(adv * torch.exp(logp - logp.detach())).sum()       # REINFORCE: ratio 1, A grad log pi
+        if kl_coef:
+            with torch.no_grad():
+                ref_all = torch.log_softmax(ref_model(ids).logits[0, P - 1:P - 1 + T], dim=-1)
+            d = ref_all.gather(1, scored[:, None])[:, 0] - logp
+            k3 = torch.exp(d) - d - 1                                 # corrected: times pi / pi_old
+            kl = k3 * torch.exp(logp - logp.detach()) if estimator == "k3-corrected" else k3
+            total = total + kl_coef * kl.sum()
+        (total / (T if agg == "seq-mean" else 1) / denominator).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()]), entropy_sum / sum(lengths)
+
+
+def sgd_update(model, ref_model, prompts, rollouts, advantages, *flags):
+    """(the parameter change of one rl_step with plain SGD at lr 1 = minus the gradient, its sums)."""
+    policy = copy.deepcopy(model)
+    before = [p.detach().clone() for p in policy.parameters()]
+    args = parse_args(["--model", "tiny", "--micro-batch-size", "3", "--max-new-tokens", "10",
+                       "--grad-clip", "1e9", *flags])
+    sums = rl_step(policy, ref_model, torch.optim.SGD(policy.parameters(), lr=1.0), prompts, rollouts,
+                   advantages, args, 0, CPU, contextlib.nullcontext)
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]), sums
+
+
+@pytest.fixture(scope="module")
+def step_inputs(tiny):
+    """Two groups of 4 completions from the tiny model, the second group flat (advantage 0), and a
+    reference model that differs from the policy, so that the KL term is not zero."""
+    model, tok = tiny
+    prompts = [p for p in prompts_of(tok, QUESTIONS[:2]) for _ in range(4)]
+    rollouts = generate_completions(model, tok, prompts, max_new_tokens=10, temperature=1.0, seed=3)
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model, ref_model, prompts, rollouts, torch.tensor([1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("agg,kl_coef,estimator", [("token-mean", 0.0, "k3"), ("token-mean", 0.3, "k3"),
+                                                   ("dr-grpo", 0.3, "k3-corrected"), ("seq-mean", 0.3, "k3")])
+def test_step_with_flat_groups_matches_a_naive_computation(step_inputs, agg, kl_coef, estimator):
+    """A flat group stays in the denominator always and in the KL term when there is one; without
+    KL, skipping its backward pass changes nothing. Entropy is over all sampled completions."""
+    model, ref_model, prompts, rollouts, adv = step_inputs
+    update, sums = sgd_update(model, ref_model if kl_coef else None, prompts, rollouts, adv,
+                              "--loss-agg", agg, "--kl-coef", str(kl_coef), "--kl-estimator", estimator)
+    gradient, entropy = naive_step_gradient(copy.deepcopy(model), ref_model, prompts, rollouts, adv, agg,
+                                            kl_coef, estimator, max_new_tokens=10)
+    assert gradient.abs().max() > 1e-3
+    assert torch.allclose(-update, gradient, atol=1e-6)
+    assert sums["tokens"] == sum(len(r["completion_ids"]) for r in rollouts)
+    assert sums["entropy_sum"] / sums["tokens"] == pytest.approx(entropy, rel=1e-5)
+
+
+def test_kl_pulls_on_a_step_of_only_flat_groups(step_inputs):
+    model, ref_model, prompts, rollouts, _ = step_inputs
+    flat = torch.zeros(len(rollouts))
+    for estimator in ("k3", "k3-corrected"):
+        update, sums = sgd_update(model, ref_model, prompts, rollouts, flat, "--kl-coef", "0.3",
+                                  "--kl-estimator", estimator)
+        gradient, _ = naive_step_gradient(copy.deepcopy(model), ref_model, prompts, rollouts, flat,
+                                          "token-mean", 0.3, estimator, max_new_tokens=10)
+        assert update.abs().max() > 1e-4 and torch.allclose(-update, gradient, atol=1e-6)
+        assert sums["kl_sum"] > 0
+    update, sums = sgd_update(model, None, prompts, rollouts, flat)        # no KL: nothing to learn
+    assert update.abs().max() == 0 and sums["loss"] is None and sums["entropy_sum"] > 0
+
+
+# ----------------------------------------------------------------------------
+# the same loss as TRL's GRPOTrainer on the same per-token log-probs
+
+
+def trl_loss(logp, old, ref, adv, mask, loss_type, bias_correction, max_len, beta=0.1):
+    """TRL 1.16's GRPOTrainer._compute_loss on given per-token log-probs, with a stand-in trainer
+    (one process, no gradient accumulation, no vLLM): only the attributes that method reads."""
+    from trl import GRPOTrainer
+
+    class OneProcess:
+        num_processes = 1
+        reduce = staticmethod(lambda x, reduction: x)
+        gather = staticmethod(lambda x: x)
+
+    B, T = logp.shape
+    stand_in = types.SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+        beta=beta, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, use_vllm=False,
+        args=types.SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None,
+                                   steps_per_generation=1),
+        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        max_completion_length=max_len, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        accelerator=OneProcess(), _metrics=collections.defaultdict(lambda: collections.defaultdict(list)))
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1).long(),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum()}
+    return GRPOTrainer._compute_loss(stand_in, None, inputs)
+
+
+@pytest.mark.parametrize("agg,loss_type", [("token-mean", "dapo"), ("seq-mean", "grpo"),
+                                           ("dr-grpo", "dr_grpo")])
+@pytest.mark.parametrize("estimator", ["k3", "k3-corrected"])
+def test_same_loss_and_gradient_as_trl(agg, loss_type, estimator):
+    trl = pytest.importorskip("trl")
+    if not trl.__version__.startswith("1.16."):
+        pytest.skip(f"the stand-in trainer follows TRL 1.16's _compute_loss, this is TRL {trl.__version__}")
+    mask = torch.tensor(MASK, dtype=torch.bool)           # with a flat group's row and a masked-out row
+    old, ref, adv = torch.tensor(OLD), torch.tensor(REF), torch.tensor(ADV)
+    ours_logp, trl_logp = (torch.tensor(LOGP, requires_grad=True) for _ in range(2))
+    ours, _ = policy_loss(ours_logp, old, adv, mask, normaliser=loss_normaliser(mask, agg, 4),
+                          loss_agg=agg, clip_eps=0.2, clip_eps_high=0.28, ref_logprobs=ref, kl_coef=0.1,
+                          kl_estimator=estimator)
+    theirs = trl_loss(trl_logp, old, ref, adv, mask, loss_type, estimator == "k3-corrected", max_len=4)
+    ours.backward()
+    theirs.backward()
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    assert torch.allclose(ours_logp.grad, trl_logp.grad, atol=1e-7)
+
+
+def test_held_out_accuracy_is_scored_under_the_evaluation_protocol(tiny, monkeypatch):
+    """rl.py's held-out accuracy uses evaluate.py's protocols: the same prompt, extraction, checker."""
+    model, tok = tiny
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size):
+        seen.extend(prompts)
+        return [{"completion_ids": [1], "truncated": False, "text": "2 + 2 makes 4"} for _ in prompts]
+
+    monkeypatch.setattr(rl, "generate_completions", fake_generate)
+    rows = [{"question": "2+2?", "answer": "4"}]
+    for name, expected in (("qwen-math", 1.0), ("strict", 0.0)):   # only the harness takes the last number
+        args = parse_args(["--model", "tiny", "--eval-protocol", name, "--checker", "builtin",
+                           "--system-prompt", "a training prompt"])
+        assert rl.evaluate_accuracy(model, tok, rows, args, contextlib.nullcontext) == expected
+    assert seen == [encode_prompt(tok, "2+2?", rl.PROTOCOLS[name]["system_prompt"])
+                    for name in ("qwen-math", "strict")]
+
+
 # ----------------------------------------------------------------------------
 # the loop
 
@@ -343,7 +553,7 @@ def test_resume_continues_exactly(tmp_path):
     lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
     assert [l["step"] for l in lines if "reward" in l] == [1, 2, 3]
     assert {"reward", "accuracy", "response_length", "truncated_frac", "entropy", "kl", "clip_frac",
-            "skipped_groups", "gen_tokens_per_s", "train_tokens_per_s"} <= set(lines[1])
+            "flat_groups", "gen_tokens_per_s", "train_tokens_per_s"} <= set(lines[1])
     assert any("eval_accuracy" in l for l in lines)
 
 
@@ -359,12 +569,12 @@ def test_kl_and_ppo_epochs_run(tmp_path):
 def test_flat_groups_and_truncated_completions_carry_no_loss(tmp_path):
     # the maths reward on a random model: every reward is 0, so all 4 groups are flat and skipped
     flat = train(quick_args(tmp_path / "a", "--reward", "math", "--max-steps", "1", "--eval-size", "0"))[2]
-    assert flat[0]["skipped_groups"] == flat[0]["groups"] == 4 and flat[0]["loss"] is None
+    assert flat[0]["flat_groups"] == flat[0]["groups"] == 4 and flat[0]["loss"] is None
     # 2 new tokens: every completion is truncated; some groups carry signal, but --mask-truncated
     # leaves nothing to train on
     cut = train(quick_args(tmp_path / "b", "--reward", "digits", "--max-steps", "1", "--eval-size", "0",
                            "--max-new-tokens", "2", "--mask-truncated"))[2]
-    assert cut[0]["truncated_frac"] == 1.0 and cut[0]["skipped_groups"] < 4 and cut[0]["loss"] is None
+    assert cut[0]["truncated_frac"] == 1.0 and cut[0]["flat_groups"] < 4 and cut[0]["loss"] is None
 
 
 def test_bad_jsonl_row_is_one_clear_message(tmp_path):
