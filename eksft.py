@@ -34,21 +34,24 @@ than --max-len are dropped; fp32 master weights with bf16 autocast rather than p
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import shutil
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
-from data import (IGNORE_INDEX, CHATML_TEMPLATE, UserError, build_sft_examples, collate,
-                  end_of_turn_ids, load_conversations, step_batches)
+from data import (CHATML_TEMPLATE, UserError, build_sft_examples, collate, end_of_turn_ids,
+                  load_conversations, step_batches)
 
 # -----------------------------------------------------------------------------
 # The loss: a pure function (torch only) to paste into any trainer
+# Self-contained: copy from this banner to the next one; it needs only the imports below.
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's and transformers' default)
 
 
 def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX, chunk_size=1024,
