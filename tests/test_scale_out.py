@@ -84,17 +84,3 @@ def test_trl_grpo_example_runs_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "done: 2 steps" in result.stdout
     assert os.path.exists(tmp_path / "trl" / "config.json")
-
-
-def test_trainer_example_runs_offline(tmp_path):
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "tutorial/trainer_eksft.py", "--model", "tiny", "--max-steps", "2",
-                             "--num-samples", "16", "--max-len", "400", "--output-dir", str(tmp_path / "t")],
-                            cwd=root, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "done: 2 steps" in result.stdout
-    assert os.path.exists(tmp_path / "t" / "config.json")
