@@ -718,6 +718,7 @@ def eksft_trainer_class(base):
             self.eksft_options = dict(eksft_options or {})
             self.eksft_options.setdefault("ratio", 0.2)
             self._slots = None
+            self._stat_sums = None  # token counts and sums since the last log line (see log)
             needs_ref = self.eksft_options["ratio"] > 0 or self.eksft_options.get("lambda_kl", 0.05) != 0
             if needs_ref and ref_model is None:
                 ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
@@ -762,13 +763,25 @@ def eksft_trainer_class(base):
                                      reg_normalizer=self._slots if accumulated else None)
             if accumulated and self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients; the counts were global
-            if model.training:
-                self._eksft_stats = {k: float(stats[k]) for k in ("masked_frac", "entropy", "kl", "iou")}
+            if model.training:  # sums, so the logged fractions cover every micro-batch and process
+                n = stats["n_response"].float()
+                sums = torch.stack([n, stats["n_masked"].float(), stats["entropy"] * n,
+                                    torch.nan_to_num(stats["kl"]) * n, stats["n_both"].float(),
+                                    stats["n_either"].float()]).to(self.args.device)
+                self._stat_sums = sums if self._stat_sums is None else self._stat_sums + sums
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
-            if getattr(self, "_eksft_stats", None) and "loss" in logs:
-                logs = {**logs, **{f"eksft/{k}": v for k, v in self._eksft_stats.items()}}
+            if self._stat_sums is not None and "loss" in logs:  # every process logs at this step
+                sums = self._stat_sums
+                if self.args.world_size > 1:
+                    sums = self.accelerator.reduce(sums, reduction="sum")
+                n, n_masked, entropy, kl, n_both, n_either = sums.tolist()
+                logs = {**logs, "eksft/masked_frac": n_masked / max(n, 1),
+                        "eksft/entropy": entropy / max(n, 1)}
+                if self.ref_model is not None:
+                    logs |= {"eksft/kl": kl / max(n, 1), "eksft/iou": n_both / max(n_either, 1)}
+                self._stat_sums = None
             return super().log(logs, *args, **kwargs)
 
     EKSFTTrainer.__name__ = EKSFTTrainer.__qualname__ = f"EKSFT{base.__name__}"
