@@ -764,10 +764,10 @@ def eksft_trainer_class(base):
             if accumulated and self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients; the counts were global
             if model.training:  # sums, so the logged fractions cover every micro-batch and process
-                n = stats["n_response"].float()
-                sums = torch.stack([n, stats["n_masked"].float(), stats["entropy"] * n,
-                                    torch.nan_to_num(stats["kl"]) * n, stats["n_both"].float(),
-                                    stats["n_either"].float()]).to(self.args.device)
+                n = stats["n_response"]
+                parts = (n, stats["n_masked"], stats["entropy"] * n, torch.nan_to_num(stats["kl"]) * n,
+                         stats["n_both"], stats["n_either"])   # kl is a CPU NaN without a reference
+                sums = torch.stack([x.float().to(self.args.device) for x in parts])
                 self._stat_sums = sums if self._stat_sums is None else self._stat_sums + sums
             return (loss, outputs) if return_outputs else loss
 

@@ -6,7 +6,8 @@ x 2 x 4, in the same order (--sampling random: the shuffled order does not depen
 processes). What must hold: the Trainer adapter sums the response-token count and the selection
 slots over processes and multiplies the loss by the world size, since DDP averages gradients. Then
 every step's loss and gradient norm, and the final weights, equal the 1-process run's up to the
-order of floating-point sums."""
+order of floating-point sums. (The weights alone would not show a missing world-size factor: AdamW
+and clipping are blind to the gradient's scale. The logged loss and gradient norm halve: checked.)"""
 import json
 import os
 import subprocess
