@@ -2,13 +2,16 @@
 EKSFT with Hugging Face's Trainer (or TRL's SFTTrainer), for many GPUs with accelerate.
 
     python tutorial/trainer_eksft.py --model tiny --max-steps 2          # offline CPU check
+    torchrun --standalone --nproc_per_node 2 tutorial/trainer_eksft.py --model tiny --max-steps 2 \
+        --sampling random                                                # 2 CPU processes (DDP)
     accelerate launch --config_file zero3.yaml tutorial/trainer_eksft.py --model Qwen/Qwen3-8B-Base \
         --per-device-batch-size 1 --grad-accum 8 --max-len 20000 --bf16 --gradient-checkpointing
 
 The data and the loss are eksft.py's (data.load_conversations, data.build_sft_examples,
 eksft.eksft_trainer_class wrapping eksft_loss): only the engine changes. Defaults follow the
 released recipe: ratio 0.2, union, lambdas 0.05, lr 1e-5 cosine, 1% warmup, AdamW (0.9, 0.95),
-weight decay 0.1, clip 1.0, 8 epochs.
+weight decay 0.1, clip 1.0, 8 epochs. The per-step log (loss, grad_norm, eksft/masked_frac, ...)
+is printed and saved to --output-dir/trainer_state.json; with N processes it covers all of them.
 """
 import argparse
 import os
