@@ -2,13 +2,16 @@
 EKSFT with Hugging Face's Trainer (or TRL's SFTTrainer), for many GPUs with accelerate.
 
     python tutorial/trainer_eksft.py --model tiny --max-steps 2          # offline CPU check
+    torchrun --standalone --nproc_per_node 2 tutorial/trainer_eksft.py --model tiny --max-steps 2 \
+        --sampling random                                                # 2 CPU processes (DDP)
     accelerate launch --config_file zero3.yaml tutorial/trainer_eksft.py --model Qwen/Qwen3-8B-Base \
         --per-device-batch-size 1 --grad-accum 8 --max-len 20000 --bf16 --gradient-checkpointing
 
 The data and the loss are eksft.py's (data.load_conversations, data.build_sft_examples,
 eksft.eksft_trainer_class wrapping eksft_loss): only the engine changes. Defaults follow the
 released recipe: ratio 0.2, union, lambdas 0.05, lr 1e-5 cosine, 1% warmup, AdamW (0.9, 0.95),
-weight decay 0.1, clip 1.0, 8 epochs.
+weight decay 0.1, clip 1.0, 8 epochs. The per-step log (loss, grad_norm, eksft/masked_frac, ...)
+is printed and saved to --output-dir/trainer_state.json; with N processes it covers all of them.
 """
 import argparse
 import os
@@ -34,9 +37,9 @@ def main(args):
         lr_scheduler_type="cosine", warmup_steps=0.01, weight_decay=0.1, adam_beta1=0.9,
         adam_beta2=0.95, max_grad_norm=1.0, num_train_epochs=args.epochs,
         max_steps=args.max_steps if args.max_steps else -1, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, logging_steps=1, report_to="none",
+        activation_checkpointing=args.gradient_checkpointing, logging_steps=1, report_to="none",
         save_strategy="no", seed=args.seed, use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False, train_sampling_strategy="group_by_length")
+        remove_unused_columns=False, train_sampling_strategy=args.sampling)
     EKSFTTrainer = eksft_trainer_class(Trainer)
     trainer = EKSFTTrainer(
         model=model, args=training_args, train_dataset=examples, processing_class=tokenizer,
@@ -45,12 +48,15 @@ def main(args):
                            lambda_kl=args.lambda_kl))
     trainer.train()
     trainer.save_model(args.output_dir)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(f"done: {len(losses)} steps, last loss {losses[-1] if losses else float('nan'):.4f}; "
-          f"model in {args.output_dir}")
+    if trainer.is_world_process_zero():  # one process writes; losses are averaged over processes
+        trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        print(f"done: {len(losses)} steps on {training_args.world_size} process(es), last loss "
+              f"{losses[-1] if losses else float('nan'):.4f}; model in {args.output_dir} "
+              f"(per-step log in trainer_state.json)")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="EKSFT through transformers.Trainer (accelerate-ready).")
     p.add_argument("--model", default="tiny", help="tiny | short name | hub id | local dir")
     p.add_argument("--data", default=None, help="as eksft.py --data (default: synthetic for tiny, "
@@ -68,9 +74,16 @@ if __name__ == "__main__":
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: use --epochs)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--sampling", default="group_by_length", choices=["group_by_length", "random"],
+                   help="group_by_length: little padding, but the grouping depends on the per-device "
+                   "batch and --grad-accum; random: the same steps for any number of processes")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--output-dir", default="runs/trainer-eksft", help="where the model goes")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
     try:
-        main(p.parse_args())
+        main(parse_args())
     except UserError as e:
         sys.exit(f"error: {e}")

