@@ -140,8 +140,8 @@ def test_evaluation_prompt_is_the_qwen_math_harness_prompt(qwen):
     harness = ("<|im_start|>system\nPlease reason step by step, and put your final answer within "
                "\\boxed{{}}.<|im_end|>\n<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n")
     question = "Find all $x$ with $x^2 = 4$."
-    proto = evaluate.protocol(qwen, system_prompt=SYSTEM_PROMPT, max_new_tokens=16, temperature=0.0,
-                              top_p=1.0, samples=1, checker="builtin")
+    proto = evaluate.protocol(qwen, "qwen-math", max_new_tokens=16, temperature=0.0, top_p=1.0,
+                              samples=1, checker="builtin", seed=0, dtype="float32")
     assert proto["prompt"] == harness.format(input="{question}")
     assert data.encode_prompt(qwen, question) == qwen(harness.format(input=question),
                                                       add_special_tokens=False)["input_ids"]
