@@ -6,13 +6,23 @@
    vectorised code), so they agree to float32 rounding, not bit for bit: values and gradients to a
    relative 1e-5, masks exactly (the data has no near ties), and both match the naive float64
    reference of test_loss.py.
+2. Rollouts: generate_completions(static_cache=True) (transformers' static KV cache; on a GPU its
+   decoding step is also compiled, which no CPU test can check) against the default cache: greedy
+   completions identical, also with pad == eos and for any batch size (evaluate.py's promise), and
+   seeded samples identical (the same sampler draws the same random numbers from the same logits).
 Run: python -m pytest tests/test_speed_paths.py -q
 """
+import copy
+import functools
+
 import pytest
 import torch
 
 import eksft
-from eksft import eksft_loss, fused_gradient, fused_statistics
+import evaluate
+import rl
+from data import encode_prompt, load_qa
+from eksft import eksft_loss, fused_gradient, fused_statistics, load_model_and_tokenizer
 from test_loss import check_stats, make_batch, reference_loss
 
 # ----------------------------------------------------------------------------
@@ -102,3 +112,87 @@ def test_compiled_defaults_on_for_cuda_only():
     logits, labels, ref = make_batch(seed=23, dtype=torch.float32)
     eksft_loss(logits.requires_grad_(True), labels, ref)[0].backward()
     assert eksft._COMPILED == {}
+
+
+# ----------------------------------------------------------------------------
+# 2. rollouts: the static KV cache against transformers' default cache
+
+QUESTIONS = ["1+1?", "What is 12 times 12?", "x", "Ava has 3 pens and buys 4 more. How many now?",
+             "Solve 3y = 12 for y.", "abc", "Compute 7*8-5", "hi"]
+
+
+@pytest.fixture(scope="module")
+def chatty():
+    """The tiny model with large random weights (completions differ from prompt to prompt) and a
+    larger end-of-turn output row, so that greedy completions stop at different lengths and
+    some do not stop at all within the budget. One torch thread (tiny ops: two threads wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tokenizer = load_model_and_tokenizer("tiny", torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3, generator=generator)
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] *= 1.5
+    prompts = [encode_prompt(tokenizer, q, system_prompt="") for q in QUESTIONS]
+    yield model, tokenizer, prompts
+    torch.set_num_threads(before)
+
+
+def ids_of(results):
+    return [r["completion_ids"] for r in results]
+
+
+def test_static_cache_greedy_equals_the_default_cache(chatty):
+    model, tok, prompts = chatty
+    assert len({len(p) for p in prompts}) > 4                      # real left padding
+    plain = rl.generate_completions(model, tok, prompts, max_new_tokens=24, static_cache=False)
+    stopped = [r for r in plain if not r["truncated"]]
+    assert stopped and len(stopped) < len(plain), "want completions that stop and ones that do not"
+    assert len({tuple(r["completion_ids"]) for r in plain}) == len(plain)   # not trivially equal
+    eos = rl.stop_token_ids(model, tok)
+    assert all(r["completion_ids"][-1] in eos for r in stopped)
+    pad_is_eos = copy.deepcopy(tok)
+    pad_is_eos.pad_token = pad_is_eos.eos_token
+    for tokenizer in (tok, pad_is_eos):
+        for batch_size in (1, 3, 8):
+            static = rl.generate_completions(model, tokenizer, prompts, max_new_tokens=24,
+                                             batch_size=batch_size, static_cache=True)
+            assert static == plain, (tokenizer.pad_token, batch_size)
+
+
+def test_static_cache_sampling_equals_the_default_cache(chatty):
+    """Seeded sampling, temperature and top-p as RL uses them: the very same completions."""
+    model, tok, prompts = chatty
+    for temperature, top_p in ((1.0, 1.0), (2.0, 0.9)):
+        kw = dict(max_new_tokens=16, temperature=temperature, top_p=top_p, seed=7, batch_size=4)
+        plain = rl.generate_completions(model, tok, prompts * 2, static_cache=False, **kw)
+        static = rl.generate_completions(model, tok, prompts * 2, static_cache=True, **kw)
+        assert static == plain
+        other_seed = rl.generate_completions(model, tok, prompts * 2, static_cache=True,
+                                             **{**kw, "seed": 8})
+        assert ids_of(other_seed) != ids_of(plain)
+
+
+def test_evaluate_greedy_does_not_depend_on_batch_size_with_static_cache(chatty, monkeypatch):
+    """evaluate.py's promise, with its generation through the static cache (its default on CUDA)."""
+    model, tok, _ = chatty
+    monkeypatch.setattr(evaluate, "generate_completions",
+                        functools.partial(rl.generate_completions, static_cache=True))
+    problems = load_qa("synthetic", limit=5)
+    by_size = {bs: evaluate.evaluate_model(model, tok, problems, max_new_tokens=12, batch_size=bs,
+                                           progress=False)[0] for bs in (1, 2, 5)}
+    texts = {bs: [r["completion"] for r in rows] for bs, rows in by_size.items()}
+    assert len(set(texts[1])) == 5 and texts[1] == texts[2] == texts[5]
+
+
+def test_static_cache_is_off_by_default_on_cpu(chatty, monkeypatch):
+    model, tok, prompts = chatty
+    seen = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw) or generate(**kw))
+    rl.generate_completions(model, tok, prompts[:2], max_new_tokens=4)
+    assert "cache_implementation" not in seen[0]
+    rl.generate_completions(model, tok, prompts[:2], max_new_tokens=4, static_cache=True)
+    assert seen[1]["cache_implementation"] == "static" and seen[1]["max_cache_len"] % 256 == 0
