@@ -7,8 +7,9 @@ bench_rollout.py: RL rollout speed, rl.generate_completions with the default and
     python tests/benchmarks/bench_rollout.py --threads 1          # CPU: a ~1M and a ~5M model (~3 min)
     python tests/benchmarks/bench_rollout.py --small --threads 1  # CPU, seconds: does it run
 
-A script, not a test. Same model, prompts and seed for each path; each row is one timed
-generate_completions call after an untimed one of the same shape (which compiles, on a GPU):
+A script, not a test (--gpu takes about 6 minutes on an H100-class GPU, estimated, not yet run).
+Same model, prompts and seed for each path; each row times generate_completions calls after an
+untimed one (of the same shape for the static cache, where it compiles on a GPU):
   default   transformers' generate with its default (dynamic) KV cache: rl.py before issue 14
   static    static_cache=True: a KV cache of fixed size; on a GPU transformers then compiles the
             one-token decoding step (torch.compile, CUDA graphs). rl.py's default on CUDA.
@@ -80,7 +81,9 @@ def bench_path(model, tokenizer, prompts, config, device, **path):
     autocast = lambda: torch.autocast(device.type, config["autocast"], enabled=config["autocast"] is not None)
     kw = dict(max_new_tokens=config["new_tokens"], temperature=1.0, top_p=1.0, seed=0, **path)
     with autocast():
-        generate_completions(model, tokenizer, prompts, **kw)       # untimed: compiles if it does
+        # untimed, the same shapes (a static cache compiles for them); the default path only warms up
+        generate_completions(model, tokenizer, prompts, **(kw if kw["static_cache"] else
+                                                           dict(kw, max_new_tokens=8)))
         times, tokens = [], 0
         for _ in range(config["repeats"]):
             if device.type == "cuda":

@@ -5,7 +5,7 @@ bench_step.py: what one EKSFT optimizer step costs, next to plain SFT and the re
                                                         # 4 x 256 and 4 x 512 tokens (~3 min)
     python tests/benchmarks/bench_step.py --gpu         # GPU: Qwen2.5-0.5B's shape, random weights,
                                                         # bf16; 1 x 2048 and 1 x 4096 tokens, with
-                                                        # the compiled loss rows (~10 min)
+                                                        # the compiled loss rows (minutes)
     python tests/benchmarks/bench_step.py --small --compile --threads 1   # CPU, seconds: does it run
 
 A script, not a test: pytest collects only tests/test_*.py. Same model, same batch, same seed;
