@@ -164,9 +164,8 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                      batch); None: the number of kept tokens here (mean over kept tokens)
       reg_normalizer divide both regulariser sums by this (e.g. selection_slots of the accumulated
                      batch); None: |E| and |K| here (means over the selected tokens)
-      compiled       run the per-chunk kernels through torch.compile (fused_statistics,
-                     fused_gradient); None: on for CUDA logits, off on CPU. The plain
-                     path is the reference; the two agree to float rounding (tests/test_speed_paths.py)
+      compiled       per-chunk kernels through torch.compile (fused_statistics, fused_gradient);
+                     None: on for CUDA logits. The plain path is the reference (equal to rounding)
     stats: detached 0-dim tensors (ce, entropy, kl, masked fractions, iou, counts)."""
     if combine not in ("union", "intersection") or scope not in ("sequence", "batch"):
         raise ValueError(f"combine must be union|intersection and scope sequence|batch, "
@@ -258,8 +257,7 @@ class LossGradient(torch.autograd.Function):
     derivatives only. a, b, c, entropy, kl, targets: (B, T-1), aligned with labels[:, 1:]."""
 
     @staticmethod
-    def forward(ctx, value, logits, ref_logits, targets, a, b, c, entropy, kl, chunk_size,
-                compiled=False):
+    def forward(ctx, value, logits, ref_logits, targets, a, b, c, entropy, kl, chunk_size, compiled):
         ctx.save_for_backward(logits, ref_logits, targets, a, b, c, entropy, kl)  # no copies
         ctx.chunk_size, ctx.compiled = chunk_size, compiled
         return value.clone()
@@ -293,13 +291,11 @@ class LossGradient(torch.autograd.Function):
         return None, grad, None, None, None, None, None, None, None, None, None
 
 
-# The compiled path: the per-chunk kernels above as whole-row reductions without data-dependent
-# branches, which torch.compile fuses into a pass or two over each row instead of one kernel (and
-# one fp32 (C, V) temporary) per operation. Same formulas; the plain path is the reference.
-
-
 def fused_statistics(logits, targets, ref_logits=None):
-    """H, CE and KL (C,) of C logit rows (C, V) with targets (C,); KL is None without ref_logits."""
+    """H, CE and KL (C,) of C logit rows (C, V) with targets (C,); KL is None without ref_logits.
+    This and fused_gradient are the compiled path: the plain per-chunk kernels as whole-row
+    reductions without data-dependent branches, which torch.compile fuses into a pass or two per
+    row instead of one kernel and one fp32 (C, V) temporary per operation. Same formulas."""
     logp = finite(F.log_softmax(logits, -1, dtype=torch.float32))       # (C, V)
     p_logp = (logp.exp() * logp).sum(-1)                                # (C,) sum_v p log p
     ce = -logp.gather(1, targets[:, None]).squeeze(1)                   # (C,) -log p(target)
