@@ -55,7 +55,7 @@ IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's and t
 
 
 def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX, chunk_size=1024,
-                     return_ce=False):
+                     return_ce=False, compiled=False):
     """Per-token entropy and KL(policy || reference) at response positions, without gradient.
 
     logits, ref_logits: (B, T, V); labels: (B, T), unshifted. Returns entropy and kl, both (B, T-1)
@@ -63,7 +63,8 @@ def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX,
     without ref_logits); with return_ce also ce, the cross-entropy -log p(target) of each token
     (eksft_loss takes its CE from here, so the statistics and the CE share one pass).
     One pass over the logits, chunk_size rows at a time in fp32 (see response_spans), so the
-    extra memory is a few (chunk_size, V) fp32 tensors whatever the sequence length."""
+    extra memory is a few (chunk_size, V) fp32 tensors whatever the sequence length.
+    compiled: each chunk runs fused_statistics through torch.compile instead (see there)."""
     V = logits.shape[-1]
     response = labels[:, 1:] != ignore_index                           # (B, T-1)
     targets = labels[:, 1:].clamp(0, V - 1)                            # ignored ones: masked below
@@ -72,6 +73,13 @@ def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX,
     kl = zeros() if ref_logits is not None else None
     with torch.no_grad():
         for b, s, e in response_spans(response, chunk_size):
+            if compiled:  # the same statistics, fused by the compiler
+                ref = ref_logits[b, s:e] if ref_logits is not None else None
+                entropy[b, s:e], ce[b, s:e], kl_rows = run_compiled(
+                    fused_statistics, logits[b, s:e], targets[b, s:e], ref)
+                if ref is not None:
+                    kl[b, s:e] = kl_rows
+                continue
             # logits[b, t] predicts labels[b, t+1]; a slice of rows is a view, upcast in the kernel
             logp = finite(F.log_softmax(logits[b, s:e], -1, dtype=torch.float32))   # (C, V)
             p = logp.exp()
@@ -145,7 +153,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                lambda_entropy=0.05, lambda_kl=0.05, scope="sequence",
                select_largest_entropy=True, select_largest_kl=True, kl_threshold=1e-3,
                ignore_index=IGNORE_INDEX, chunk_size=1024,
-               ce_normalizer=None, reg_normalizer=None, return_masks=False):
+               ce_normalizer=None, reg_normalizer=None, return_masks=False, compiled=False):
     """The EKSFT loss. Returns (loss, stats).
 
     logits: (B, T, V) policy logits with grad; ref_logits: (B, T, V) frozen reference (None allowed
@@ -160,6 +168,9 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                      batch); None: the number of kept tokens here (mean over kept tokens)
       reg_normalizer divide both regulariser sums by this (e.g. selection_slots of the accumulated
                      batch); None: |E| and |K| here (means over the selected tokens)
+      compiled       per-chunk kernels through torch.compile (fused_statistics, fused_gradient);
+                     None: on for CUDA logits. Off by default until it is measured on a GPU (it is
+                     tested on CPU only); the plain path is the reference (equal to fp32 rounding)
     stats: detached 0-dim tensors (ce, entropy, kl, masked fractions, iou, counts)."""
     if combine not in ("union", "intersection") or scope not in ("sequence", "batch"):
         raise ValueError(f"combine must be union|intersection and scope sequence|batch, "
@@ -175,8 +186,9 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     n_response = response.sum()
 
     # 1. statistics (no gradient), one pass in row chunks: H_t, KL_t and the cross-entropy CE_t
+    compiled = logits.is_cuda if compiled is None else compiled
     entropy, kl, token_ce = token_statistics(logits, labels, ref_logits, ignore_index, chunk_size,
-                                             return_ce=True)
+                                             return_ce=True, compiled=compiled)
 
     # 2. selection: E = top-k by entropy, K = top-k by KL among tokens with KL > threshold
     if ratio > 0:
@@ -215,7 +227,8 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     a = kept / ce_norm
     b, c = by_entropy * ent_weight, by_kl * kl_weight
     loss = LossGradient.apply(loss, logits, ref_logits, targets, a, b, c, entropy,
-                              kl if kl is not None else torch.zeros_like(entropy), chunk_size)
+                              kl if kl is not None else torch.zeros_like(entropy), chunk_size,
+                              compiled)
 
     n_e, n_k = by_entropy.sum(), by_kl.sum()
     n_both, n_either = (by_entropy & by_kl).sum(), (by_entropy | by_kl).sum()
@@ -249,9 +262,9 @@ class LossGradient(torch.autograd.Function):
     derivatives only. a, b, c, entropy, kl, targets: (B, T-1), aligned with labels[:, 1:]."""
 
     @staticmethod
-    def forward(ctx, value, logits, ref_logits, targets, a, b, c, entropy, kl, chunk_size):
+    def forward(ctx, value, logits, ref_logits, targets, a, b, c, entropy, kl, chunk_size, compiled):
         ctx.save_for_backward(logits, ref_logits, targets, a, b, c, entropy, kl)  # no copies
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.compiled = chunk_size, compiled
         return value.clone()
 
     @staticmethod
@@ -261,8 +274,14 @@ class LossGradient(torch.autograd.Function):
         alpha, beta = a - b * entropy - c * kl, c - b                   # a - bH - cKL, c - b
         targets = targets.clamp(0, logits.shape[-1] - 1)
         grad = torch.zeros_like(logits)            # rows without weight: prompt, padding, last
+        use_ref = ref_logits is not None and bool((c != 0).any())       # any K row at all
         for n, s, e in response_spans((a != 0) | (b != 0) | (c != 0), ctx.chunk_size):
             r = (n, slice(s, e))                                        # rows s..e-1 of sequence n
+            if ctx.compiled:  # the same gradient, fused by the compiler
+                grad[r] = run_compiled(
+                    fused_gradient, logits[r].detach(), targets[r], a[r], alpha[r], beta[r], c[r],
+                    ref_logits[r] if use_ref else None)
+                continue
             logp = finite(F.log_softmax(logits[r].detach(), -1, dtype=torch.float32))  # recomputed
             coef = alpha[r][:, None]                                    # (C, 1): plain CE rows
             if ((b[r] != 0) | (c[r] != 0)).any():                       # rows in E or K
@@ -274,7 +293,54 @@ class LossGradient(torch.autograd.Function):
             g = logp.exp_().mul_(coef)                                  # p * coef, in place
             g.scatter_add_(1, targets[r][:, None], -a[r][:, None])      # - a onehot(target)
             grad[r] = g                                                 # in the logits' dtype
-        return None, grad, None, None, None, None, None, None, None, None
+        return None, grad, None, None, None, None, None, None, None, None, None
+
+
+def fused_statistics(logits, targets, ref_logits=None):
+    """H, CE and KL (C,) of C logit rows (C, V) with targets (C,); KL is None without ref_logits.
+    This and fused_gradient are the compiled path: the plain per-chunk kernels as whole-row
+    reductions without data-dependent branches, which torch.compile fuses into a pass or two per
+    row instead of one kernel and one fp32 (C, V) temporary per operation. Same formulas."""
+    logp = finite(F.log_softmax(logits, -1, dtype=torch.float32))       # (C, V)
+    p_logp = (logp.exp() * logp).sum(-1)                                # (C,) sum_v p log p
+    ce = -logp.gather(1, targets[:, None]).squeeze(1)                   # (C,) -log p(target)
+    if ref_logits is None:
+        return -p_logp, ce, None
+    logq = finite(F.log_softmax(ref_logits, -1, dtype=torch.float32))   # (C, V)
+    return -p_logp, ce, (logp.exp() * (logp - logq)).sum(-1)           # KL = sum p (log p - log q)
+
+
+def fused_gradient(logits, targets, a, alpha, beta, c, ref_logits=None):
+    """d loss / dz (C, V) in the logits' dtype, LossGradient's formula on every row at once:
+    p * (alpha + beta log p - c log q) - a onehot(target), with alpha = a - bH - cKL, beta = c - b.
+    ref_logits None: no row has c != 0 (0 * log q is 0, so leaving the term out changes nothing)."""
+    logp = finite(F.log_softmax(logits, -1, dtype=torch.float32))       # (C, V)
+    coef = alpha[:, None] + beta[:, None] * logp                        # (C, V)
+    if ref_logits is not None:
+        coef = coef - c[:, None] * finite(F.log_softmax(ref_logits, -1, dtype=torch.float32))
+    vocab = torch.arange(logits.shape[-1], device=logits.device)        # (V,)
+    onehot_a = torch.where(vocab == targets[:, None], a[:, None], 0.0)  # (C, V) a onehot(target)
+    return (logp.exp() * coef - onehot_a).to(logits.dtype)
+
+
+_COMPILED = {}  # kernel -> torch.compile(kernel), or the kernel itself where compiling failed
+
+
+def run_compiled(kernel, *args):
+    """kernel(*args) through torch.compile, built on first use with dynamic shapes (chunks of any
+    length share it). Where compiling fails (no triton or C++ compiler here), says so once and runs
+    the kernel uncompiled from then on: same values, slower."""
+    if kernel not in _COMPILED:
+        _COMPILED[kernel] = torch.compile(kernel, dynamic=True)
+    try:
+        return _COMPILED[kernel](*args)
+    except Exception as e:
+        if _COMPILED[kernel] is kernel:  # the kernel itself failed: a real error
+            raise
+        print(f"warning: torch.compile failed for {kernel.__name__} ({type(e).__name__}: "
+              f"{str(e).strip()[:200]}); running it uncompiled")
+        _COMPILED[kernel] = kernel
+        return kernel(*args)
 
 
 # -----------------------------------------------------------------------------

@@ -661,7 +661,7 @@ def stop_token_ids(model, tokenizer):
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=0.0, top_p=1.0,
-                         batch_size=None, seed=None):
+                         batch_size=None, seed=None, static_cache=False):
     """Complete each prompt (a list of token ids) once; temperature 0 means greedy.
 
     Returns one dict per prompt: completion_ids (up to and including the first EOS), text (decoded
@@ -669,11 +669,16 @@ def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temper
     sampled after torch.manual_seed(seed + b): the same call gives the same completions.
     Sampling settings are passed explicitly, so a checkpoint's generation_config (top_k=20,
     repetition_penalty=1.1 for Qwen chat models) cannot change what the policy samples.
+    static_cache (None: on for CUDA; off by default until measured on a GPU): the KV cache is allocated once at a fixed size, which lets
+    transformers compile the one-token decoding step (torch.compile with CUDA graphs on a GPU;
+    not on CPU, where it is only a different cache). Same sampler, same stop tokens; greedy
+    completions are the same as with the default cache on CPU (tests/test_speed_paths.py).
     """
     eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     batch_size = batch_size or max(len(prompt_ids), 1)
+    static_cache = device.type == "cuda" if static_cache is None else static_cache
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
                 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     was_training = model.training
@@ -683,9 +688,26 @@ def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temper
         if seed is not None:
             torch.manual_seed(seed + b)
         input_ids, attention_mask = pad_left(prompt_ids[start:start + batch_size], pad_id)  # (b, P)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                             repetition_penalty=1.0, use_cache=True, **sampling)   # (b, P + T)
+        # cache lengths rounded up to 256, so that few shapes are compiled (transformers also keeps
+        # the largest length it has seen)
+        cache = (dict(cache_implementation="static",
+                      max_cache_len=256 * math.ceil((input_ids.shape[1] + max_new_tokens) / 256))
+                 if static_cache else {})
+        generate = lambda **extra: model.generate(   # (b, P + T)
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+            repetition_penalty=1.0, use_cache=True, **sampling, **extra)
+        try:
+            out = generate(**cache)
+        except Exception as e:  # compiling failed here (or the static cache did not fit): go on without
+            if not cache:
+                raise
+            print(f"warning: generation with a static KV cache failed ({type(e).__name__}: "
+                  f"{str(e).strip()[:200]}); using the default cache for this call")
+            static_cache = False
+            if seed is not None:
+                torch.manual_seed(seed + b)
+            out = generate()
         completions = out[:, input_ids.shape[1]:].cpu()     # (b, T) T <= max_new_tokens
         mask, truncated = completion_mask_from_eos(completions, eos_ids)
         for row, n, cut in zip(completions, mask.sum(dim=1).tolist(), truncated.tolist()):
