@@ -266,7 +266,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(ModelLoadError, match="could not load model"):
         run(parse_args(["--model", str(empty), "--benchmarks", "synthetic", "--limit", "1"] + out))
-    with pytest.raises(SystemExit):                                    # argparse: greedy n > 1
+    with pytest.raises(UserError, match="--samples > 1 needs"):         # greedy n > 1
         parse_args(["--samples", "4"])
 
 
@@ -274,7 +274,7 @@ def test_cli_error_is_one_line_and_non_zero(tmp_path):
     proc = subprocess.run([sys.executable, "evaluate.py", "--benchmarks", "nosuch",
                            "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown question/answer set 'nosuch'")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
