@@ -294,6 +294,9 @@ def model_source(name):
     built in code). A short name that is not one of SHORT_NAMES, or a path that does not exist, is
     refused now rather than after a minute of hub retries."""
     if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise ModelLoadError(f"{name}: no config.json, so no model in this directory (a run that "
+                                 f"stopped early has its model in {name}/checkpoint-N)")
         return name
     if name in SHORT_NAMES:
         return SHORT_NAMES[name]
@@ -491,12 +494,17 @@ def export_model(output_dir, model, tokenizer, args):
 
 
 def check_output_dir(path):
-    """Fail in a second, before a model is loaded, if path cannot hold a run's files."""
+    """Fail in a second, before a model is loaded, if path cannot hold a run's files (nothing is
+    created here: a run that fails later leaves no empty directory behind)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--output-dir {path}: exists and is not a directory")
+    parent = path
+    while not os.path.exists(parent):          # the directory itself, or what would contain it
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent):
+        raise UserError(f"--output-dir {path}: {parent} is a file, not a directory")
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):  # a read-only file system fails here, even for root
+        with tempfile.TemporaryFile(dir=parent):  # a read-only file system fails here, even for root
             pass
     except OSError as e:
         raise UserError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None

@@ -90,7 +90,8 @@ CASES = [  # (script, argv, fragment of the one error line); FILE names come fro
     ("evaluate", ["--model", "Qwen2.5-0.6B", "--benchmarks", "synthetic"], "not a known short name"),
     # the output directory, checked before the model is loaded
     ("eksft", ["--output-dir", "{file}"], "--output-dir {file}: exists and is not a directory"),
-    ("eksft", ["--output-dir", "{file}/sub"], "--output-dir {file}/sub: cannot write there"),
+    ("eksft", ["--output-dir", "{file}/sub"], "--output-dir {file}/sub: {file} is a file, not a directory"),
+    ("eksft", ["--model", "{dir}"], "a_dir: no config.json, so no model in this directory"),
     ("eksft", ["--output-dir", "/sys/eksft-test"], "--output-dir /sys/eksft-test: cannot write there"),
     ("rl", ["--output-dir", "{file}"], "exists and is not a directory"),
     ("evaluate", ["--output-dir", "{file}"], "exists and is not a directory"),

@@ -264,7 +264,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         run(parse_args(["--benchmarks", str(bad)] + out))
     empty = tmp_path / "empty_model"
     empty.mkdir()
-    with pytest.raises(ModelLoadError, match="could not load model"):
+    with pytest.raises(ModelLoadError, match="no config.json"):
         run(parse_args(["--model", str(empty), "--benchmarks", "synthetic", "--limit", "1"] + out))
     with pytest.raises(UserError, match="--samples > 1 needs"):         # greedy n > 1
         parse_args(["--samples", "4"])
