@@ -529,12 +529,20 @@ def check_resume_args(checkpoint, run_args, may_change=RESUME_MAY_CHANGE):
 
 
 class StopOnCtrlC:
-    """A training loop's Ctrl-C: the first one sets self.asked and the loop stops after the step in
-    progress, with a checkpoint (a step cut short inside optimizer.step() would leave weights half
-    updated); a second Ctrl-C stops at once, keeping the checkpoints already written."""
+    """Ctrl-C in a training loop. The first one only sets a flag: the step in progress finishes,
+    the loop's save check (stop_here) writes a checkpoint, and the loop ends with KeyboardInterrupt
+    saying where (a step cut short inside optimizer.step() would leave the weights half updated).
+    A second Ctrl-C stops at once, keeping the checkpoints already written.
+
+        ctrl_c = StopOnCtrlC(output_dir)
+        for step in ctrl_c.steps(range(start, total)):
+            ...
+            if done or ctrl_c.stop_here() or step_is_a_save_step:
+                save_checkpoint(...)
+    """
 
     def __init__(self, output_dir):
-        self.output_dir, self.asked, self.previous = output_dir, False, None
+        self.output_dir, self.asked, self.stopping = output_dir, False, False
 
     def handler(self, signum, frame):
         if self.asked:
@@ -544,16 +552,27 @@ class StopOnCtrlC:
         print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)",
               file=sys.stderr, flush=True)
 
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self.handler)
-        except ValueError:  # not the main thread: leave Ctrl-C as it is
-            pass
-        return self
+    def stop_here(self):
+        """At the step's save check: True once Ctrl-C was pressed (save, then the loop stops)."""
+        self.stopping = self.asked
+        return self.stopping
 
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+    def steps(self, steps):
+        """The loop's steps with this Ctrl-C handler; the previous handler is back when it ends."""
+        try:
+            previous = signal.signal(signal.SIGINT, self.handler)
+        except ValueError:  # not the main thread: Ctrl-C stays as it is
+            yield from steps
+            return
+        try:
+            for step in steps:
+                if self.stopping:  # the step before saved checkpoint-{step} and was not the last
+                    path = os.path.join(self.output_dir, f"checkpoint-{step}")
+                    raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to {path}; "
+                                            f"continue with --resume")
+                yield step
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def write_json(path, obj):
@@ -779,47 +798,43 @@ def train(args):
     last = {}
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                desc=args.method, dynamic_ncols=True)
-    with StopOnCtrlC(args.output_dir) as ctrl_c:  # Ctrl-C: finish the step, save, stop
-        for step in bar:
-            epoch = step // steps_per_epoch
-            if plan_epoch != epoch:
-                plan, plan_epoch = step_batches(lengths, args.batch_size, args.seed + epoch), epoch
-            lr = lr_at(step, total_steps, args.lr, args.warmup, args.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            step_examples = [examples[i] for i in plan[step % steps_per_epoch]]
-            stats = train_step(model, ref_model, step_examples, args.micro_batch_size,
-                               tokenizer.pad_token_id, loss_kwargs, device, amp_dtype)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            last = {"step": step + 1, "epoch": epoch, **stats, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": stats["tokens"] / seconds, "step_s": seconds}
-            if peak:
-                last["mfu"] = flops_per_token * stats["tokens"] / seconds / peak
-            append_jsonl(metrics_path, last)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", masked=f"{stats['masked_frac']:.2f}")
-            if (step + 1) % args.log_every == 0:
-                tqdm.write(f"step {step + 1:5d} | loss {stats['loss']:.4f} | ce {stats['ce']:.4f} | "
-                           f"H {stats['entropy']:.3f} | KL {stats['kl']:.4f} | masked "
-                           f"{stats['masked_frac']:.3f} (E {stats['masked_entropy_frac']:.3f}, "
-                           f"K {stats['masked_kl_frac']:.3f}, iou {stats['iou']:.2f}) | lr {lr:.2e} | "
-                           f"gnorm {grad_norm:.2f} | {last['tokens_per_s']:.0f} tok/s"
-                           + (f" | mfu {last['mfu']:.1%}" if "mfu" in last else ""))
-            done = step + 1 == total_steps
-            if done or ctrl_c.asked or (args.save_every and (step + 1) % args.save_every == 0):
-                path = save_checkpoint(args.output_dir, model, tokenizer, run_args,
-                                       {"step": step + 1, "epoch": epoch, "total_steps": total_steps},
-                                       optimizer)
-                prune_checkpoints(args.output_dir, args.keep_checkpoints)
-            if ctrl_c.asked and not done:
-                bar.close()
-                raise KeyboardInterrupt(f"interrupted at step {step + 1}; checkpoint saved to {path}; "
-                                        f"continue with --resume")
+    ctrl_c = StopOnCtrlC(args.output_dir)   # Ctrl-C: the step in progress ends with a checkpoint
+    for step in ctrl_c.steps(bar):
+        epoch = step // steps_per_epoch
+        if plan_epoch != epoch:
+            plan, plan_epoch = step_batches(lengths, args.batch_size, args.seed + epoch), epoch
+        lr = lr_at(step, total_steps, args.lr, args.warmup, args.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        step_examples = [examples[i] for i in plan[step % steps_per_epoch]]
+        stats = train_step(model, ref_model, step_examples, args.micro_batch_size,
+                           tokenizer.pad_token_id, loss_kwargs, device, amp_dtype)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        last = {"step": step + 1, "epoch": epoch, **stats, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": stats["tokens"] / seconds, "step_s": seconds}
+        if peak:
+            last["mfu"] = flops_per_token * stats["tokens"] / seconds / peak
+        append_jsonl(metrics_path, last)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", masked=f"{stats['masked_frac']:.2f}")
+        if (step + 1) % args.log_every == 0:
+            tqdm.write(f"step {step + 1:5d} | loss {stats['loss']:.4f} | ce {stats['ce']:.4f} | "
+                       f"H {stats['entropy']:.3f} | KL {stats['kl']:.4f} | masked "
+                       f"{stats['masked_frac']:.3f} (E {stats['masked_entropy_frac']:.3f}, "
+                       f"K {stats['masked_kl_frac']:.3f}, iou {stats['iou']:.2f}) | lr {lr:.2e} | "
+                       f"gnorm {grad_norm:.2f} | {last['tokens_per_s']:.0f} tok/s"
+                       + (f" | mfu {last['mfu']:.1%}" if "mfu" in last else ""))
+        done = step + 1 == total_steps
+        if done or ctrl_c.stop_here() or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(args.output_dir, model, tokenizer, run_args,
+                            {"step": step + 1, "epoch": epoch, "total_steps": total_steps},
+                            optimizer)
+            prune_checkpoints(args.output_dir, args.keep_checkpoints)
     bar.close()
     export_model(args.output_dir, model, tokenizer, run_args)
     if last:

@@ -721,87 +721,82 @@ def train(args, reward_fn=None):
     model.train()
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="rl",
                dynamic_ncols=True)
-    with StopOnCtrlC(args.output_dir) as ctrl_c:  # Ctrl-C: finish the step, save, stop
-        for step in bar:
-            # 1. this step's prompts, from a seeded shuffle per epoch (a resumed run sees the same ones)
-            epoch, i = divmod(step, steps_per_epoch)
-            order = list(range(len(train_rows)))
-            random.Random(args.seed + epoch).shuffle(order)
-            rows = [train_rows[j] for j in order[i * args.prompts_per_step:(i + 1) * args.prompts_per_step]]
-            G = args.group_size
-            prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt) for r in rows]
-            prompts = [ids for ids in prompts for _ in range(G)]              # G adjacent copies of each
-            golds = [r["answer"] for r in rows for _ in range(G)]
+    ctrl_c = StopOnCtrlC(args.output_dir)   # Ctrl-C: the step in progress ends with a checkpoint
+    for step in ctrl_c.steps(bar):
+        # 1. this step's prompts, from a seeded shuffle per epoch (a resumed run sees the same ones)
+        epoch, i = divmod(step, steps_per_epoch)
+        order = list(range(len(train_rows)))
+        random.Random(args.seed + epoch).shuffle(order)
+        rows = [train_rows[j] for j in order[i * args.prompts_per_step:(i + 1) * args.prompts_per_step]]
+        G = args.group_size
+        prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt) for r in rows]
+        prompts = [ids for ids in prompts for _ in range(G)]              # G adjacent copies of each
+        golds = [r["answer"] for r in rows for _ in range(G)]
 
-            # 2. rollouts, seeded per step, and their rewards
-            t0 = time.perf_counter()
-            with autocast():
-                rollouts = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                                temperature=args.temperature, top_p=args.top_p,
-                                                batch_size=args.gen_batch_size,
-                                                seed=args.seed * 1_000_003 + step)
-            gen_seconds = time.perf_counter() - t0
-            rewards = torch.tensor([float(reward_fn(r["text"], g)) for r, g in zip(rollouts, golds)])  # (N,)
-            correct = [is_equiv(extract_answer(r["text"]), g, args.checker) for r, g in zip(rollouts, golds)]
-            truncated = torch.tensor([r["truncated"] for r in rollouts])     # (N,)
+        # 2. rollouts, seeded per step, and their rewards
+        t0 = time.perf_counter()
+        with autocast():
+            rollouts = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                            temperature=args.temperature, top_p=args.top_p,
+                                            batch_size=args.gen_batch_size,
+                                            seed=args.seed * 1_000_003 + step)
+        gen_seconds = time.perf_counter() - t0
+        rewards = torch.tensor([float(reward_fn(r["text"], g)) for r, g in zip(rollouts, golds)])  # (N,)
+        correct = [is_equiv(extract_answer(r["text"]), g, args.checker) for r, g in zip(rollouts, golds)]
+        truncated = torch.tensor([r["truncated"] for r in rollouts])     # (N,)
 
-            # 3. advantages, and the update on the completions that carry signal
-            advantages, informative = group_advantages(rewards, G, scale_by_std=not args.no_std)
-            trained = informative.repeat_interleave(G)                       # (N,) skip flat groups
-            if args.mask_truncated:              # still in their group's mean, but no loss of their own
-                trained &= ~truncated
-            keep = trained.nonzero().flatten().tolist()
-            t1 = time.perf_counter()
-            sums = rl_step(model, ref_model, optimizer, [prompts[k] for k in keep],
-                           [rollouts[k] for k in keep], advantages[keep], args, tokenizer.pad_token_id,
-                           device, autocast) if keep else {}
-            train_seconds = time.perf_counter() - t1
+        # 3. advantages, and the update on the completions that carry signal
+        advantages, informative = group_advantages(rewards, G, scale_by_std=not args.no_std)
+        trained = informative.repeat_interleave(G)                       # (N,) skip flat groups
+        if args.mask_truncated:              # still in their group's mean, but no loss of their own
+            trained &= ~truncated
+        keep = trained.nonzero().flatten().tolist()
+        t1 = time.perf_counter()
+        sums = rl_step(model, ref_model, optimizer, [prompts[k] for k in keep],
+                       [rollouts[k] for k in keep], advantages[keep], args, tokenizer.pad_token_id,
+                       device, autocast) if keep else {}
+        train_seconds = time.perf_counter() - t1
 
-            # 4. metrics: one JSON line per step, a log line, and now and then two samples
-            lengths = [len(r["completion_ids"]) for r in rollouts]
-            tokens = max(sums.get("tokens", 0), 1)
-            record = {"step": step + 1, "reward": rewards.mean().item(),
-                      "accuracy": sum(correct) / len(correct), "response_length": sum(lengths) / len(lengths),
-                      "truncated_frac": truncated.float().mean().item(),
-                      "entropy": sums["entropy_sum"] / tokens if keep else None,
-                      "kl": sums["kl_sum"] / tokens if keep and ref_model is not None else None,
-                      "clip_frac": sums["clipped_tokens"] / (tokens * args.ppo_epochs) if keep else None,
-                      "loss": sums.get("loss"), "grad_norm": sums.get("grad_norm"),
-                      "skipped_groups": int((~informative).sum()), "groups": len(rows),
-                      "gen_tokens_per_s": sum(lengths) / gen_seconds,
-                      "train_tokens_per_s": sums["train_tokens"] / train_seconds if keep else None}
-            history.append(record)
-            append_jsonl(metrics_path, record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
-            if (step + 1) % args.log_every == 0:
-                r = record
-                tqdm.write(f"step {step + 1:5d} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | "
-                           f"len {r['response_length']:.0f} | trunc {r['truncated_frac']:.2f} | "
-                           f"skipped {r['skipped_groups']}/{len(rows)} | "
-                           + (f"H {r['entropy']:.3f} | clip {r['clip_frac']:.3f} | " if keep else "")
-                           + (f"KL {r['kl']:.4f} | " if r["kl"] is not None else "")
-                           + f"gen {r['gen_tokens_per_s']:.0f} tok/s")
-            if args.print_every and (step + 1) % args.print_every == 0:
-                for k in sorted({int(rewards.argmax()), int(rewards.argmin())}):   # the best and the worst
-                    text = rollouts[k]["text"]
-                    shown = "".join(c if c.isprintable() or c == "\n" else "?" for c in text[:800])  # no escapes
-                    tqdm.write(f"--- sample {k} | gold {golds[k]} | extracted {extract_answer(text)!r} | "
-                               f"reward {rewards[k]:.3f}\n{shown}{' [...]' if len(text) > 800 else ''}")
+        # 4. metrics: one JSON line per step, a log line, and now and then two samples
+        lengths = [len(r["completion_ids"]) for r in rollouts]
+        tokens = max(sums.get("tokens", 0), 1)
+        record = {"step": step + 1, "reward": rewards.mean().item(),
+                  "accuracy": sum(correct) / len(correct), "response_length": sum(lengths) / len(lengths),
+                  "truncated_frac": truncated.float().mean().item(),
+                  "entropy": sums["entropy_sum"] / tokens if keep else None,
+                  "kl": sums["kl_sum"] / tokens if keep and ref_model is not None else None,
+                  "clip_frac": sums["clipped_tokens"] / (tokens * args.ppo_epochs) if keep else None,
+                  "loss": sums.get("loss"), "grad_norm": sums.get("grad_norm"),
+                  "skipped_groups": int((~informative).sum()), "groups": len(rows),
+                  "gen_tokens_per_s": sum(lengths) / gen_seconds,
+                  "train_tokens_per_s": sums["train_tokens"] / train_seconds if keep else None}
+        history.append(record)
+        append_jsonl(metrics_path, record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+        if (step + 1) % args.log_every == 0:
+            r = record
+            tqdm.write(f"step {step + 1:5d} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | "
+                       f"len {r['response_length']:.0f} | trunc {r['truncated_frac']:.2f} | "
+                       f"skipped {r['skipped_groups']}/{len(rows)} | "
+                       + (f"H {r['entropy']:.3f} | clip {r['clip_frac']:.3f} | " if keep else "")
+                       + (f"KL {r['kl']:.4f} | " if r["kl"] is not None else "")
+                       + f"gen {r['gen_tokens_per_s']:.0f} tok/s")
+        if args.print_every and (step + 1) % args.print_every == 0:
+            for k in sorted({int(rewards.argmax()), int(rewards.argmin())}):   # the best and the worst
+                text = rollouts[k]["text"]
+                shown = "".join(c if c.isprintable() or c == "\n" else "?" for c in text[:800])  # no escapes
+                tqdm.write(f"--- sample {k} | gold {golds[k]} | extracted {extract_answer(text)!r} | "
+                           f"reward {rewards[k]:.3f}\n{shown}{' [...]' if len(text) > 800 else ''}")
 
-            # 5. held-out accuracy and checkpoints (atomic: complete or absent)
-            done = step + 1 == args.max_steps
-            if eval_rows and (done or (args.eval_every and (step + 1) % args.eval_every == 0)):
-                record["eval_accuracy"] = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
-                append_jsonl(metrics_path, {"step": step + 1, "eval_accuracy": record["eval_accuracy"]})
-                tqdm.write(f"step {step + 1:5d} | held-out accuracy {record['eval_accuracy']:.3f}")
-            if done or ctrl_c.asked or (args.save_every and (step + 1) % args.save_every == 0):
-                path = save_checkpoint(args.output_dir, model, tokenizer, run_args, {"step": step + 1},
-                                       optimizer)
-                prune_checkpoints(args.output_dir, args.keep_checkpoints)
-            if ctrl_c.asked and not done:
-                bar.close()
-                raise KeyboardInterrupt(f"interrupted at step {step + 1}; checkpoint saved to {path}; "
-                                        f"continue with --resume")
+        # 5. held-out accuracy and checkpoints (atomic: complete or absent)
+        done = step + 1 == args.max_steps
+        if eval_rows and (done or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            record["eval_accuracy"] = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
+            append_jsonl(metrics_path, {"step": step + 1, "eval_accuracy": record["eval_accuracy"]})
+            tqdm.write(f"step {step + 1:5d} | held-out accuracy {record['eval_accuracy']:.3f}")
+        if done or ctrl_c.stop_here() or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(args.output_dir, model, tokenizer, run_args, {"step": step + 1}, optimizer)
+            prune_checkpoints(args.output_dir, args.keep_checkpoints)
     bar.close()
     export_model(args.output_dir, model, tokenizer, run_args)
     print(f"done: model in {args.output_dir}, metrics in {metrics_path}; "
