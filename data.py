@@ -88,38 +88,88 @@ def synthetic_problems(n, seed=0):
 # -----------------------------------------------------------------------------
 # Reading rows: local files (with row numbers for error messages) and hub datasets
 
+LOCAL_FORMATS = (".jsonl", ".json", ".parquet")
+
+
+def source_kind(source, aliases, what="data set", hub=True):
+    """What a data source names, decided before any network call: "alias", "file" or "hub".
+
+    An alias is one of `aliases`; anything on disk is a file; "owner/name" is a hub dataset. A
+    name that is none of these (a mistyped alias such as gsm9k, a missing file) is refused now,
+    not after a minute of hub retries."""
+    if source in aliases:
+        return "alias"
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.isdir(source):
+        raise DataError(f"{source}: is a directory; give a {'/'.join(LOCAL_FORMATS)} file")
+    other_formats = (".csv", ".tsv", ".txt", ".xlsx", ".arrow", ".gz", ".zip")  # not read here
+    if os.path.exists(source) or ext in LOCAL_FORMATS + other_formats or source.startswith((".", os.sep)):
+        if ext not in LOCAL_FORMATS:
+            raise DataError(f"{source}: unknown file type '{ext}' (use .jsonl, .json or .parquet)")
+        return "file"
+    if "/" not in source or not hub:
+        raise UserError(f"unknown {what} '{source}': not one of the aliases {', '.join(aliases)}, "
+                        f"nor a local {'/'.join(LOCAL_FORMATS)} file"
+                        + (", nor a hub dataset id (owner/name)" if hub else ""))
+    return "hub"
+
+
 def read_local_rows(path):
     """Rows of a local .jsonl / .json / .parquet file as a list of (row_number, dict)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    rows = []
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a file")
+    rows, ext = [], os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                line = utf8(raw, path, f"row {number}", bom=number == 1)
                 if not line.strip():
                     continue
                 try:
                     rows.append((number, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}, row {number}: not valid JSON ({e.msg})") from None
-    elif path.endswith(".json"):
+    elif ext == ".json":
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(utf8(raw, path, "", bom=True))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
         rows = list(enumerate(data, start=1))
-    elif path.endswith(".parquet"):
-        import datasets
-        rows = list(enumerate(datasets.load_dataset("parquet", data_files=path, split="train"), 1))
+    elif ext == ".parquet":
+        import pyarrow.parquet  # installed with datasets
+        try:
+            rows = list(enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1))
+        except Exception as e:  # not parquet at all, or a damaged file: pyarrow's errors vary
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: "
+                            f"{first_line(e)})") from None
     else:
         raise DataError(f"{path}: unknown file type (use .jsonl, .json or .parquet)")
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
     for number, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
     return rows
+
+
+def utf8(raw, path, where, bom=False):
+    """Bytes -> text; a binary file or a row in another encoding is a DataError naming the line."""
+    try:
+        return raw.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}, {where or f'line {line}'}: not UTF-8 text (byte "
+                        f"{raw[e.start]:#04x}); is it a binary file?") from None
+
+
+def first_line(e):
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
 
 
 def load_hub_rows(name, config=None, split="train"):
@@ -128,9 +178,8 @@ def load_hub_rows(name, config=None, split="train"):
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # network, auth, missing dataset: all look different, all mean "can't"
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise DataError(f"could not load dataset '{name}' from the Hugging Face Hub "
-                        f"({type(e).__name__}: {first}). Offline, use --data synthetic or a local "
+                        f"({type(e).__name__}: {first_line(e)}). Offline, use synthetic or a local "
                         f".jsonl file.") from None
 
 
@@ -174,6 +223,10 @@ def row_to_messages(row, where, system_prompt=SYSTEM_PROMPT):
             raise DataError(f"{where}: turn {i} is an empty assistant turn")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant turn to train on")
+    first = next(i for i, m in enumerate(messages, start=1) if m["role"] != "system")
+    if messages[first - 1]["role"] != "user":
+        raise DataError(f"{where}: turn {first} is the assistant's, but the first turn after the "
+                        f"system prompt must be the user's")
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
@@ -196,15 +249,20 @@ def openr1_rows(seed):
                 break
 
 
+SFT_ALIASES = ("openr1-3k", "gsm8k", "math500", "synthetic")
+QA_ALIASES = ("gsm8k", "gsm8k-train", "math500", "synthetic", "synthetic-train")
+
+
 def load_conversations(source, seed=0, system_prompt=SYSTEM_PROMPT):
     """SFT conversations, (where, messages) pairs, from an alias, a hub dataset or a local file.
 
     Local files and synthetic data come as a list, every row checked up front; hub data sets as a
     lazy iterator, read only as far as the caller goes. `where` names the source and row."""
+    kind = source_kind(source, SFT_ALIASES)
     if source == "synthetic":
         rows = [(i, {"problem": r["question"], "solution": r["solution"]})
                 for i, r in enumerate(synthetic_problems(2000, seed=seed + 1), start=1)]
-    elif os.path.splitext(source)[1] in (".json", ".jsonl", ".parquet"):
+    elif kind == "file":
         rows = read_local_rows(source)
     elif source == "openr1-3k":
         rows = openr1_rows(seed)
@@ -234,6 +292,7 @@ def load_qa(source, limit=None, seed=0):
     """A list of dict(question, answer) from an alias or a local .jsonl/.json file.
 
     Aliases: gsm8k (test), gsm8k-train, math500 (test), synthetic (held-out), synthetic-train."""
+    kind = source_kind(source, QA_ALIASES, "question/answer set", hub=False)
     if source in ("synthetic", "synthetic-train"):
         # held-out and training sets come from different seeds of the same generator
         rows = synthetic_problems(limit or 500, seed=seed + (1 if source == "synthetic-train" else 10_000))
@@ -245,7 +304,7 @@ def load_qa(source, limit=None, seed=0):
     elif source == "math500":
         rows = [{"question": r["problem"], "answer": r["answer"]}
                 for r in load_hub_rows("HuggingFaceH4/MATH-500", None, "test")]
-    elif os.path.splitext(source)[1] in (".json", ".jsonl", ".parquet"):
+    elif kind == "file":
         rows = []
         for number, row in read_local_rows(source):
             for field in ("question", "answer"):
@@ -256,9 +315,6 @@ def load_qa(source, limit=None, seed=0):
             if not isinstance(row["answer"], (str, int, float)) or isinstance(row["answer"], bool):
                 raise DataError(f"{source}, row {number}: 'answer' must be a string or a number")
             rows.append({"question": row["question"], "answer": str(row["answer"])})
-    else:
-        raise UserError(f"unknown question/answer set '{source}': use gsm8k, gsm8k-train, math500, "
-                        f"synthetic, synthetic-train or a local .jsonl file with question and answer")
     return rows[:limit] if limit else rows
 
 
@@ -326,11 +382,13 @@ def encode_conversation(tokenizer, messages, where="conversation"):
 
 def build_sft_examples(tokenizer, conversations, max_len, num_samples=None, log=print):
     """Tokenise conversations; drop those longer than max_len; keep the first num_samples."""
-    examples, dropped = [], 0
+    examples, dropped, shortest, source = [], 0, None, "the data"
     for where, messages in conversations:
+        source = where.rpartition(", row ")[0] or where
         ids, labels = encode_conversation(tokenizer, messages, where)
         if len(ids) > max_len:
             dropped += 1
+            shortest = min(shortest or len(ids), len(ids))
             continue
         if all(l == IGNORE_INDEX for l in labels[1:]):
             raise DataError(f"{where}: no trained token after tokenisation")
@@ -339,7 +397,8 @@ def build_sft_examples(tokenizer, conversations, max_len, num_samples=None, log=
             break
     log(f"data: {len(examples)} examples, {dropped} dropped as longer than --max-len {max_len}")
     if not examples:
-        raise DataError(f"no example fits --max-len {max_len}")
+        raise DataError(f"{source}: none of its {dropped} examples fits --max-len {max_len} "
+                        f"(the shortest has {shortest} tokens)" if dropped else f"{source}: no examples")
     return examples
 
 
@@ -408,17 +467,62 @@ def step_batches(lengths, sequences_per_step, seed, drop_last=True):
 
 
 # -----------------------------------------------------------------------------
+# Command lines: what the four scripts share, so that every bad input ends as one `error:` line
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one `error: ...` line like every other bad input,
+    not the usage text (dozens of lines here) followed by the message."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help appends "(default: X)", except where the default is None or False: there the help
+    text says what happens (a default that depends on the model), so it is printed once."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def require(parser, args, rules):
+    """parser.error for the first (name, ok, what) rule that fails: "--name VALUE: must be WHAT"."""
+    for name, ok, what in rules:
+        if not ok:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {what}")
+
+
+def run_cli(main):
+    """Run a script's entry point: a UserError becomes one `error: ...` line on stderr and exit
+    code 2 (argparse's code for bad arguments); Ctrl-C ends with its message and code 130."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
 # A look at the data from the command line (eksft.py --show-mask shows the trained tokens)
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Print rows of an SFT data source as chat turns.")
+def main(argv=None):
+    parser = ArgumentParser(description="Print rows of an SFT data source as chat turns.",
+                            formatter_class=HelpFormatter)
     parser.add_argument("--data", default="synthetic", help="alias, hub dataset or local file")
     parser.add_argument("--num-samples", type=int, default=3, help="rows to print")
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and shuffling")
-    args = parser.parse_args()
-    try:
-        conversations = load_conversations(args.data, seed=args.seed)
-        for where, messages in itertools.islice(conversations, args.num_samples):
-            print(f"--- {where}\n" + json.dumps(messages, indent=1, ensure_ascii=False))
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error(f"--num-samples {args.num_samples}: must be at least 1")
+    conversations = load_conversations(args.data, seed=args.seed)
+    for where, messages in itertools.islice(conversations, args.num_samples):
+        print(f"--- {where}\n" + json.dumps(messages, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    run_cli(main)

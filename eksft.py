@@ -37,11 +37,14 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
+import tempfile
 import time
 
-from data import (CHATML_TEMPLATE, UserError, build_sft_examples, collate, end_of_turn_ids,
-                  load_conversations, step_batches)
+from data import (CHATML_TEMPLATE, SFT_ALIASES, ArgumentParser, HelpFormatter, UserError,
+                  build_sft_examples, collate, end_of_turn_ids, first_line, load_conversations, require,
+                  run_cli, source_kind, step_batches)
 
 # -----------------------------------------------------------------------------
 # The loss: a pure function (torch only) to paste into any trainer
@@ -356,6 +359,41 @@ class ModelLoadError(UserError):
     pass
 
 
+def model_source(name):
+    """What --model names, decided before any download: a local directory, or a hub id ("tiny" is
+    built in code). A short name that is not one of SHORT_NAMES, or a path that does not exist, is
+    refused now rather than after a minute of hub retries."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise ModelLoadError(f"{name}: no config.json, so no model in this directory (a run that "
+                                 f"stopped early has its model in {name}/checkpoint-N)")
+        return name
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]
+    parent = os.path.dirname(name.rstrip("/"))
+    if name.startswith((".", "/", "~")) or (parent and os.path.isdir(parent)):
+        raise ModelLoadError(f"{name}: no such model directory")
+    if "/" not in name:
+        raise ModelLoadError(f"'{name}' is not a known short name ({', '.join(SHORT_NAMES)}), a local "
+                             f"directory or a hub id (owner/name); offline, use --model tiny")
+    return name
+
+
+def model_kind(name):
+    """ "tiny" for the built-in model and for directories trained from it (their args.json says so),
+    else "hub". It picks the defaults (synthetic data and short lengths for tiny), so that a run
+    from runs/eksft-tiny works offline like one from tiny."""
+    path = os.path.join(name, "args.json")
+    if name == "tiny" or not os.path.isfile(path):
+        return "tiny" if name == "tiny" else "hub"
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read it ({type(e).__name__}: {first_line(e)})") from None
+    return saved.get("model_kind") or ("tiny" if saved.get("model") == "tiny" else "hub")
+
+
 def char_tokenizer():
     """A byte-level tokenizer with no merges (one token per ASCII character) and ChatML specials.
 
@@ -398,14 +436,14 @@ def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
         model = tiny_model(tokenizer, seed=seed).to(dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        source = name if os.path.isdir(name) else SHORT_NAMES.get(name, name)
+        source = model_source(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as e:  # offline, missing repo, bad directory: one line, not a traceback
-            first = str(e).strip().splitlines()[0][:200].rstrip(".") if str(e).strip() else ""
             raise ModelLoadError(
-                f"could not load model '{name}' ({source}): {type(e).__name__}: {first}. "
+                f"could not load model '{name}' ({source}): {type(e).__name__}: "
+                f"{first_line(e).rstrip('.')}. "
                 f"Offline, use --model tiny or a local model directory.") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -417,7 +455,7 @@ def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
 def pick_device(requested="auto", precision="auto"):
     """(device, autocast dtype or None, reason): cuda > mps > cpu; bf16 autocast where supported."""
     if requested != "auto":
-        device, why = torch.device(requested), "asked for with --device"
+        device, why = checked_device(requested), "asked for with --device"
     elif torch.cuda.is_available():
         device, why = torch.device("cuda"), "CUDA is available"
     elif torch.backends.mps.is_available():
@@ -429,6 +467,22 @@ def pick_device(requested="auto", precision="auto"):
         return device, torch.bfloat16, f"{why}; bf16 autocast (fp32 master weights)"
     reason = "fp32" + ("" if precision == "fp32" else " (bf16 autocast is used on GPUs that support it)")
     return device, None, f"{why}; {reason}"
+
+
+def checked_device(requested):
+    """torch.device(requested), or a UserError saying why this machine cannot run on it."""
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"--device {requested}: CUDA is not available ({build}); use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {requested}: Apple MPS is not available here; use --device cpu or auto")
+    return device
 
 
 def set_seed(seed):
@@ -449,18 +503,25 @@ def save_checkpoint(output_dir, model, tokenizer, args, state, optimizer=None):
     """Write output_dir/checkpoint-{step} atomically: a temporary directory renamed when complete.
 
     Holds the model and tokenizer (save_pretrained), args.json, trainer_state.json and, when given,
-    the optimizer state and RNG states needed for an exact --resume. Returns the path."""
+    the optimizer state and RNG states needed for an exact --resume. Returns the path. A failed
+    write (a full disk) is a UserError, and the checkpoints already there are left as they were."""
     final = os.path.join(output_dir, f"checkpoint-{state['step']}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{state['step']}")
     shutil.rmtree(tmp, ignore_errors=True)
     quiet_hub_progress()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(os.path.join(tmp, "args.json"), args)
-    write_json(os.path.join(tmp, "trainer_state.json"), state)
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate()}, os.path.join(tmp, "optimizer.pt"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(os.path.join(tmp, "args.json"), args)
+        write_json(os.path.join(tmp, "trainer_state.json"), state)
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "python_rng": random.getstate()}, os.path.join(tmp, "optimizer.pt"))
+    except Exception as e:  # disk full, quota, permissions: torch and safetensors word it differently
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write {final} ({type(e).__name__}: {first_line(e)}); the "
+                        f"checkpoints already in {output_dir} are kept, --resume continues from "
+                        f"the newest") from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # atomic on one filesystem: the checkpoint is whole or absent
     return final
@@ -489,26 +550,120 @@ def export_model(output_dir, model, tokenizer, args):
     tmp = os.path.join(output_dir, ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     quiet_hub_progress()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(os.path.join(tmp, "args.json"), args)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(os.path.join(tmp, "args.json"), args)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write the final model to {output_dir} ({type(e).__name__}: "
+                        f"{first_line(e)}); its newest checkpoint-N directory holds the same weights") from None
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     os.rmdir(tmp)
 
 
+def check_output_dir(path):
+    """Fail in a second, before a model is loaded, if path cannot hold a run's files (nothing is
+    created here: a run that fails later leaves no empty directory behind)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--output-dir {path}: exists and is not a directory")
+    parent = path
+    while not os.path.exists(parent):          # the directory itself, or what would contain it
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent):
+        raise UserError(f"--output-dir {path}: {parent} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):  # a read-only file system fails here, even for root
+            pass
+    except OSError as e:
+        raise UserError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
+
+
+RESUME_MAY_CHANGE = {  # settings that may differ on --resume: they do not change what is computed
+    "resume", "allow_changed_args", "output_dir", "device", "micro_batch_size", "gradient_checkpointing",
+    "log_every", "save_every", "keep_checkpoints", "show_mask", "compile_loss", "static_cache"}
+
+
+def check_resume_args(checkpoint, run_args, may_change=RESUME_MAY_CHANGE):
+    """--resume with settings other than the checkpoint's would mix two runs without a word: name
+    every difference (unless --allow-changed-args)."""
+    with open(os.path.join(checkpoint, "args.json")) as f:
+        saved = json.load(f)
+    changed = [k for k in run_args if k in saved and k not in may_change and saved[k] != run_args[k]]
+    if changed and not run_args.get("allow_changed_args"):
+        raise UserError(f"--resume: {checkpoint} was run with other settings: " + ", ".join(
+            f"--{k.replace('_', '-')} {saved[k]} (now {run_args[k]})" for k in changed)
+            + "; give the same ones, or add --allow-changed-args to continue with the new ones")
+    return changed
+
+
+class StopOnCtrlC:
+    """Ctrl-C in a training loop. The first one only sets a flag: the step in progress finishes,
+    the loop's save check (stop_here) writes a checkpoint, and the loop ends with KeyboardInterrupt
+    saying where (a step cut short inside optimizer.step() would leave the weights half updated).
+    A second Ctrl-C stops at once, keeping the checkpoints already written.
+
+        ctrl_c = StopOnCtrlC(output_dir)
+        for step in ctrl_c.steps(range(start, total)):
+            ...
+            if done or ctrl_c.stop_here() or step_is_a_save_step:
+                save_checkpoint(...)
+    """
+
+    def __init__(self, output_dir):
+        self.output_dir, self.asked, self.stopping = output_dir, False, False
+
+    def handler(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt(f"interrupted; continue from the newest checkpoint in "
+                                    f"{self.output_dir} with --resume")
+        self.asked = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def stop_here(self):
+        """At the step's save check: True once Ctrl-C was pressed (save, then the loop stops)."""
+        self.stopping = self.asked
+        return self.stopping
+
+    def steps(self, steps):
+        """The loop's steps with this Ctrl-C handler; the previous handler is back when it ends."""
+        try:
+            previous = signal.signal(signal.SIGINT, self.handler)
+        except ValueError:  # not the main thread: Ctrl-C stays as it is
+            yield from steps
+            return
+        try:
+            for step in steps:
+                if self.stopping:  # the step before saved checkpoint-{step} and was not the last
+                    path = os.path.join(self.output_dir, f"checkpoint-{step}")
+                    raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to {path}; "
+                                            f"continue with --resume")
+                yield step
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def write_json(path, obj):
+    """path written whole or not at all (a temporary file renamed); a failed write is a UserError."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the file is as it was") from None
 
 
 def append_jsonl(path, record):
     """One JSON line per record; NaN and inf become null so every JSON reader loads the file."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(clean) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+    except OSError as e:  # a full disk: the lines written before stay
+        raise UserError(f"could not write {path} ({e.strerror or e}); the lines before are kept") from None
 
 
 # -----------------------------------------------------------------------------
@@ -590,8 +745,8 @@ def lr_at(step, total_steps, base_lr, warmup_frac, schedule="cosine"):
 def loss_options(args):
     """eksft_loss keyword arguments from the command line; --method sft turns selection off."""
     if args.method == "sft":
-        return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
-    return dict(ratio=args.ratio, combine=args.combine, lambda_entropy=args.lambda_entropy,
+        return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, compiled=args.compile_loss)
+    return dict(compiled=args.compile_loss, ratio=args.ratio, combine=args.combine, lambda_entropy=args.lambda_entropy,
                 lambda_kl=args.lambda_kl, scope=args.scope, kl_threshold=args.kl_threshold,
                 select_largest_entropy=not args.smallest_entropy,
                 select_largest_kl=not args.smallest_kl)
@@ -643,6 +798,12 @@ def train(args):
     from tqdm import tqdm
     run_args = vars(args).copy()
     set_seed(args.seed)
+    # names, paths and the device are checked first: a typo fails in a second, not after loading
+    for name in (args.model, args.ref_model):
+        if name and name != "tiny":
+            model_source(name)
+    source_kind(args.data, SFT_ALIASES)
+    check_output_dir(args.output_dir)
     device, amp_dtype, why = pick_device(args.device, args.precision)
     print(f"device: {device} ({why})")
 
@@ -650,13 +811,20 @@ def train(args):
     resume_from = latest_checkpoint(args.output_dir) if args.resume else None
     if args.resume and resume_from is None:
         print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
+    if resume_from:
+        check_resume_args(resume_from, run_args)
     model, tokenizer = load_model_and_tokenizer(resume_from or args.model, device, seed=args.seed)
     loss_kwargs = loss_options(args)
     ref_model = None
     if args.method == "eksft":
-        ref_model = (load_model_and_tokenizer(args.model, device, seed=args.seed)[0] if resume_from
+        start = args.ref_model or (args.model if resume_from else None)
+        ref_model = (load_model_and_tokenizer(start, device, seed=args.seed)[0] if start
                      else copy.deepcopy(model))
         ref_model.to(amp_dtype or torch.float32).eval().requires_grad_(False)
+        sizes = [m.get_input_embeddings().num_embeddings for m in (model, ref_model)]
+        if sizes[0] != sizes[1]:
+            raise UserError(f"--ref-model {start}: its vocabulary has {sizes[1]} entries, the "
+                            f"model's {sizes[0]}; the reference must share the tokenizer")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -708,7 +876,8 @@ def train(args):
     last = {}
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                desc=args.method, dynamic_ncols=True)
-    for step in bar:
+    ctrl_c = StopOnCtrlC(args.output_dir)   # Ctrl-C: the step in progress ends with a checkpoint
+    for step in ctrl_c.steps(bar):
         epoch = step // steps_per_epoch
         if plan_epoch != epoch:
             plan, plan_epoch = step_batches(lengths, args.batch_size, args.seed + epoch), epoch
@@ -739,7 +908,7 @@ def train(args):
                        f"gnorm {grad_norm:.2f} | {last['tokens_per_s']:.0f} tok/s"
                        + (f" | mfu {last['mfu']:.1%}" if "mfu" in last else ""))
         done = step + 1 == total_steps
-        if done or (args.save_every and (step + 1) % args.save_every == 0):
+        if done or ctrl_c.stop_here() or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(args.output_dir, model, tokenizer, run_args,
                             {"step": step + 1, "epoch": epoch, "total_steps": total_steps},
                             optimizer)
@@ -750,6 +919,9 @@ def train(args):
         print(f"done: {last['step']} steps | loss {last['loss']:.4f} | ce {last['ce']:.4f} | "
               f"masked {last['masked_frac']:.3f} | {last['tokens_per_s']:.0f} tok/s | "
               f"model in {args.output_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+    if args.show_mask and total_steps == 0 and not (args.ref_model or resume_from):
+        print("note: no step was trained and the reference is this same model, so KL is 0 and no "
+              "token is marked K; add --ref-model (e.g. the model before fine-tuning) to see them")
     if args.show_mask:
         show_masks(model, ref_model if ref_model is not None else copy.deepcopy(model).eval(),
                    tokenizer, examples[: args.show_mask],
@@ -861,17 +1033,18 @@ HUB_DEFAULTS = dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="EKSFT (or plain SFT) on a chat-format data set.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="EKSFT (or plain SFT) on a chat-format data set.",
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
     p.add_argument("--method", default="eksft", choices=["eksft", "sft"], help="sft: ratio 0, lambdas 0")
     p.add_argument("--data", default=None, help="openr1-3k | gsm8k | math500 | synthetic | hub dataset "
                    "| local .jsonl/.json/.parquet (default: synthetic for tiny, openr1-3k otherwise)")
     p.add_argument("--num-samples", type=int, default=None, help="keep this many examples that fit "
                    "--max-len (default: 480 for tiny, 3000 otherwise)")
-    p.add_argument("--max-len", type=int, default=None, help="drop longer examples (default 512 tiny, 4096)")
+    p.add_argument("--max-len", type=int, default=None, help="drop longer examples (default: 512 for "
+                   "tiny, 4096 otherwise)")
     p.add_argument("--output-dir", default=None, help="checkpoints, metrics.jsonl and the final model "
-                   "(default runs/{method}-{model})")
+                   "(default: runs/{method}-{model})")
     # EKSFT selection and regularisers
     p.add_argument("--ratio", type=float, default=0.2, help="fraction selected by entropy and by KL")
     p.add_argument("--combine", default="union", choices=["union", "intersection"], help="how E and K combine")
@@ -882,34 +1055,60 @@ def parse_args(argv=None):
     p.add_argument("--kl-threshold", type=float, default=1e-3, help="select by KL only above this (nats)")
     p.add_argument("--smallest-entropy", action="store_true", help="select the lowest-entropy tokens")
     p.add_argument("--smallest-kl", action="store_true", help="select the lowest-KL tokens")
+    p.add_argument("--ref-model", default=None, help="the frozen reference (default: the starting --model); "
+                   "with --max-steps 0 --show-mask, the model before fine-tuning shows the K tokens")
     # optimisation
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (1e-5; 3e-3 for tiny)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (64; 16 tiny)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-5; 3e-3 for tiny)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (default: "
+                   "64; 16 for tiny)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward pass; "
-                   "the rest is gradient accumulation (2; 8 tiny)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the data (8; 1 tiny)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+                   "the rest is gradient accumulation (default: 2; 8 for tiny)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: 8; 1 for tiny)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
+                   "(default: all epochs; 0: train nothing, e.g. for --show-mask)")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after warmup")
-    p.add_argument("--warmup", type=float, default=None, help="warmup fraction of steps (0.01; 0.1 tiny)")
+    p.add_argument("--warmup", type=float, default=None, help="warmup fraction of steps (default: 0.01; "
+                   "0.1 for tiny)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--compile-loss", action="store_true", help="run the loss's chunk kernels through "
+                   "torch.compile (same values to fp32 rounding; tested on CPU, not yet measured on a GPU)")
     # run
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
     p.add_argument("--seed", type=int, default=0, help="seed for weights of tiny, data order, sampling")
     p.add_argument("--log-every", type=int, default=10, help="print a log line every N steps")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints (0: all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--allow-changed-args", action="store_true", help="--resume even where settings differ "
+                   "from the checkpoint's args.json (refused otherwise; the differences are named)")
     p.add_argument("--show-mask", type=int, default=0, metavar="N", help="after training, print N "
                    "examples with prompt, trained and masked tokens marked")
     args = p.parse_args(argv)
-    for key, value in (TINY_DEFAULTS if args.model == "tiny" else HUB_DEFAULTS).items():
+    # defaults that depend on the model: "tiny", or a directory trained from it, gets small ones
+    args.model_kind = model_kind(args.model)
+    for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    require(p, args, [
+        ("ratio", 0 <= args.ratio <= 1, "between 0 and 1"), ("lr", args.lr > 0, "positive"),
+        ("num_samples", args.num_samples >= 1, "at least 1"), ("max_len", args.max_len >= 2, "at least 2"),
+        ("batch_size", args.batch_size >= 1, "at least 1"),
+        ("micro_batch_size", args.micro_batch_size >= 1, "at least 1"),
+        ("epochs", args.epochs >= 1, "at least 1"),
+        ("max_steps", args.max_steps is None or args.max_steps >= 0, "0 or more"),
+        ("warmup", 0 <= args.warmup <= 1, "between 0 and 1"),
+        ("weight_decay", args.weight_decay >= 0, "0 or more"),
+        ("beta1", 0 <= args.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= args.beta2 < 1, "in [0, 1)"),
+        ("grad_clip", args.grad_clip > 0, "positive"), ("log_every", args.log_every >= 1, "at least 1"),
+        ("save_every", args.save_every >= 0, "0 or more"),
+        ("keep_checkpoints", args.keep_checkpoints >= 0, "0 or more"),
+        ("show_mask", args.show_mask >= 0, "0 or more"),
+        ("ref_model", args.ref_model is None or args.method == "eksft", "used with --method eksft only")])
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
                 f"{args.micro_batch_size}")
@@ -919,7 +1118,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        train(parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_cli(lambda: train(parse_args()))

@@ -41,22 +41,20 @@ Simplifications and choices:
      Nor was fp32 slower: on an H100 (transformers 5.17), a random Qwen2.5-0.5B-shaped model took
      30 ms per generate step at batch 32 in fp32 and 93 ms in bf16.
 """
-import argparse
 import hashlib
 import importlib.util
 import json
 import math
 import os
 import re
-import sys
 import time
 
 import torch
 
-from data import (SYSTEM_PROMPT, DataError, UserError, end_of_turn_ids, encode_prompt, load_qa,
-                  prompt_messages, render)
-from eksft import (SHORT_NAMES, ModelLoadError, append_jsonl, load_model_and_tokenizer, pick_device,
-                   quiet_hub_progress, set_seed, write_json)
+from data import (SYSTEM_PROMPT, ArgumentParser, DataError, HelpFormatter, UserError, end_of_turn_ids,
+                  encode_prompt, load_qa, prompt_messages, render, require, run_cli)
+from eksft import (ModelLoadError, append_jsonl, check_output_dir, load_model_and_tokenizer,
+                   model_kind, model_source, pick_device, quiet_hub_progress, set_seed, write_json)
 from rl import (CHECKERS, PROTOCOLS, checker_description, default_checker, extract_answer,
                 generate_completions, math_reward)
 
@@ -163,7 +161,8 @@ def score_row(question_index, sample_index, problem, out, checker, last_number=F
 
 def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, top_p=1.0,
                    max_new_tokens=1024, batch_size=32, seed=0, checker="builtin",
-                   system_prompt=SYSTEM_PROMPT, last_number=False, backend="transformers", done=(),
+                   system_prompt=SYSTEM_PROMPT, last_number=False, backend="transformers",
+                   static_cache=False, done=(),
                    on_row=None, progress=True):
     """Generate `samples` completions for each problem (dict with question and answer), score them
     with rl.py's checker, and return (rows, metrics); rows sorted by (question, sample) index.
@@ -194,7 +193,7 @@ def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, to
             call_seed = derived_seed(seed, call[0][0]) if temperature > 0 else None
             outs = generate_completions(model, tokenizer, call_prompts, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, batch_size=batch_size,
-                                        seed=call_seed)
+                                        seed=call_seed, static_cache=static_cache)
         seconds += time.perf_counter() - start
         tokens += sum(len(o["completion_ids"]) for o in outs)
         new = [(job, out) for job, out in zip(call, outs) if job not in rows]
@@ -421,7 +420,7 @@ def load_vllm(name, seed):
     except ImportError:
         raise UserError("--backend vllm needs the vllm package (pip install vllm)") from None
     from transformers import AutoTokenizer
-    source = name if os.path.isdir(name) else SHORT_NAMES.get(name, name)
+    source = model_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:
@@ -443,6 +442,9 @@ def run(args):
     benchmarks = {benchmark_name(b): load_qa(b, limit=args.limit) for b in names}
     for name, problems in benchmarks.items():
         print(f"benchmark {name}: {len(problems)} questions")
+    if args.model != "tiny":
+        model_source(args.model)         # a mistyped name fails now, not after a minute of retries
+    check_output_dir(args.output_dir)    # and an unwritable directory before the model is loaded
 
     backend, why = choose_backend(args.backend, args.model)
     print(f"backend: {backend} ({why})")
@@ -483,7 +485,8 @@ def run(args):
             model, tokenizer, problems, samples=args.samples, temperature=args.temperature,
             top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             seed=args.seed, checker=args.checker, system_prompt=PROTOCOLS[args.protocol]["system_prompt"],
-            last_number=PROTOCOLS[args.protocol]["last_number"], backend=backend, done=done,
+            last_number=PROTOCOLS[args.protocol]["last_number"], backend=backend,
+            static_cache=args.static_cache, done=done,
             on_row=lambda row: append_jsonl(samples_path, row), progress=not args.no_progress)
         in_file = resumable_rows(read_rows(samples_path), problems, samples_path)  # the file is the truth
         summary.update(finished=True, metrics=metrics_from_rows(in_file),
@@ -500,13 +503,14 @@ def run(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a model on math benchmarks under one protocol.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Evaluate a model on math benchmarks under one protocol.",
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
     p.add_argument("--benchmarks", default=None, help="comma-separated: gsm8k, gsm8k-train, math500, "
                    "synthetic, synthetic-train, or a local .jsonl/.json with question and answer fields "
                    "(default: synthetic for tiny, gsm8k,math500 otherwise)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions of each")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions of each "
+                   "(default: all)")
     p.add_argument("--samples", type=int, default=1, help="completions per question (avg@n, pass@k)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (temperature > 0 only)")
@@ -516,6 +520,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion length limit (default: "
                    "the protocol's; 256 for tiny, whose synthetic solutions are under 160 characters)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--static-cache", action="store_true", help="generate with a static KV cache (compiled "
+                   "decoding on CUDA; greedy outputs unchanged; tested on CPU, not yet measured on a GPU)")
     p.add_argument("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: "
                    "rl.py's builtin rules, the math-verify package, or auto (builtin, and math-verify for "
                    "answers with symbols)")
@@ -533,16 +539,24 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print earlier runs side by side and exit")
     args = p.parse_args(argv)
+    if args.compare:
+        return args
     if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
         p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
+    args.model_kind = model_kind(args.model)   # tiny, or a directory trained from it: tiny defaults
+    tiny = args.model_kind == "tiny"
     if args.max_new_tokens is None:
-        args.max_new_tokens = 256 if args.model == "tiny" else PROTOCOLS[args.protocol]["max_new_tokens"]
-    if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit or 1) < 1:
-        p.error("--samples, --batch-size, --max-new-tokens and --limit must be positive")
+        args.max_new_tokens = 256 if tiny else PROTOCOLS[args.protocol]["max_new_tokens"]
+    require(p, args, [("samples", args.samples >= 1, "at least 1"),
+                      ("batch_size", args.batch_size >= 1, "at least 1"),
+                      ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
+                      ("limit", args.limit is None or args.limit >= 1, "at least 1 (leave it out for all)"),
+                      ("temperature", args.temperature >= 0, "0 (greedy) or more"),
+                      ("top_p", 0 < args.top_p <= 1, "in (0, 1]"), ("show", args.show >= 0, "0 or more")])
     if args.samples > 1 and args.temperature == 0:
         p.error("--samples > 1 needs --temperature > 0 (greedy completions are all the same)")
     if args.benchmarks is None:
-        args.benchmarks = "synthetic" if args.model == "tiny" else "gsm8k,math500"
+        args.benchmarks = "synthetic" if tiny else "gsm8k,math500"
     if args.output_dir is None:
         model = re.sub(r"[^A-Za-z0-9.]+", "-", args.model.rstrip("/")).strip("-")
         sampling = f"-t{args.temperature:g}-n{args.samples}" if args.temperature > 0 else ""
@@ -551,9 +565,10 @@ def parse_args(argv=None):
     return args
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    return compare(args.compare) if args.compare else run(args)
+
+
 if __name__ == "__main__":
-    try:
-        args = parse_args()
-        compare(args.compare) if args.compare else run(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

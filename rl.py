@@ -32,7 +32,6 @@ Simplifications (choices, not accidents):
   8. --model tiny is a random network that never answers a maths question, so its sanity run
      trains on a toy reward (--reward digits: the fraction of digits it writes) to show learning.
 """
-import argparse
 import atexit
 import functools
 import importlib.metadata
@@ -50,9 +49,11 @@ import time
 
 import torch
 
-from data import SYSTEM_PROMPT, UserError, encode_prompt, end_of_turn_ids, load_qa, pad_left, pad_right
-from eksft import (append_jsonl, export_model, latest_checkpoint, load_model_and_tokenizer, pick_device,
-                   prune_checkpoints, save_checkpoint, set_seed, write_json)
+from data import (SYSTEM_PROMPT, ArgumentParser, HelpFormatter, UserError, encode_prompt, end_of_turn_ids,
+                  load_qa, pad_left, pad_right, require, run_cli)
+from eksft import (RESUME_MAY_CHANGE, StopOnCtrlC, append_jsonl, check_output_dir, check_resume_args,
+                   export_model, latest_checkpoint, load_model_and_tokenizer, model_kind, model_source,
+                   pick_device, prune_checkpoints, save_checkpoint, set_seed, write_json)
 
 # ----------------------------------------------------------------------------
 # 1. The answer checker
@@ -877,7 +878,7 @@ def evaluate_accuracy(model, tokenizer, rows, args, autocast):
     prompts = [encode_prompt(tokenizer, r["question"], proto["system_prompt"]) for r in rows]
     with autocast():
         outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                       batch_size=args.eval_batch_size)
+                                       batch_size=args.eval_batch_size, static_cache=args.static_cache)
     scores = [math_reward(o["text"], r["answer"], checker=args.checker, last_number=proto["last_number"])
               for o, r in zip(outputs, rows)]
     return sum(scores) / len(rows)
@@ -957,6 +958,9 @@ def train(args, reward_fn=None):
     from tqdm import tqdm
     run_args = dict(vars(args), checker_description=checker_description(args.checker))
     set_seed(args.seed)
+    if args.model != "tiny":
+        model_source(args.model)     # a mistyped name fails now, not after the data and a download
+    check_output_dir(args.output_dir)
     device, amp_dtype, why = pick_device(args.device, args.precision)
     print(f"device: {device} ({why})")
     autocast = lambda: torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
@@ -981,6 +985,9 @@ def train(args, reward_fn=None):
     resume_from = latest_checkpoint(args.output_dir) if args.resume else None
     if args.resume and resume_from is None:
         print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
+    if resume_from:   # a longer run may continue (constant lr): --max-steps may change
+        check_resume_args(resume_from, run_args, RESUME_MAY_CHANGE | {
+            "max_steps", "eval_every", "eval_batch_size", "print_every"})
     model, tokenizer = load_model_and_tokenizer(resume_from or args.model, device, seed=args.seed)
     ref_model = None
     if args.kl_coef > 0:   # the start of the run (--model), also after a resume
@@ -1014,7 +1021,8 @@ def train(args, reward_fn=None):
     model.train()
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="rl",
                dynamic_ncols=True)
-    for step in bar:
+    ctrl_c = StopOnCtrlC(args.output_dir)   # Ctrl-C: the step in progress ends with a checkpoint
+    for step in ctrl_c.steps(bar):
         # 1. this step's prompts, from a seeded shuffle per epoch (a resumed run sees the same ones)
         epoch, i = divmod(step, steps_per_epoch)
         order = list(range(len(train_rows)))
@@ -1030,7 +1038,7 @@ def train(args, reward_fn=None):
         with autocast():
             rollouts = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                             temperature=args.temperature, top_p=args.top_p,
-                                            batch_size=args.gen_batch_size,
+                                            batch_size=args.gen_batch_size, static_cache=args.static_cache,
                                             seed=args.seed * 1_000_003 + step)
         gen_seconds = time.perf_counter() - t0
         rewards = torch.tensor([float(reward_fn(r["text"], g)) for r, g in zip(rollouts, golds)])  # (N,)
@@ -1082,7 +1090,7 @@ def train(args, reward_fn=None):
             record["eval_accuracy"] = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
             append_jsonl(metrics_path, {"step": step + 1, "eval_accuracy": record["eval_accuracy"]})
             tqdm.write(f"step {step + 1:5d} | held-out accuracy {record['eval_accuracy']:.3f}")
-        if done or (args.save_every and (step + 1) % args.save_every == 0):
+        if done or ctrl_c.stop_here() or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(args.output_dir, model, tokenizer, run_args, {"step": step + 1}, optimizer)
             prune_checkpoints(args.output_dir, args.keep_checkpoints)
     bar.close()
@@ -1099,8 +1107,8 @@ HUB_DEFAULTS = dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, m
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="RL with verifiable rewards (GRPO-style) for maths.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="RL with verifiable rewards (GRPO-style) for maths.",
+                       formatter_class=HelpFormatter)
     add = p.add_argument
     add("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B) | tiny")
     add("--data", default=None, help="gsm8k (train split; test split held out) | math500 | synthetic | "
@@ -1121,6 +1129,8 @@ def parse_args(argv=None):
     add("--top-p", type=float, default=1.0, help="nucleus sampling")
     add("--gen-batch-size", type=int, default=None, help="sequences per generate call (default all)")
     add("--mask-truncated", action="store_true", help="no loss on completions without an EOS")
+    add("--static-cache", action="store_true", help="generate with a static KV cache (compiled decoding on "
+        "CUDA; same sampler and greedy outputs; tested on CPU, not yet measured on a GPU)")
     # loss
     add("--no-std", action="store_true", help="advantage r - mean, not divided by std (Dr. GRPO)")
     add("--loss-agg", default="token-mean", choices=LOSS_AGGS, help="how token losses are averaged")
@@ -1149,24 +1159,40 @@ def parse_args(argv=None):
     add("--print-every", type=int, default=None, help="print the best and worst completion every N "
         "steps (10; 5 tiny; 0: never)")
     add("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
-    add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints")
+    add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints (0: all)")
     add("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    add("--allow-changed-args", action="store_true", help="--resume even where settings differ from the "
+        "checkpoint's args.json (refused otherwise; the differences are named)")
     args = p.parse_args(argv)
     if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
         p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
-    for key, value in (TINY_DEFAULTS if args.model == "tiny" else HUB_DEFAULTS).items():
+    args.model_kind = model_kind(args.model)   # tiny, or a directory trained from it: small defaults
+    for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.group_size < 2 or args.ppo_epochs < 1 or args.temperature <= 0:
-        p.error("need --group-size >= 2 (the advantage compares completions of a prompt), "
-                "--ppo-epochs >= 1 and --temperature > 0 (RL samples; evaluation is greedy)")
+    require(p, args, [
+        ("group_size", args.group_size >= 2, "at least 2 (the advantage compares completions of a prompt)"),
+        ("prompts_per_step", args.prompts_per_step >= 1, "at least 1"),
+        ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
+        ("temperature", args.temperature > 0, "positive (RL samples; evaluation is greedy)"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+        ("gen_batch_size", args.gen_batch_size is None or args.gen_batch_size >= 1, "at least 1"),
+        ("ppo_epochs", args.ppo_epochs >= 1, "at least 1"), ("clip_eps", args.clip_eps > 0, "positive"),
+        ("clip_eps_high", args.clip_eps_high is None or args.clip_eps_high > 0, "positive"),
+        ("kl_coef", args.kl_coef >= 0, "0 or more"), ("lr", args.lr > 0, "positive"),
+        ("format_reward", 0 <= args.format_reward < 1, "in [0, 1) (a right answer earns 1)"),
+        ("weight_decay", args.weight_decay >= 0, "0 or more"), ("grad_clip", args.grad_clip > 0, "positive"),
+        ("micro_batch_size", args.micro_batch_size >= 1, "at least 1"),
+        ("max_steps", args.max_steps >= 1, "at least 1"), ("eval_size", args.eval_size >= 0, "0 or more"),
+        ("eval_every", args.eval_every >= 0, "0 or more"),
+        ("eval_batch_size", args.eval_batch_size >= 1, "at least 1"),
+        ("log_every", args.log_every >= 1, "at least 1"), ("print_every", args.print_every >= 0, "0 or more"),
+        ("save_every", args.save_every >= 0, "0 or more"),
+        ("keep_checkpoints", args.keep_checkpoints >= 0, "0 or more")])
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"rl-{os.path.basename(args.model.rstrip('/'))}")
     return args
 
 
 if __name__ == "__main__":
-    try:
-        train(parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_cli(lambda: train(parse_args()))

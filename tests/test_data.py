@@ -226,5 +226,5 @@ def test_gsm8k_answers_come_from_after_the_hashes(monkeypatch):
 
 def test_hub_failure_is_one_clear_line():
     with pytest.raises(DataError, match="could not load dataset 'no-such/dataset'.*Offline, use "
-                                        "--data synthetic"):
+                                        "synthetic or a local .jsonl file"):
         list(data.load_conversations("no-such/dataset"))

@@ -581,6 +581,6 @@ def test_bad_jsonl_row_is_one_clear_message(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1?", "answer": "2"}, {"question": "2+2?"}])
     proc = subprocess.run([sys.executable, "rl.py", "--model", "tiny", "--data", bad, "--output-dir",
                            str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}, row 2: missing field 'answer'"
     assert "Traceback" not in proc.stderr

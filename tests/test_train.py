@@ -108,6 +108,6 @@ def test_cli_errors_are_one_clear_line(tmp_path, argv, fragment):
     result = subprocess.run([sys.executable, "eksft.py", *argv, "--output-dir", str(tmp_path / "o")],
                             cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
