@@ -99,7 +99,8 @@ def test_checker_and_prompt_integration(monkeypatch):
                "2*3?": "\\boxed{5}"}                                   # wrong
     seen = []
 
-    def fake_generate(model, tok, prompt_ids, *, max_new_tokens, temperature, top_p, batch_size, seed):
+    def fake_generate(model, tok, prompt_ids, *, max_new_tokens, temperature, top_p, batch_size, seed,
+                      static_cache=False):
         out = []
         for ids in prompt_ids:
             text = tok.decode(ids)
@@ -148,7 +149,8 @@ def test_qwen25_chat_template_renders_the_harness_prompt():
 
 def fake_generate(replies):
     """A stand-in for rl.generate_completions answering each question with a fixed text."""
-    def generate(model, tok, prompt_ids, *, max_new_tokens, temperature, top_p, batch_size, seed):
+    def generate(model, tok, prompt_ids, *, max_new_tokens, temperature, top_p, batch_size, seed,
+                 static_cache=False):
         texts = [tok.decode(ids) for ids in prompt_ids]
         return [{"completion_ids": [1, 2], "truncated": False,
                  "text": next(r for q, r in replies.items() if q in t)} for t in texts]

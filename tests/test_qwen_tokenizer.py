@@ -199,7 +199,7 @@ def test_generation_stops_at_im_end_for_a_base_model(qwen, tmp_path):
 
 def test_statistics_and_loss_on_a_qwen25_shaped_model(qwen):
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    conversations = [(None, CONVERSATIONS[name]) for name in list(CONVERSATIONS)[1:]]  # 2 x ~90 tokens
+    conversations = [(name, CONVERSATIONS[name]) for name in list(CONVERSATIONS)[1:]]  # 2 x ~90 tokens
     examples = data.build_sft_examples(qwen, conversations, 512, log=lambda *_: None)
     batch = data.collate(examples, qwen.pad_token_id)
     labels = batch["labels"]                                                # (B, T)

@@ -495,7 +495,7 @@ def test_held_out_accuracy_is_scored_under_the_evaluation_protocol(tiny, monkeyp
     model, tok = tiny
     seen = []
 
-    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size):
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size, static_cache=False):
         seen.extend(prompts)
         return [{"completion_ids": [1], "truncated": False, "text": "2 + 2 makes 4"} for _ in prompts]
 
