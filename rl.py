@@ -207,7 +207,7 @@ _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
     (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*(?:\^\{{?[23]\}}?)?\.?\s*$",
      r"\1"),                                                     # 10cm^2, 10 weeks -> 10 (but 6xy stays)
     (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234 (not 1,23 or 1, 234)
-    (r"\s+", ""),
+    (r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", ""),                 # spaces, but one between letters: \cos x
     (r"\\frac(\d)(\d)", r"\\frac{\1}{\2}"),                      # \frac12 -> \frac{1}{2}
     (r"\\frac(\d)\{", r"\\frac{\1}{"),
     (r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}"),
@@ -296,16 +296,22 @@ class _NotANumber(Exception):
 
 
 _TOKEN_RE = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|\\[A-Za-z]+|\S")
+_FUNCTIONS = {"\\sin": math.sin, "\\cos": math.cos, "\\tan": math.tan, "\\sec": lambda t: 1 / math.cos(t),
+              "\\csc": lambda t: 1 / math.sin(t), "\\cot": lambda t: 1 / math.tan(t), "\\ln": math.log,
+              "\\exp": math.exp}
+_PRODUCT_STARTS = ("(", "{", "\\frac", "\\sqrt", "\\pi", *_FUNCTIONS)   # 2\pi, 3\sqrt{2}, 2x, x\sin x
 
 
-def _to_number(s):
-    r"""Value of a simple numeric expression, or None. A recursive-descent parser, no eval():
+def _to_number(s, variables=None):
+    r"""Value of a simple expression, or None. A recursive-descent parser, no eval():
         expr  := term (('+' | '-') term)*
-        term  := unary (('*' | '/' | \cdot | \times | \div) unary | implicit product: 2\pi, 3\sqrt{2})*
+        term  := unary (('*' | '/' | \cdot | \times | \div) unary | implicit product: 2\pi, 3x)*
         unary := ('-' | '+') unary | atom ('^' unary)?
         atom  := number | (expr) | {expr} | \frac{expr}{expr} | \sqrt{expr} | \pi
+                 | \sin unary (also \cos ... \exp, and \sin^2 x) | a letter, with its value in `variables`
     """
     tokens, pos = _TOKEN_RE.findall(s) if len(s) <= 200 else [], 0
+    variables = variables or {}
 
     def peek():
         return tokens[pos] if pos < len(tokens) else None
@@ -327,7 +333,7 @@ def _to_number(s):
 
     def term(depth):
         value = unary(depth)
-        while peek() in ("*", "\\cdot", "\\times", "/", "\\div", "(", "{", "\\frac", "\\sqrt", "\\pi"):
+        while peek() in ("*", "\\cdot", "\\times", "/", "\\div", *_PRODUCT_STARTS) or peek() in variables:
             if peek() in ("/", "\\div"):
                 take()
                 value /= unary(depth)                      # ZeroDivisionError is caught below
@@ -337,17 +343,18 @@ def _to_number(s):
                 value *= unary(depth)
         return value
 
-    def unary(depth):
-        if peek() in ("-", "+"):
-            return (-1 if take() == "-" else 1) * unary(depth + 1)
-        base = atom(depth)
-        if peek() != "^":
-            return base
-        take()
+    def power(base, depth):
+        take("^")
         exponent = unary(depth + 1)
         if abs(exponent) > _MAX_EXPONENT or (base < 0 and exponent != int(exponent)):
             raise _NotANumber                              # 9^{9^9}, or a complex root
         return base ** exponent                            # floats: overflow raises, never hangs
+
+    def unary(depth):
+        if peek() in ("-", "+"):
+            return (-1 if take() == "-" else 1) * unary(depth + 1)
+        base = atom(depth)
+        return power(base, depth) if peek() == "^" else base
 
     def braced(depth):
         take("{")
@@ -369,6 +376,12 @@ def _to_number(s):
             return math.sqrt(braced(depth))                # ValueError below zero is caught below
         if tok == "\\pi":
             return math.pi
+        if tok in _FUNCTIONS:                              # \sin^2 x = (\sin x)^2
+            exponent = tokens[pos:pos + 1] == ["^"] and (take(), unary(depth + 1))[1]
+            value = _FUNCTIONS[tok](unary(depth + 1))
+            return value ** exponent if exponent else value
+        if tok in variables:
+            return variables[tok]
         raise _NotANumber
 
     try:
@@ -376,6 +389,24 @@ def _to_number(s):
         return value if pos == len(tokens) and math.isfinite(value) else None
     except (_NotANumber, ArithmeticError, ValueError, RecursionError):
         return None
+
+
+def _same_function(a, b):
+    """Two expressions in the same one-letter variables (3x+3, (x+1)*3) that agree at two sample
+    points, to 1e-9 relative: an identity with near certainty (two different polynomials or rational
+    functions agree only on a set of measure zero). Words (3+ letters), and text without an operator
+    or a digit ('no', 'on'), are not expressions."""
+    names = [{t for t in _TOKEN_RE.findall(s) if len(t) == 1 and t.isalpha()} for s in (a, b)]
+    if (not names[0] or names[0] != names[1] or len(names[0]) > 5
+            or any(re.search(r"(?<![\\A-Za-z])[A-Za-z]{3,}", s) or not re.search(r"[\d+\-*/^\\]", s)
+                   for s in (a, b))):
+        return False
+    for point in (1, 2):                                   # values no simple answer is built around
+        variables = {name: point + math.sqrt(2 + ord(name) % 7) / 3 for name in names[0]}
+        x, y = _to_number(a, variables), _to_number(b, variables)
+        if x is None or y is None or not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12):
+            return False
+    return True
 
 
 _DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)")
@@ -438,6 +469,8 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
     x, y = _to_number(a), _to_number(b)
     if x is not None and y is not None:
         return _numbers_equal(a, x, a_pct, b, y, b_pct)
+    if _same_function(a, b):
+        return True
     pa, pb = _bracketed(a), _bracketed(b)
     sets = [p is not None and p[:2] == ("{", "}") for p in (pa, pb)]
     if any(sets):                                          # a set: an unordered list of its elements
@@ -472,14 +505,13 @@ for line in sys.stdin:                         # no timeouts of its own: the par
     ok = verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None)
     print(json.dumps([number, bool(ok)]), file=out, flush=True)
 """
-_mv = {"workers": [], "failed_starts": 0, "requests": 0}   # a worker: [process, ready, bytes read]
+_mv = {"workers": [], "failed_starts": 0, "requests": 0}   # a worker: [process, ready, bytes read, started]
 _mv_lock = threading.Lock()
 
 
-def _read_reply(worker, number, seconds):
-    """The worker's verdict on request `number` within `seconds` (replies to requests whose caller
-    was interrupted are skipped), else None (also when it died)."""
-    deadline = time.monotonic() + seconds
+def _read_reply(worker, number, deadline):
+    """The worker's verdict on request `number` by time.monotonic() `deadline` (replies to requests
+    whose caller was interrupted are skipped), else None (also when it died)."""
     while True:
         while b"\n" not in worker[2]:
             left = deadline - time.monotonic()
@@ -503,38 +535,55 @@ def _stop_math_verify(worker=None):
     _mv["workers"] = [w for w in _mv["workers"] if w is not worker] if worker else []
 
 
-def _start_math_verify():
-    """Keep two workers: the one in use and a spare already importing sympy (1-3 s), so that one
-    killed for taking too long is replaced at once. Does not wait for them."""
+def _start_math_verify(count):
+    """Keep `count` workers (the one in use, and a spare already importing sympy, 1-3 s, to replace
+    one killed for taking too long). Does not wait for them."""
     for worker in [w for w in _mv["workers"] if w[0].poll() is not None]:
         _stop_math_verify(worker)                          # it died
-    while len(_mv["workers"]) < 2:
+    while len(_mv["workers"]) < count:
         _mv["workers"].append([subprocess.Popen([sys.executable, "-c", _MV_WORKER], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), False, b""])
+                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), False, b"",
+                                time.monotonic()])
 
 
 atexit.register(_stop_math_verify)
 
 
-def _math_verify(pred, gold):
-    """math-verify's verdict, or None when it has none within _MV_LIMIT_S (in any thread)."""
-    if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS or _mv["failed_starts"] >= 3:
+def _warm_math_verify():
+    """Start a worker, without waiting, at a process's first call that may need one: it imports
+    sympy while the builtin rules decide the first answers (never at import)."""
+    if not _mv["workers"] and _mv["failed_starts"] < 3 and _mv_lock.acquire(blocking=False):
+        try:
+            _start_math_verify(1)
+        finally:
+            _mv_lock.release()
+
+
+def _math_verify(pred, gold, completion=False):
+    """math-verify's verdict, or None when it has none within _MV_LIMIT_S (in any thread), the wait
+    for a worker that is still starting included. pred is an answer, or with completion=True a
+    completion's end that math-verify reads on its own."""
+    pred = pred[-2 * _MAX_ANSWER_CHARS:] if completion else pred
+    if len(pred) > 2 * _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS or _mv["failed_starts"] >= 3:
         return None
     if not _mv_lock.acquire(timeout=4 * _MV_LIMIT_S):     # other threads' calls take too long
         return None
     try:
-        _start_math_verify()
+        deadline = time.monotonic() + _MV_LIMIT_S
+        _start_math_verify(1)
         worker = _mv["workers"][0]
-        worker[1] = worker[1] or _read_reply(worker, "ready", _MV_START_LIMIT_S)
-        if not worker[1]:
-            _mv["failed_starts"] += 1
-            _stop_math_verify(worker)
+        worker[1] = worker[1] or _read_reply(worker, "ready", deadline)
+        if not worker[1]:                                  # still starting: no verdict this time
+            if worker[0].poll() is not None or time.monotonic() - worker[3] > _MV_START_LIMIT_S:
+                _mv["failed_starts"] += 1
+                _stop_math_verify(worker)
             return None
+        _start_math_verify(2)                              # the spare, once the first one is up
         _mv["requests"] = number = _mv["requests"] + 1    # gold first (the order matters); boxed,
-        request = [number, f"\\boxed{{{gold}}}", f"\\boxed{{{pred}}}"]   # so each is taken whole
+        request = [number, f"\\boxed{{{gold}}}", pred if completion else f"\\boxed{{{pred}}}"]   # taken whole
         worker[0].stdin.write((json.dumps(request) + "\n").encode())
         worker[0].stdin.flush()
-        verdict = _read_reply(worker, number, _MV_LIMIT_S)
+        verdict = _read_reply(worker, number, deadline)
         if verdict is None:                               # out of time (or dead): kill it
             _stop_math_verify(worker)
         return verdict
@@ -571,6 +620,19 @@ def checker_description(checker=None):
     return f"auto (builtin + math-verify {version})" if checker == "auto" else f"math-verify {version}"
 
 
+def _resolve_checker(checker):
+    """The checker to use (an unknown one is a ValueError, a missing math-verify an ImportError)."""
+    checker = checker or default_checker()
+    if checker not in CHECKERS:
+        raise ValueError(f"unknown checker {checker!r}; choose one of {CHECKERS}")
+    if checker != "builtin" and not _math_verify_installed():
+        raise ImportError(f"--checker {checker} needs the math-verify package: "
+                          "pip install 'math-verify[antlr4_13_2]'")
+    if checker != "builtin":
+        _warm_math_verify()
+    return checker
+
+
 def is_equiv(pred, gold, checker=None):
     """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
 
@@ -581,12 +643,7 @@ def is_equiv(pred, gold, checker=None):
     unbracketed lists in any order, anything else as normalised strings. Never raises on any answer:
     only on an unknown checker (ValueError) or a missing math-verify (ImportError).
     """
-    checker = checker or default_checker()
-    if checker not in CHECKERS:
-        raise ValueError(f"unknown checker {checker!r}; choose one of {CHECKERS}")
-    if checker != "builtin" and not _math_verify_installed():
-        raise ImportError(f"--checker {checker} needs the math-verify package: "
-                          "pip install 'math-verify[antlr4_13_2]'")
+    checker = _resolve_checker(checker)
     if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
         return False
     if checker == "math-verify":
@@ -606,11 +663,28 @@ def is_equiv(pred, gold, checker=None):
     return bool(_math_verify(pred, gold))
 
 
-def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=False):
-    """1.0 when the completion's extracted answer is equivalent to gold, else 0.0. format_reward > 0
-    (off by default): what a wrong answer that is at least \\boxed earns. last_number: see extract_answer."""
-    pred = extract_answer(completion, last_number=last_number)
-    if pred is not None and is_equiv(pred, gold, checker):
+def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=True):
+    """1.0 when the completion's answer is equivalent to gold, else 0.0 (or format_reward, off by
+    default: what a wrong answer that is at least \\boxed earns).
+
+    The answer is the one the completion states (extract_answer). One that states none is read, by
+    default, the way the Qwen2.5-Math harness and math-verify's parse read it: its last number, and
+    with auto or math-verify also math-verify's own reading of its end (its last formula). On by
+    default because the reward should score what evaluation scores (evaluate.py's default protocol
+    reads the last number) and a correct answer is correct unboxed; rewarding the format is
+    format_reward's job. last_number=False is the strict reward: a stated answer or 0.
+    """
+    checker = _resolve_checker(checker)
+    pred = extract_answer(completion)
+    if pred is not None:
+        correct = is_equiv(pred, gold, checker)
+    elif last_number and isinstance(completion, str) and isinstance(gold, str):
+        number = extract_answer(completion, last_number=True)
+        correct = (number is not None and is_equiv(number, gold, "builtin")
+                   or checker != "builtin" and bool(_math_verify(completion.rpartition("</think>")[2], gold, completion=True)))
+    else:
+        correct = False
+    if correct:
         return 1.0
     if format_reward and isinstance(completion, str) and _boxed_answer(completion):
         return float(format_reward)

@@ -271,6 +271,21 @@ EQUIV_CASES = [
     ("x^{2} + 1", "x^2+1", True),
     ("2*x + 1", "2x+1", True),
     ("a_{1}", "a_1", True),
+    # expressions in one-letter variables: the same function (both evaluated at two sample points)
+    ("(x+1)^2", "x^2+2x+1", True),
+    ("(x+1)^2", "x^2+1", False),
+    ("(a-b)(a+b)", "a^2-b^2", True),
+    ("(a-b)(a+b)", "a^2-b^2+10^{-6}", False),                  # a near miss is a miss
+    ("x + 70001", "70000 + x", False),
+    ("\\frac{x}{7}+\\frac{2}{7}", "\\frac{x+2}{7}", True),
+    ("4/3-7t/6", "\\frac{8-7t}{6}", True),
+    ("\\frac{1}{\\cos x}", "\\sec x", True),
+    ("\\sin^2 x + \\cos^2 x", "1", False),                    # no variable on one side: a string
+    ("\\tan^2(y)+1", "\\sec^2(y)", True),
+    ("[t, 1 + t]", "[t, t + 1]", True),
+    ("2x", "2y", False),                                       # other variables
+    ("no", "on", False),                                       # words are not products
+    ("cats", "acts", False),
     # answers given as completions (a gold with boxes)
     ("1, 2", "\\boxed{1}\\boxed{2}", True),
     ("-2, 1", "\\(\\boxed{1}\\) and \\(\\boxed{-2}\\).", True),
@@ -306,8 +321,10 @@ def test_math_reward():
     assert reward("the roots are \\boxed{3} and \\boxed{-1}", "-1, 3") == 1.0
     assert reward("\\boxed{3} or \\boxed{4}", "4") == 0.0               # a hedge is not an answer
     assert reward("\\boxed{3}, \\boxed{4}", "4") == 0.0
-    assert reward("so 24 in all", "24") == 0.0                       # strict by default (RL)
-    assert reward("so 24 in all", "24", last_number=True) == 1.0
+    assert reward("so 24 in all", "24") == 1.0                       # no stated answer: the last number
+    assert reward("so 24 in all, not 23", "24") == 0.0
+    assert reward("so 24 in all", "24", last_number=False) == 0.0    # the strict reward
+    assert reward("\\boxed{23}, although 24 is close", "24") == 0.0   # a stated answer is final
     # the small format reward is off by default, and never more than a correct answer
     assert reward("so \\boxed{3}", "4", format_reward=0.1) == pytest.approx(0.1)
     assert reward("so 3", "4", format_reward=0.1) == 0.0
@@ -331,7 +348,7 @@ def test_default_checker_and_its_description(monkeypatch):
     assert default_checker() == ("auto" if HAVE_MATH_VERIFY else "builtin")
     monkeypatch.setenv("EKSFT_CHECKER", "builtin")
     assert default_checker() == "builtin"
-    assert is_equiv("x + 1", "1 + x") is False                     # builtin: no algebra
+    assert is_equiv("\\arcsin 1", "\\frac{\\pi}{2}") is False       # builtin: no arcsin
     assert checker_description("builtin") == "builtin"
     if HAVE_MATH_VERIFY:
         import importlib.metadata
@@ -374,6 +391,19 @@ def test_auto_checker(monkeypatch):
 
 
 @needs_math_verify
+def test_auto_reads_a_completion_that_states_no_answer_as_math_verify_does(monkeypatch):
+    monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
+    turn = "A quarter turn maps (1, 0) to (0, 1), so it is $\\begin{pmatrix}0 & -1 \\\\ 1 & 0\\end{pmatrix}$."
+    gold = "\\begin{pmatrix}0&-1\\\\1&0\\end{pmatrix}"
+    assert math_reward(turn, gold, checker="auto") == 1.0           # its last formula, not its last number
+    assert math_reward(turn.replace("-1", "1"), gold, checker="auto") == 0.0
+    assert math_reward(turn, gold, checker="builtin") == 0.0        # builtin reads only the last number
+    assert math_reward(turn, gold, checker="auto", last_number=False) == 0.0
+    assert math_reward("<think>it is $x+1$</think> so $2x$", "2x", checker="auto") == 1.0
+    assert math_reward("<think>it is $2x$</think> so $x+1$", "2x", checker="auto") == 0.0
+
+
+@needs_math_verify
 def test_math_verify_time_limit_holds_outside_the_main_thread(monkeypatch):
     """sympy does not return on the hard pair: its worker is killed after the limit and the warm
     spare takes over, all from a thread that is not the main one (no signals)."""
@@ -381,13 +411,13 @@ def test_math_verify_time_limit_holds_outside_the_main_thread(monkeypatch):
 
     def judge():
         monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
-        results["warm"] = is_equiv("x + 1", "1 + x", checker="auto")
+        results["warm"] = is_equiv("x + 1", "1 + x", checker="math-verify")
         monkeypatch.setattr(rl, "_MV_LIMIT_S", 1.0)
         start = time.perf_counter()
         results["hard"] = is_equiv("\\sin(x)^{10000} + \\cos(x)^{10000}", "1", checker="auto")
         results["seconds"] = time.perf_counter() - start
         monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
-        results["next"] = is_equiv("2(x+1)", "2x+2", checker="auto")
+        results["next"] = is_equiv("2(x+1)", "2x+2", checker="math-verify")
 
     thread = threading.Thread(target=judge)
     thread.start()
