@@ -84,6 +84,8 @@ _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 # what may separate boxes that form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
 _BOX_GAP_RE = re.compile(r"(?:\s|[$,;.]|\\[\[\]()]|\\q?quad|\\[,;: ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|and|or)*")
 _LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")   # the Qwen2.5-Math harness's, on the text without commas
+_MATH_SPAN_RE = re.compile(r"\$\$(.{1,1000}?)\$\$|(?<!\\)\$(.{1,1000}?)(?<!\\)\$|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\]",
+                           re.S)   # $x$, $$x$$, \(x\), \[x\]: math-verify's last formula is the last of them
 
 
 def _closing_brace(text, j):
@@ -222,6 +224,8 @@ _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
     (r"^([^,]*?)\\pm([^,]*)$", r"\1+\2,\1-\2"),                     # 1\pm\sqrt{2} = 1+\sqrt{2}, 1-\sqrt{2}
     (r"^([^<>=]+)(<=?)[A-Za-z](<=?)([^<>=]+)$",                   # -2 <= x < 7 -> [-2,7)
      lambda m: f"{'[' if m[2] == '<=' else '('}{m[1]},{m[4]}{']' if m[3] == '<=' else ')'}"),
+    (r"^([^<>=A-Za-z]+)([<>])(=?)([A-Za-z])$",                      # 5 >= x -> x <= 5
+     lambda m: f"{m[4]}{'<' if m[2] == '>' else '>'}{m[3]}{m[1]}"),
     (r"^[A-Za-z]([<>])(=?)([^<>=]+)$",                            # x > 5 -> (5,\infty), x <= 5 -> (-\infty,5]
      lambda m: f"{'[' if m[2] else '('}{m[3]},\\infty)" if m[1] == ">" else f"(-\\infty,{m[3]}{']' if m[2] else ')'}"),
 ]]
@@ -668,8 +672,9 @@ def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_numbe
     default: what a wrong answer that is at least \\boxed earns).
 
     The answer is the one the completion states (extract_answer). One that states none is read, by
-    default, the way the Qwen2.5-Math harness and math-verify's parse read it: its last number, and
-    with auto or math-verify also math-verify's own reading of its end (its last formula). On by
+    default, the way the Qwen2.5-Math harness and math-verify's parse read it: its last formula
+    ($...$, \\(...\\)) or last number, whichever comes last (one reading: a hedge "$5$ or 7" is not
+    two answers), and with auto or math-verify also by math-verify itself. On by
     default because the reward should score what evaluation scores (evaluate.py's default protocol
     reads the last number) and a correct answer is correct unboxed; rewarding the format is
     format_reward's job. last_number=False is the strict reward: a stated answer or 0.
@@ -679,9 +684,14 @@ def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_numbe
     if pred is not None:
         correct = is_equiv(pred, gold, checker)
     elif last_number and isinstance(completion, str) and isinstance(gold, str):
-        number = extract_answer(completion, last_number=True)
-        correct = (number is not None and is_equiv(number, gold, "builtin")
-                   or checker != "builtin" and bool(_math_verify(completion.rpartition("</think>")[2], gold, completion=True)))
+        text = completion.rpartition("</think>")[2][-_TAIL_CHARS:]
+        formula = None                                     # the last one, unless a number follows it
+        for formula in _MATH_SPAN_RE.finditer(text):
+            pass
+        answer = (next(filter(None, formula.groups())) if formula and not re.search(r"\d", text[formula.end():])
+                  else extract_answer(text, last_number=True))
+        correct = (answer is not None and is_equiv(answer, gold, "builtin")
+                   or checker != "builtin" and bool(_math_verify(text, gold, completion=True)))
     else:
         correct = False
     if correct:

@@ -271,6 +271,9 @@ EQUIV_CASES = [
     ("x^{2} + 1", "x^2+1", True),
     ("2*x + 1", "2x+1", True),
     ("a_{1}", "a_1", True),
+    ("5 \\geq x", "x \\leq 5", True),                              # an inequality read from either side
+    ("5 < x", "x > 5", True),
+    ("5 < x", "x < 5", False),
     # expressions in one-letter variables: the same function (both evaluated at two sample points)
     ("(x+1)^2", "x^2+2x+1", True),
     ("(x+1)^2", "x^2+1", False),
@@ -325,6 +328,14 @@ def test_math_reward():
     assert reward("so 24 in all, not 23", "24") == 0.0
     assert reward("so 24 in all", "24", last_number=False) == 0.0    # the strict reward
     assert reward("\\boxed{23}, although 24 is close", "24") == 0.0   # a stated answer is final
+    turn = "A quarter turn maps (1, 0) to (0, 1): it is $\\begin{pmatrix}0 & -1 \\\\ 1 & 0\\end{pmatrix}$."
+    gold = "\\begin{pmatrix}0&-1\\\\1&0\\end{pmatrix}"
+    assert reward(turn, gold) == 1.0                                 # its last formula ...
+    assert reward(turn.replace("-1", "1"), gold) == 0.0
+    assert reward("we need $x > 2$, so x = 3 works", "3") == 1.0     # ... or its last number
+    assert reward("we need $x > 2$, so x = 3 works", "x > 2") == 0.0  # one reading, not two guesses
+    assert reward("we need $x > 2$, so x = 3 works", "2") == 0.0
+    assert reward("so x = 3 works, as we need $x > 2$", "x > 2") == 1.0
     # the small format reward is off by default, and never more than a correct answer
     assert reward("so \\boxed{3}", "4", format_reward=0.1) == pytest.approx(0.1)
     assert reward("so 3", "4", format_reward=0.1) == 0.0
@@ -393,12 +404,11 @@ def test_auto_checker(monkeypatch):
 @needs_math_verify
 def test_auto_reads_a_completion_that_states_no_answer_as_math_verify_does(monkeypatch):
     monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
-    turn = "A quarter turn maps (1, 0) to (0, 1), so it is $\\begin{pmatrix}0 & -1 \\\\ 1 & 0\\end{pmatrix}$."
-    gold = "\\begin{pmatrix}0&-1\\\\1&0\\end{pmatrix}"
-    assert math_reward(turn, gold, checker="auto") == 1.0           # its last formula, not its last number
-    assert math_reward(turn.replace("-1", "1"), gold, checker="auto") == 0.0
-    assert math_reward(turn, gold, checker="builtin") == 0.0        # builtin reads only the last number
-    assert math_reward(turn, gold, checker="auto", last_number=False) == 0.0
+    cube = "The side is the cube root of the volume 8, so it is $\\sqrt[3]{8}$."
+    assert math_reward(cube, "2", checker="auto") == 1.0             # math-verify's reading and verdict
+    assert math_reward(cube.replace("{8}", "{9}"), "2", checker="auto") == 0.0
+    assert math_reward(cube, "2", checker="builtin") == 0.0          # no cube roots in builtin
+    assert math_reward(cube, "2", checker="auto", last_number=False) == 0.0
     assert math_reward("<think>it is $x+1$</think> so $2x$", "2x", checker="auto") == 1.0
     assert math_reward("<think>it is $2x$</think> so $x+1$", "2x", checker="auto") == 0.0
 
