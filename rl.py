@@ -59,10 +59,12 @@ from eksft import (append_jsonl, export_model, latest_checkpoint, load_model_and
 #
 # extract_answer(text) finds the final answer in a completion; is_equiv(pred, gold, checker) decides
 # whether two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. The checkers:
-#   builtin      the normalisation rules below (tables, one comment per rule) and a small numeric parser;
+#   builtin      the normalisation rules below (tables, one comment per rule) and a small parser that
+#                evaluates numbers exactly and expressions in one-letter variables at sample points;
 #   math-verify  the math-verify package (sympy), in a worker process under a hard time limit;
-#   auto         builtin decides numbers, tuples, intervals, matrices and choices; answers with symbols
-#                (\frac{x+2}{7}, \sec^2 y) that builtin rejects go on to math-verify.
+#   auto         a builtin "equal" is final, and so is its "not equal" on numbers, tuples, intervals,
+#                matrices and choices (exact: math-verify rounds floats); anything else it rejects
+#                (\sqrt[3]{8}, 2x+4y=3) goes on to math-verify.
 # This process never calls eval/exec/sympify; loops are linear, recursion and exponents capped, errors
 # caught: a hostile string (1 MB, unbalanced braces, 9^{9^{9^9}}) returns in well under a second.
 
@@ -72,8 +74,8 @@ _MAX_EXPONENT = 1000       # |exponent| the numeric parser evaluates (2^{1000} i
 _MAX_BOXES = 20            # only the last 20 \boxed of a completion are looked at
 _MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
 _TAIL_CHARS = 20_000       # answer phrases and the last number are looked for in this many last characters
-_MV_LIMIT_S = 1.5          # hard limit on one math-verify verdict (sympy may never return)
-_MV_START_LIMIT_S = 30.0   # for a math-verify worker to start (it imports sympy: 1-3 s)
+_MV_LIMIT_S = 1.5          # hard limit on one math-verify verdict, a worker's start included
+_MV_START_LIMIT_S = 30.0   # a worker not up after this is broken (it imports sympy: ~1.2 s of CPU)
 
 _BRACE_RE = re.compile(r"[{}]")
 _SPACES_RE = re.compile(r"[ \t]*")
@@ -125,8 +127,20 @@ def _boxed_answer(text):
     return (found[0][0], ", ".join(c for _, c in reversed(found))) if found else None
 
 
+def _last_formula_or_number(text):
+    """The last $...$ / \\(...\\) of a text unless a number follows it, else its last number, or None."""
+    formula = None
+    for formula in _MATH_SPAN_RE.finditer(text):
+        pass
+    if formula and not re.search(r"\d", text[formula.end():]):
+        return next(filter(None, formula.groups())).strip() or None
+    numbers = _LAST_NUMBER_RE.findall(text.replace(",", ""))
+    return numbers[-1] if numbers else None
+
+
 def _clean_sentence_answer(s):
-    """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42';  '\\[ 9 \\]' -> '9'."""
+    """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42';  '\\[ 9 \\]' -> '9';
+    a sentence in words ('The volume of $V$ is 120') -> its last formula or number ('120')."""
     s = s.strip().strip("*").strip()
     for opening, closing in (("$$", r"\$\$"), ("$", r"(?<!\\)\$"), ("\\(", r"\\\)"), ("\\[", r"\\\]")):
         if s.startswith(opening):
@@ -135,6 +149,8 @@ def _clean_sentence_answer(s):
             break
     else:
         s = re.split(r"\.(?:\s|$)|\n", s, maxsplit=1)[0]   # cut at the end of the sentence
+        if len(s) <= _MAX_ANSWER_CHARS and len(re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}\b", _MATH_SPAN_RE.sub("", s))) >= 2:
+            s = _last_formula_or_number(s) or s
     return re.sub(r"^[\s*]+|[\s*.]+$", "", s)              # markdown bold, the final full stop
 
 
@@ -347,27 +363,20 @@ def _to_number(s, variables=None):
                 value *= unary(depth)
         return value
 
-    def power(base, depth):
-        take("^")
+    def unary(depth):
+        if peek() in ("-", "+"):
+            return (-1 if take() == "-" else 1) * unary(depth + 1)
+        base = atom(depth)
+        if peek() != "^":
+            return base
+        take()
         exponent = unary(depth + 1)
         if abs(exponent) > _MAX_EXPONENT or (base < 0 and exponent != int(exponent)):
             raise _NotANumber                              # 9^{9^9}, or a complex root
         return base ** exponent                            # floats: overflow raises, never hangs
 
-    def unary(depth):
-        if peek() in ("-", "+"):
-            return (-1 if take() == "-" else 1) * unary(depth + 1)
-        base = atom(depth)
-        return power(base, depth) if peek() == "^" else base
-
-    def braced(depth):
-        take("{")
-        value = expr(depth + 1)
-        take("}")
-        return value
-
-    def atom(depth):
-        tok = take()
+    def atom(depth, brace=False):
+        tok = take("{" if brace else None)
         if tok[0].isdigit():
             return float(tok)
         if tok in ("(", "{"):
@@ -375,9 +384,9 @@ def _to_number(s, variables=None):
             take(")" if tok == "(" else "}")
             return value
         if tok == "\\frac":
-            return braced(depth) / braced(depth)
+            return atom(depth + 1, brace=True) / atom(depth + 1, brace=True)
         if tok == "\\sqrt":
-            return math.sqrt(braced(depth))                # ValueError below zero is caught below
+            return math.sqrt(atom(depth + 1, brace=True))  # ValueError below zero is caught below
         if tok == "\\pi":
             return math.pi
         if tok in _FUNCTIONS:                              # \sin^2 x = (\sin x)^2
@@ -643,8 +652,9 @@ def is_equiv(pred, gold, checker=None):
     checker: "builtin", "math-verify" or "auto" (default: default_checker()). Builtin normalises both
     (the rule tables above), drops names and glosses (x = 7, f(x) = 2x+3, x \\in [1,2], chains, \\approx
     0.58), then compares numbers exactly (a decimal with 3+ significant digits also matches an exact
-    form that rounds to it: 0.333 = 1/3), tuples, intervals and matrices element by element, sets and
-    unbracketed lists in any order, anything else as normalised strings. Never raises on any answer:
+    form that rounds to it: 0.333 = 1/3), expressions in one-letter variables by value ((x+1)^2 =
+    x^2+2x+1), tuples, intervals and matrices element by element, sets and unbracketed lists in any
+    order, anything else as normalised strings. Auto: see the top of this section. Never raises:
     only on an unknown checker (ValueError) or a missing math-verify (ImportError).
     """
     checker = _resolve_checker(checker)
@@ -661,7 +671,7 @@ def is_equiv(pred, gold, checker=None):
         if (a_names == b_names or not (a_names and b_names or equation)) and _equiv(a, a_pct, b, b_pct):
             return True
         if checker == "builtin" or re.fullmatch("[A-Z]", a) or (_is_numeric(a) and _is_numeric(b) and not equation):
-            return False                                   # auto: only answers with symbols go on
+            return False                                   # auto: exact verdicts stay final
     except Exception:                                      # a checker bug must not crash a training run
         return False
     return bool(_math_verify(pred, gold))
@@ -685,11 +695,7 @@ def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_numbe
         correct = is_equiv(pred, gold, checker)
     elif last_number and isinstance(completion, str) and isinstance(gold, str):
         text = completion.rpartition("</think>")[2][-_TAIL_CHARS:]
-        formula = None                                     # the last one, unless a number follows it
-        for formula in _MATH_SPAN_RE.finditer(text):
-            pass
-        answer = (next(filter(None, formula.groups())) if formula and not re.search(r"\d", text[formula.end():])
-                  else extract_answer(text, last_number=True))
+        answer = _last_formula_or_number(text)
         correct = (answer is not None and is_equiv(answer, gold, "builtin")
                    or checker != "builtin" and bool(_math_verify(text, gold, completion=True)))
     else:

@@ -25,6 +25,12 @@ needs_math_verify = pytest.mark.skipif(not HAVE_MATH_VERIFY, reason="math-verify
 # extract_answer: (completion text, expected answer or None)
 
 EXTRACT_CASES = [
+    # an answer phrase followed by a sentence in words: its last formula or number
+    ("Final Answer: The area of $\\triangle PQR$ is 56. I hope it is correct.", "56"),
+    ("Final Answer: the smallest such $k$ is $\\frac{3}{2}$.", "\\frac{3}{2}"),
+    ("The answer is 18 dollars per week.", "18"),
+    ("The answer is 5 apples.", "5 apples"),                          # one word: a unit, kept
+    ("The answer is $x = 5$ and we are done", "x = 5"),
     ("so the result is \\boxed{42}.", "42"),
     ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),                        # nested braces
     ("\\boxed{\\frac{\\sqrt{3}}{2}} is it", "\\frac{\\sqrt{3}}{2}"),   # two levels of nesting
