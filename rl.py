@@ -134,7 +134,7 @@ def _last_formula_or_number(text):
         pass
     if formula and not re.search(r"\d", text[formula.end():]):
         return next(filter(None, formula.groups())).strip() or None
-    numbers = _LAST_NUMBER_RE.findall(text.replace(",", ""))
+    numbers = re.findall(r"-?\d*\.?\d+(?:/\d+)?", text.replace(",", ""))   # 2/3 is one number here
     return numbers[-1] if numbers else None
 
 

@@ -342,6 +342,7 @@ def test_math_reward():
     assert reward("we need $x > 2$, so x = 3 works", "x > 2") == 0.0  # one reading, not two guesses
     assert reward("we need $x > 2$, so x = 3 works", "2") == 0.0
     assert reward("so x = 3 works, as we need $x > 2$", "x > 2") == 1.0
+    assert reward("so the chance is 2/3.", "\\frac{2}{3}") == 1.0       # a fraction is one number
     # the small format reward is off by default, and never more than a correct answer
     assert reward("so \\boxed{3}", "4", format_reward=0.1) == pytest.approx(0.1)
     assert reward("so 3", "4", format_reward=0.1) == 0.0
