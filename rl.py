@@ -25,10 +25,11 @@ Simplifications (choices, not accidents):
      0, still in the loss's denominator and in the KL term; a step of only flat groups without KL
      makes no optimiser step (TRL would step on AdamW's momentum).
   6. Constant learning rate, one optimiser step per PPO epoch (no mini-batches inside a batch).
-  7. The built-in checker is a normaliser plus a small numeric parser, not a computer algebra
-     system: numbers, fractions, percents, powers, tuples, intervals, matrices; anything else is
-     compared as a normalised string. --checker auto (the default when math-verify is installed)
-     sends answers with symbols that it rejects to math-verify, under a hard time limit.
+  7. The built-in checker is a normaliser plus a small parser, not a computer algebra system:
+     numbers, fractions, percents, powers, tuples, intervals, matrices, and expressions in one-letter
+     variables compared by value at sample points; anything else is compared as a normalised string.
+     --checker auto (the default when math-verify is installed) sends what it cannot decide exactly
+     to math-verify, under a hard time limit.
   8. --model tiny is a random network that never answers a maths question, so its sanity run
      trains on a toy reward (--reward digits: the fraction of digits it writes) to show learning.
 """
@@ -76,6 +77,7 @@ _MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
 _TAIL_CHARS = 20_000       # answer phrases and the last number are looked for in this many last characters
 _MV_LIMIT_S = 1.5          # hard limit on one math-verify verdict, a worker's start included
 _MV_START_LIMIT_S = 30.0   # a worker not up after this is broken (it imports sympy: ~1.2 s of CPU)
+_MV_STUCK_S = 10.0         # a worker this long on one request did not stop at its own limits: kill it
 
 _BRACE_RE = re.compile(r"[{}]")
 _SPACES_RE = re.compile(r"[ \t]*")
@@ -513,12 +515,12 @@ out, sys.stdout = sys.stdout, sys.stderr       # only verdicts go to the parent
 from math_verify import parse, verify
 verify(parse("$x$"), parse("$x$"))            # warm up: the first call is the slowest
 print(json.dumps(["ready", True]), file=out, flush=True)
-for line in sys.stdin:                         # no timeouts of its own: the parent kills it
+for line in sys.stdin:                         # its own time limits (signals: this is a main thread)
     number, gold, pred = json.loads(line)
-    ok = verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None)
+    ok = verify(parse(gold, parsing_timeout=1), parse(pred, parsing_timeout=1), timeout_seconds=1)
     print(json.dumps([number, bool(ok)]), file=out, flush=True)
 """
-_mv = {"workers": [], "failed_starts": 0, "requests": 0}   # a worker: [process, ready, bytes read, started]
+_mv = {"workers": [], "failed_starts": 0, "requests": 0}
 _mv_lock = threading.Lock()
 
 
@@ -555,8 +557,8 @@ def _start_math_verify(count):
         _stop_math_verify(worker)                          # it died
     while len(_mv["workers"]) < count:
         _mv["workers"].append([subprocess.Popen([sys.executable, "-c", _MV_WORKER], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), False, b"",
-                                time.monotonic()])
+                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL),
+                                False, b"", time.monotonic(), None])   # ready, bytes read, started, busy since
 
 
 atexit.register(_stop_math_verify)
@@ -583,6 +585,8 @@ def _math_verify(pred, gold, completion=False):
         return None
     try:
         deadline = time.monotonic() + _MV_LIMIT_S
+        for worker in [w for w in _mv["workers"] if w[4] and deadline - w[4] > _MV_STUCK_S]:
+            _stop_math_verify(worker)                      # the spare takes over
         _start_math_verify(1)
         worker = _mv["workers"][0]
         worker[1] = worker[1] or _read_reply(worker, "ready", deadline)
@@ -596,9 +600,10 @@ def _math_verify(pred, gold, completion=False):
         request = [number, f"\\boxed{{{gold}}}", pred if completion else f"\\boxed{{{pred}}}"]   # taken whole
         worker[0].stdin.write((json.dumps(request) + "\n").encode())
         worker[0].stdin.flush()
-        verdict = _read_reply(worker, number, deadline)
-        if verdict is None:                               # out of time (or dead): kill it
-            _stop_math_verify(worker)
+        worker[4] = worker[4] or time.monotonic()
+        verdict = _read_reply(worker, number, deadline)   # None: out of time; it stops on its own
+        if verdict is not None:
+            worker[4] = None                               # every earlier request is answered too
         return verdict
     except Exception:                                      # e.g. a broken pipe
         return None

@@ -422,8 +422,8 @@ def test_auto_reads_a_completion_that_states_no_answer_as_math_verify_does(monke
 
 @needs_math_verify
 def test_math_verify_time_limit_holds_outside_the_main_thread(monkeypatch):
-    """sympy does not return on the hard pair: its worker is killed after the limit and the warm
-    spare takes over, all from a thread that is not the main one (no signals)."""
+    """sympy takes too long on the hard pair: the call returns after the limit, the worker gives up
+    on its own time limits and answers the next call, all from a thread that is not the main one."""
     results = {}
 
     def judge():
@@ -443,6 +443,25 @@ def test_math_verify_time_limit_holds_outside_the_main_thread(monkeypatch):
     assert results["warm"] is True
     assert results["hard"] is False and 1.0 <= results["seconds"] < 3.0
     assert results["next"] is True
+
+
+def test_a_worker_stuck_past_its_own_limits_is_killed(monkeypatch):
+    """A worker that never answers (a stand-in for sympy stuck where no signal reaches it): each
+    call gets no verdict within the limit, and once it has been busy past _MV_STUCK_S it is killed."""
+    stuck = "import json, sys, time\nprint(json.dumps(['ready', True]), flush=True)\nfor line in sys.stdin: time.sleep(1000)\n"
+    rl._stop_math_verify()
+    monkeypatch.setattr(rl, "_MV_WORKER", stuck)
+    monkeypatch.setattr(rl, "_MV_LIMIT_S", 1.0)
+    monkeypatch.setattr(rl, "_MV_STUCK_S", 0.5)
+    try:
+        assert rl._math_verify("x", "y") is None
+        first = rl._mv["workers"][0][0]
+        assert first.poll() is None                                   # still there: it may yet answer
+        time.sleep(0.6)
+        assert rl._math_verify("x", "y") is None
+        assert first.poll() is not None                               # busy too long: killed
+    finally:
+        rl._stop_math_verify()
 
 
 @needs_math_verify
