@@ -250,7 +250,10 @@ EQUIV_CASES = [
     ("(1, 2, 3)", "(1, 2)", False),
     ("1, 2", "2, 1", True),                       # an unbracketed list of solutions is unordered
     ("1, 2", "1, 3", False),
-    ("1, 1, 2", "1, 2, 2", False),
+    ("1, 1, 2", "1, 2, 2", True),                 # ... a set: a repeated solution is one solution
+    ("(1, 2), (3, 4), (1, 2)", "(3,4), (1,2)", True),
+    ("1, 1, 2", "1, 2, 3", False),
+    ("1, 1", "1, 2", False),
     ("\\pm 3", "3, -3", True),
     ("1 \\pm \\sqrt{2}", "1-\\sqrt{2}, 1+\\sqrt{2}", True),
     ("3", "\\pm 3", False),
@@ -298,6 +301,8 @@ EQUIV_CASES = [
     # answers given as completions (a gold with boxes)
     ("1, 2", "\\boxed{1}\\boxed{2}", True),
     ("-2, 1", "\\(\\boxed{1}\\) and \\(\\boxed{-2}\\).", True),
+    ("5, 3", "\\boxed{5} apples and \\boxed{3} pears", True),     # every box of an answer string
+    ("3", "\\boxed{5} apples and \\boxed{3} pears", False),
     # empty and missing answers never match
     ("", "5", False),
     ("5", "", False),
