@@ -102,10 +102,10 @@ def _closing_brace(text, j):
     return None
 
 
-def _boxed_answer(text, every=False):
+def _boxed_answer(text):
     """(start, answer) of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, joined with the
-    boxes just before it that form one answer with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'; with
-    every=True, all of them), or None. An unclosed \\boxed{ (a truncated answer) is skipped."""
+    boxes just before it that form one answer with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'), or
+    None. An unclosed \\boxed{ (a truncated answer) is skipped."""
     found, before = [], {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
     for _ in range(_MAX_BOXES):                            # from the last box backwards
         name = max(before, key=before.get)
@@ -122,8 +122,8 @@ def _boxed_answer(text, every=False):
             content, end = m.group().rstrip(".,;"), m.end()
         if not content or not content.strip():
             continue
-        if found and (end > found[-1][0] or not every and (
-                found[-1][0] - end > 40 or not _BOX_GAP_RE.fullmatch(text, end, found[-1][0]))):
+        if found and (end > found[-1][0] or found[-1][0] - end > 40
+                      or not _BOX_GAP_RE.fullmatch(text, end, found[-1][0])):
             break                                          # nested in it, or words in between
         found.append((start, content.strip()))
     return (found[0][0], ", ".join(c for _, c in reversed(found))) if found else None
@@ -300,8 +300,8 @@ def _drop_names(s):
 
 def _normalise(s):
     """(canonical string, had a percent sign, names dropped) for one answer."""
-    if "\\boxed" in s or "\\fbox" in s:                  # a gold written with boxes: all of them
-        s = (_boxed_answer(s, every=True) or (0, s))[1]
+    if "\\boxed" in s or "\\fbox" in s:                  # a gold written as a completion
+        s = _marked_answer(s) or s
     s = _MATRIX_RE.sub(_matrix_to_lists, s.strip())       # first: its \\ are not LaTeX spacing
     for pattern, replacement in _LATEX_RULES:
         s = pattern.sub(replacement, s)

@@ -301,8 +301,6 @@ EQUIV_CASES = [
     # answers given as completions (a gold with boxes)
     ("1, 2", "\\boxed{1}\\boxed{2}", True),
     ("-2, 1", "\\(\\boxed{1}\\) and \\(\\boxed{-2}\\).", True),
-    ("5, 3", "\\boxed{5} apples and \\boxed{3} pears", True),     # every box of an answer string
-    ("3", "\\boxed{5} apples and \\boxed{3} pears", False),
     # empty and missing answers never match
     ("", "5", False),
     ("5", "", False),
