@@ -88,8 +88,9 @@ _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 # what may separate boxes that form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
 _BOX_GAP_RE = re.compile(r"(?:\s|[$,;.]|\\[\[\]()]|\\q?quad|\\[,;: ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|and|or)*")
 _LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")   # the Qwen2.5-Math harness's, on the text without commas
-_MATH_SPAN_RE = re.compile(r"\$\$(.{1,1000}?)\$\$|(?<!\\)\$(.{1,1000}?)(?<!\\)\$|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\]",
-                           re.S)   # $x$, $$x$$, \(x\), \[x\]: math-verify's last formula is the last of them
+# $$x$$, $x$, \(x\), \[x\]: the formulas of a text (math-verify reads the last one)
+_MATH_SPAN_RE = re.compile(r"\$\$(.{1,1000}?)\$\$|(?<!\\)\$(.{1,1000}?)(?<!\\)\$"
+                           r"|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\]", re.S)
 
 
 def _closing_brace(text, j):
@@ -151,7 +152,8 @@ def _clean_sentence_answer(s):
             break
     else:
         s = re.split(r"\.(?:\s|$)|\n", s, maxsplit=1)[0]   # cut at the end of the sentence
-        if len(s) <= _MAX_ANSWER_CHARS and len(re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}\b", _MATH_SPAN_RE.sub("", s))) >= 2:
+        words = re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}\b", _MATH_SPAN_RE.sub("", s[:_MAX_ANSWER_CHARS]))
+        if len(s) <= _MAX_ANSWER_CHARS and len(words) >= 2:        # a sentence, not "5 apples"
             s = _last_formula_or_number(s) or s
     return re.sub(r"^[\s*]+|[\s*.]+$", "", s)              # markdown bold, the final full stop
 
@@ -682,13 +684,13 @@ def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_numbe
     """1.0 when the completion's answer is equivalent to gold, else 0.0 (or format_reward, off by
     default: what a wrong answer that is at least \\boxed earns).
 
-    The answer is the one the completion states (extract_answer). One that states none is read, by
-    default, the way the Qwen2.5-Math harness and math-verify's parse read it: its last formula
-    ($...$, \\(...\\)) or last number, whichever comes last (one reading: a hedge "$5$ or 7" is not
-    two answers), and with auto or math-verify also by math-verify itself. On by
-    default because the reward should score what evaluation scores (evaluate.py's default protocol
-    reads the last number) and a correct answer is correct unboxed; rewarding the format is
-    format_reward's job. last_number=False is the strict reward: a stated answer or 0.
+    The answer is the one the completion states (extract_answer). One that states none is read as
+    the Qwen2.5-Math harness and math-verify read it: its last formula ($...$, \\(...\\)) or last
+    number, whichever comes last (one reading: "$5$ or 7" is not two answers), and with auto or
+    math-verify by math-verify's own parser too. This is on by default (last_number=True) so that
+    the reward scores what evaluate.py's default protocol scores, and because a correct answer is
+    correct unboxed: rewarding the format is format_reward's job. last_number=False is the strict
+    reward (a stated answer or 0), as evaluate.py --protocol strict scores.
     """
     checker = _resolve_checker(checker)
     pred = extract_answer(completion)
@@ -697,7 +699,7 @@ def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_numbe
     elif last_number and isinstance(completion, str) and isinstance(gold, str):
         text = completion.rpartition("</think>")[2][-_TAIL_CHARS:]
         answer = _last_formula_or_number(text)
-        correct = (answer is not None and is_equiv(answer, gold, "builtin")
+        correct = (answer is not None and checker != "math-verify" and is_equiv(answer, gold, "builtin")
                    or checker != "builtin" and bool(_math_verify(text, gold, completion=True)))
     else:
         correct = False
