@@ -562,16 +562,6 @@ def _start_math_verify(count):
 atexit.register(_stop_math_verify)
 
 
-def _warm_math_verify():
-    """Start a worker, without waiting, at a process's first call that may need one: it imports
-    sympy while the builtin rules decide the first answers (never at import)."""
-    if not _mv["workers"] and _mv["failed_starts"] < 3 and _mv_lock.acquire(blocking=False):
-        try:
-            _start_math_verify(1)
-        finally:
-            _mv_lock.release()
-
-
 def _math_verify(pred, gold, completion=False):
     """math-verify's verdict, or None when it has none within _MV_LIMIT_S (in any thread), the wait
     for a worker that is still starting included. pred is an answer, or with completion=True a
@@ -644,8 +634,11 @@ def _resolve_checker(checker):
     if checker != "builtin" and not _math_verify_installed():
         raise ImportError(f"--checker {checker} needs the math-verify package: "
                           "pip install 'math-verify[antlr4_13_2]'")
-    if checker != "builtin":
-        _warm_math_verify()
+    if checker != "builtin" and not _mv["workers"] and _mv["failed_starts"] < 3 and _mv_lock.acquire(False):
+        try:                                               # the first check starts a worker, without
+            _start_math_verify(1)                          # waiting: it imports sympy while builtin
+        finally:                                           # decides the first answers (never at import)
+            _mv_lock.release()
     return checker
 
 
