@@ -6,6 +6,7 @@ should say about them, not copied from the checker's output. Run: python -m pyte
 import builtins
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -446,6 +447,15 @@ def test_math_verify_time_limit_holds_outside_the_main_thread(monkeypatch):
     assert results["warm"] is True
     assert results["hard"] is False and 1.0 <= results["seconds"] < 3.0
     assert results["next"] is True
+
+
+@needs_math_verify
+def test_the_worker_starts_at_the_first_check_not_at_import():
+    code = ("import time, rl; print(len(rl._mv['workers'])); start = time.perf_counter(); "
+            "print(rl.is_equiv('0.5', '\\\\frac12', 'auto'), time.perf_counter() - start < 0.5, len(rl._mv['workers']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split() == ["0", "True", "True", "1"], out.stderr   # started, not waited for
 
 
 def test_a_worker_stuck_past_its_own_limits_is_killed(monkeypatch):
