@@ -25,10 +25,11 @@ Simplifications (choices, not accidents):
      0, still in the loss's denominator and in the KL term; a step of only flat groups without KL
      makes no optimiser step (TRL would step on AdamW's momentum).
   6. Constant learning rate, one optimiser step per PPO epoch (no mini-batches inside a batch).
-  7. The built-in checker is a normaliser plus a small numeric parser, not a computer algebra
-     system: numbers, fractions, percents, powers, tuples, intervals, matrices; anything else is
-     compared as a normalised string. --checker auto (the default when math-verify is installed)
-     sends answers with symbols that it rejects to math-verify, under a hard time limit.
+  7. The built-in checker is a normaliser plus a small parser, not a computer algebra system:
+     numbers, fractions, percents, powers, tuples, intervals, matrices, and expressions in one-letter
+     variables compared by value at sample points; anything else is compared as a normalised string.
+     --checker auto (the default when math-verify is installed) sends what it cannot decide exactly
+     to math-verify, under a hard time limit.
   8. --model tiny is a random network that never answers a maths question, so its sanity run
      trains on a toy reward (--reward digits: the fraction of digits it writes) to show learning.
 """
@@ -60,10 +61,12 @@ from eksft import (RESUME_MAY_CHANGE, StopOnCtrlC, append_jsonl, check_output_di
 #
 # extract_answer(text) finds the final answer in a completion; is_equiv(pred, gold, checker) decides
 # whether two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. The checkers:
-#   builtin      the normalisation rules below (tables, one comment per rule) and a small numeric parser;
+#   builtin      the normalisation rules below (tables, one comment per rule) and a small parser that
+#                evaluates numbers exactly and expressions in one-letter variables at sample points;
 #   math-verify  the math-verify package (sympy), in a worker process under a hard time limit;
-#   auto         builtin decides numbers, tuples, intervals, matrices and choices; answers with symbols
-#                (\frac{x+2}{7}, \sec^2 y) that builtin rejects go on to math-verify.
+#   auto         a builtin "equal" is final, and so is its "not equal" on numbers, tuples, intervals,
+#                matrices and choices (exact: math-verify rounds floats); anything else it rejects
+#                (\sqrt[3]{8}, 2x+4y=3) goes on to math-verify.
 # This process never calls eval/exec/sympify; loops are linear, recursion and exponents capped, errors
 # caught: a hostile string (1 MB, unbalanced braces, 9^{9^{9^9}}) returns in well under a second.
 
@@ -73,8 +76,9 @@ _MAX_EXPONENT = 1000       # |exponent| the numeric parser evaluates (2^{1000} i
 _MAX_BOXES = 20            # only the last 20 \boxed of a completion are looked at
 _MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
 _TAIL_CHARS = 20_000       # answer phrases and the last number are looked for in this many last characters
-_MV_LIMIT_S = 1.5          # hard limit on one math-verify verdict (sympy may never return)
-_MV_START_LIMIT_S = 30.0   # for a math-verify worker to start (it imports sympy: 1-3 s)
+_MV_LIMIT_S = 1.5          # hard limit on one math-verify verdict, a worker's start included
+_MV_START_LIMIT_S = 30.0   # a worker not up after this is broken (it imports sympy: ~1.2 s of CPU)
+_MV_STUCK_S = 10.0         # a worker this long on one request did not stop at its own limits: kill it
 
 _BRACE_RE = re.compile(r"[{}]")
 _SPACES_RE = re.compile(r"[ \t]*")
@@ -85,6 +89,9 @@ _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 # what may separate boxes that form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
 _BOX_GAP_RE = re.compile(r"(?:\s|[$,;.]|\\[\[\]()]|\\q?quad|\\[,;: ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|and|or)*")
 _LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")   # the Qwen2.5-Math harness's, on the text without commas
+# $$x$$, $x$, \(x\), \[x\]: the formulas of a text (math-verify reads the last one)
+_MATH_SPAN_RE = re.compile(r"\$\$(.{1,1000}?)\$\$|(?<!\\)\$(.{1,1000}?)(?<!\\)\$"
+                           r"|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\]", re.S)
 
 
 def _closing_brace(text, j):
@@ -124,8 +131,20 @@ def _boxed_answer(text):
     return (found[0][0], ", ".join(c for _, c in reversed(found))) if found else None
 
 
+def _last_formula_or_number(text):
+    """The last $...$ / \\(...\\) of a text unless a number follows it, else its last number, or None."""
+    formula = None
+    for formula in _MATH_SPAN_RE.finditer(text):
+        pass
+    if formula and not re.search(r"\d", text[formula.end():]):
+        return next(filter(None, formula.groups())).strip() or None
+    numbers = re.findall(r"-?\d*\.?\d+(?:/\d+)?", text.replace(",", ""))   # 2/3 is one number here
+    return numbers[-1] if numbers else None
+
+
 def _clean_sentence_answer(s):
-    """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42';  '\\[ 9 \\]' -> '9'."""
+    """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42';  '\\[ 9 \\]' -> '9';
+    a sentence in words ('The volume of $V$ is 120') -> its last formula or number ('120')."""
     s = s.strip().strip("*").strip()
     for opening, closing in (("$$", r"\$\$"), ("$", r"(?<!\\)\$"), ("\\(", r"\\\)"), ("\\[", r"\\\]")):
         if s.startswith(opening):
@@ -134,6 +153,9 @@ def _clean_sentence_answer(s):
             break
     else:
         s = re.split(r"\.(?:\s|$)|\n", s, maxsplit=1)[0]   # cut at the end of the sentence
+        words = re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}\b", _MATH_SPAN_RE.sub("", s[:_MAX_ANSWER_CHARS]))
+        if len(s) <= _MAX_ANSWER_CHARS and len(words) >= 2:        # a sentence, not "5 apples"
+            s = _last_formula_or_number(s) or s
     return re.sub(r"^[\s*]+|[\s*.]+$", "", s)              # markdown bold, the final full stop
 
 
@@ -208,7 +230,7 @@ _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
     (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*(?:\^\{{?[23]\}}?)?\.?\s*$",
      r"\1"),                                                     # 10cm^2, 10 weeks -> 10 (but 6xy stays)
     (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234 (not 1,23 or 1, 234)
-    (r"\s+", ""),
+    (r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", ""),                 # spaces, but one between letters: \cos x
     (r"\\frac(\d)(\d)", r"\\frac{\1}{\2}"),                      # \frac12 -> \frac{1}{2}
     (r"\\frac(\d)\{", r"\\frac{\1}{"),
     (r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}"),
@@ -223,6 +245,8 @@ _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
     (r"^([^,]*?)\\pm([^,]*)$", r"\1+\2,\1-\2"),                     # 1\pm\sqrt{2} = 1+\sqrt{2}, 1-\sqrt{2}
     (r"^([^<>=]+)(<=?)[A-Za-z](<=?)([^<>=]+)$",                   # -2 <= x < 7 -> [-2,7)
      lambda m: f"{'[' if m[2] == '<=' else '('}{m[1]},{m[4]}{']' if m[3] == '<=' else ')'}"),
+    (r"^([^<>=A-Za-z]+)([<>])(=?)([A-Za-z])$",                      # 5 >= x -> x <= 5
+     lambda m: f"{m[4]}{'<' if m[2] == '>' else '>'}{m[3]}{m[1]}"),
     (r"^[A-Za-z]([<>])(=?)([^<>=]+)$",                            # x > 5 -> (5,\infty), x <= 5 -> (-\infty,5]
      lambda m: f"{'[' if m[2] else '('}{m[3]},\\infty)" if m[1] == ">" else f"(-\\infty,{m[3]}{']' if m[2] else ')'}"),
 ]]
@@ -297,16 +321,22 @@ class _NotANumber(Exception):
 
 
 _TOKEN_RE = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|\\[A-Za-z]+|\S")
+_FUNCTIONS = {"\\sin": math.sin, "\\cos": math.cos, "\\tan": math.tan, "\\sec": lambda t: 1 / math.cos(t),
+              "\\csc": lambda t: 1 / math.sin(t), "\\cot": lambda t: 1 / math.tan(t), "\\ln": math.log,
+              "\\exp": math.exp}
+_PRODUCT_STARTS = ("(", "{", "\\frac", "\\sqrt", "\\pi", *_FUNCTIONS)   # 2\pi, 3\sqrt{2}, 2x, x\sin x
 
 
-def _to_number(s):
-    r"""Value of a simple numeric expression, or None. A recursive-descent parser, no eval():
+def _to_number(s, variables=None):
+    r"""Value of a simple expression, or None. A recursive-descent parser, no eval():
         expr  := term (('+' | '-') term)*
-        term  := unary (('*' | '/' | \cdot | \times | \div) unary | implicit product: 2\pi, 3\sqrt{2})*
+        term  := unary (('*' | '/' | \cdot | \times | \div) unary | implicit product: 2\pi, 3x)*
         unary := ('-' | '+') unary | atom ('^' unary)?
         atom  := number | (expr) | {expr} | \frac{expr}{expr} | \sqrt{expr} | \pi
+                 | \sin unary (also \cos ... \exp, and \sin^2 x) | a letter, with its value in `variables`
     """
     tokens, pos = _TOKEN_RE.findall(s) if len(s) <= 200 else [], 0
+    variables = variables or {}
 
     def peek():
         return tokens[pos] if pos < len(tokens) else None
@@ -328,7 +358,7 @@ def _to_number(s):
 
     def term(depth):
         value = unary(depth)
-        while peek() in ("*", "\\cdot", "\\times", "/", "\\div", "(", "{", "\\frac", "\\sqrt", "\\pi"):
+        while peek() in ("*", "\\cdot", "\\times", "/", "\\div", *_PRODUCT_STARTS) or peek() in variables:
             if peek() in ("/", "\\div"):
                 take()
                 value /= unary(depth)                      # ZeroDivisionError is caught below
@@ -350,14 +380,8 @@ def _to_number(s):
             raise _NotANumber                              # 9^{9^9}, or a complex root
         return base ** exponent                            # floats: overflow raises, never hangs
 
-    def braced(depth):
-        take("{")
-        value = expr(depth + 1)
-        take("}")
-        return value
-
-    def atom(depth):
-        tok = take()
+    def atom(depth, brace=False):
+        tok = take("{" if brace else None)
         if tok[0].isdigit():
             return float(tok)
         if tok in ("(", "{"):
@@ -365,11 +389,17 @@ def _to_number(s):
             take(")" if tok == "(" else "}")
             return value
         if tok == "\\frac":
-            return braced(depth) / braced(depth)
+            return atom(depth + 1, brace=True) / atom(depth + 1, brace=True)
         if tok == "\\sqrt":
-            return math.sqrt(braced(depth))                # ValueError below zero is caught below
+            return math.sqrt(atom(depth + 1, brace=True))  # ValueError below zero is caught below
         if tok == "\\pi":
             return math.pi
+        if tok in _FUNCTIONS:                              # \sin^2 x = (\sin x)^2
+            exponent = tokens[pos:pos + 1] == ["^"] and (take(), unary(depth + 1))[1]
+            value = _FUNCTIONS[tok](unary(depth + 1))
+            return value ** exponent if exponent else value
+        if tok in variables:
+            return variables[tok]
         raise _NotANumber
 
     try:
@@ -377,6 +407,24 @@ def _to_number(s):
         return value if pos == len(tokens) and math.isfinite(value) else None
     except (_NotANumber, ArithmeticError, ValueError, RecursionError):
         return None
+
+
+def _same_function(a, b):
+    """Two expressions in the same one-letter variables (3x+3, (x+1)*3) that agree at two sample
+    points, to 1e-9 relative: an identity with near certainty (two different polynomials or rational
+    functions agree only on a set of measure zero). Words (3+ letters), and text without an operator
+    or a digit ('no', 'on'), are not expressions."""
+    names = [{t for t in _TOKEN_RE.findall(s) if len(t) == 1 and t.isalpha()} for s in (a, b)]
+    if (not names[0] or names[0] != names[1] or len(names[0]) > 5
+            or any(re.search(r"(?<![\\A-Za-z])[A-Za-z]{3,}", s) or not re.search(r"[\d+\-*/^\\]", s)
+                   for s in (a, b))):
+        return False
+    for point in (1, 2):                                   # values no simple answer is built around
+        variables = {name: point + math.sqrt(2 + ord(name) % 7) / 3 for name in names[0]}
+        x, y = _to_number(a, variables), _to_number(b, variables)
+        if x is None or y is None or not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12):
+            return False
+    return True
 
 
 _DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)")
@@ -439,6 +487,8 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
     x, y = _to_number(a), _to_number(b)
     if x is not None and y is not None:
         return _numbers_equal(a, x, a_pct, b, y, b_pct)
+    if _same_function(a, b):
+        return True
     pa, pb = _bracketed(a), _bracketed(b)
     sets = [p is not None and p[:2] == ("{", "}") for p in (pa, pb)]
     if any(sets):                                          # a set: an unordered list of its elements
@@ -447,16 +497,12 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
         ea, eb = _split_top_level(pa[2]), _split_top_level(pb[2])
         return (pa[:2] == pb[:2] and len(ea) == len(eb)
                 and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
-    if not pa and not pb and ("," in a or "," in b):       # "1, 2" vs "2,1": unordered lists of answers
-        ea, unused = _split_top_level(a), _split_top_level(b)
-        if len(ea) != len(unused) or len(ea) > 50 or len(ea) == 1:
+    if not pa and not pb and ("," in a or "," in b):       # "1, 2" vs "2,1,1": sets of solutions
+        ea, eb = _split_top_level(a), _split_top_level(b)
+        if max(len(ea), len(eb)) > 50 or min(len(ea), len(eb)) == 1 == max(len(ea), len(eb)):
             return a == b
-        for u in ea:
-            hit = next((v for v in unused if _equiv(u, False, v, False, depth + 1)), None)
-            if hit is None:
-                return False
-            unused.remove(hit)
-        return True
+        return all(any(_equiv(u, False, v, False, depth + 1) for v in other)
+                   for one, other in ((ea, eb), (eb, ea)) for u in one)
     return False
 
 
@@ -468,19 +514,18 @@ out, sys.stdout = sys.stdout, sys.stderr       # only verdicts go to the parent
 from math_verify import parse, verify
 verify(parse("$x$"), parse("$x$"))            # warm up: the first call is the slowest
 print(json.dumps(["ready", True]), file=out, flush=True)
-for line in sys.stdin:                         # no timeouts of its own: the parent kills it
+for line in sys.stdin:                         # its own time limits (signals: this is a main thread)
     number, gold, pred = json.loads(line)
-    ok = verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None)
+    ok = verify(parse(gold, parsing_timeout=1), parse(pred, parsing_timeout=1), timeout_seconds=1)
     print(json.dumps([number, bool(ok)]), file=out, flush=True)
 """
-_mv = {"workers": [], "failed_starts": 0, "requests": 0}   # a worker: [process, ready, bytes read]
+_mv = {"workers": [], "failed_starts": 0, "requests": 0}
 _mv_lock = threading.Lock()
 
 
-def _read_reply(worker, number, seconds):
-    """The worker's verdict on request `number` within `seconds` (replies to requests whose caller
-    was interrupted are skipped), else None (also when it died)."""
-    deadline = time.monotonic() + seconds
+def _read_reply(worker, number, deadline):
+    """The worker's verdict on request `number` by time.monotonic() `deadline` (replies to requests
+    whose caller was interrupted are skipped), else None (also when it died)."""
     while True:
         while b"\n" not in worker[2]:
             left = deadline - time.monotonic()
@@ -504,40 +549,50 @@ def _stop_math_verify(worker=None):
     _mv["workers"] = [w for w in _mv["workers"] if w is not worker] if worker else []
 
 
-def _start_math_verify():
-    """Keep two workers: the one in use and a spare already importing sympy (1-3 s), so that one
-    killed for taking too long is replaced at once. Does not wait for them."""
+def _start_math_verify(count):
+    """Keep `count` workers (the one in use, and a spare already importing sympy, 1-3 s, to replace
+    one killed for taking too long). Does not wait for them."""
     for worker in [w for w in _mv["workers"] if w[0].poll() is not None]:
         _stop_math_verify(worker)                          # it died
-    while len(_mv["workers"]) < 2:
+    while len(_mv["workers"]) < count:
         _mv["workers"].append([subprocess.Popen([sys.executable, "-c", _MV_WORKER], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), False, b""])
+                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL),
+                                False, b"", time.monotonic(), None])   # ready, bytes read, started, busy since
 
 
 atexit.register(_stop_math_verify)
 
 
-def _math_verify(pred, gold):
-    """math-verify's verdict, or None when it has none within _MV_LIMIT_S (in any thread)."""
-    if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS or _mv["failed_starts"] >= 3:
+def _math_verify(pred, gold, completion=False):
+    """math-verify's verdict, or None when it has none within _MV_LIMIT_S (in any thread), the wait
+    for a worker that is still starting included. pred is an answer, or with completion=True a
+    completion's end that math-verify reads on its own."""
+    pred = pred[-2 * _MAX_ANSWER_CHARS:] if completion else pred
+    if len(pred) > 2 * _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS or _mv["failed_starts"] >= 3:
         return None
     if not _mv_lock.acquire(timeout=4 * _MV_LIMIT_S):     # other threads' calls take too long
         return None
     try:
-        _start_math_verify()
+        deadline = time.monotonic() + _MV_LIMIT_S
+        for worker in [w for w in _mv["workers"] if w[4] and deadline - w[4] > _MV_STUCK_S]:
+            _stop_math_verify(worker)                      # the spare takes over
+        _start_math_verify(1)
         worker = _mv["workers"][0]
-        worker[1] = worker[1] or _read_reply(worker, "ready", _MV_START_LIMIT_S)
-        if not worker[1]:
-            _mv["failed_starts"] += 1
-            _stop_math_verify(worker)
+        worker[1] = worker[1] or _read_reply(worker, "ready", deadline)
+        if not worker[1]:                                  # still starting: no verdict this time
+            if worker[0].poll() is not None or time.monotonic() - worker[3] > _MV_START_LIMIT_S:
+                _mv["failed_starts"] += 1
+                _stop_math_verify(worker)
             return None
+        _start_math_verify(2)                              # the spare, once the first one is up
         _mv["requests"] = number = _mv["requests"] + 1    # gold first (the order matters); boxed,
-        request = [number, f"\\boxed{{{gold}}}", f"\\boxed{{{pred}}}"]   # so each is taken whole
+        request = [number, f"\\boxed{{{gold}}}", pred if completion else f"\\boxed{{{pred}}}"]   # taken whole
         worker[0].stdin.write((json.dumps(request) + "\n").encode())
         worker[0].stdin.flush()
-        verdict = _read_reply(worker, number, _MV_LIMIT_S)
-        if verdict is None:                               # out of time (or dead): kill it
-            _stop_math_verify(worker)
+        worker[4] = worker[4] or time.monotonic()
+        verdict = _read_reply(worker, number, deadline)   # None: out of time; it stops on its own
+        if verdict is not None:
+            worker[4] = None                               # every earlier request is answered too
         return verdict
     except Exception:                                      # e.g. a broken pipe
         return None
@@ -572,22 +627,34 @@ def checker_description(checker=None):
     return f"auto (builtin + math-verify {version})" if checker == "auto" else f"math-verify {version}"
 
 
-def is_equiv(pred, gold, checker=None):
-    """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
-
-    checker: "builtin", "math-verify" or "auto" (default: default_checker()). Builtin normalises both
-    (the rule tables above), drops names and glosses (x = 7, f(x) = 2x+3, x \\in [1,2], chains, \\approx
-    0.58), then compares numbers exactly (a decimal with 3+ significant digits also matches an exact
-    form that rounds to it: 0.333 = 1/3), tuples, intervals and matrices element by element, sets and
-    unbracketed lists in any order, anything else as normalised strings. Never raises on any answer:
-    only on an unknown checker (ValueError) or a missing math-verify (ImportError).
-    """
+def _resolve_checker(checker):
+    """The checker to use (an unknown one is a ValueError, a missing math-verify an ImportError)."""
     checker = checker or default_checker()
     if checker not in CHECKERS:
         raise ValueError(f"unknown checker {checker!r}; choose one of {CHECKERS}")
     if checker != "builtin" and not _math_verify_installed():
         raise ImportError(f"--checker {checker} needs the math-verify package: "
                           "pip install 'math-verify[antlr4_13_2]'")
+    if checker != "builtin" and not _mv["workers"] and _mv["failed_starts"] < 3 and _mv_lock.acquire(False):
+        try:                                               # the first check starts a worker, without
+            _start_math_verify(1)                          # waiting: it imports sympy while builtin
+        finally:                                           # decides the first answers (never at import)
+            _mv_lock.release()
+    return checker
+
+
+def is_equiv(pred, gold, checker=None):
+    """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
+
+    checker: "builtin", "math-verify" or "auto" (default: default_checker()). Builtin normalises both
+    (the rule tables above), drops names and glosses (x = 7, f(x) = 2x+3, x \\in [1,2], chains, \\approx
+    0.58), then compares numbers exactly (a decimal with 3+ significant digits also matches an exact
+    form that rounds to it: 0.333 = 1/3), expressions in one-letter variables by value ((x+1)^2 =
+    x^2+2x+1), tuples, intervals and matrices element by element, sets and unbracketed lists in any
+    order, anything else as normalised strings. Auto: see the top of this section. Never raises:
+    only on an unknown checker (ValueError) or a missing math-verify (ImportError).
+    """
+    checker = _resolve_checker(checker)
     if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
         return False
     if checker == "math-verify":
@@ -601,17 +668,36 @@ def is_equiv(pred, gold, checker=None):
         if (a_names == b_names or not (a_names and b_names or equation)) and _equiv(a, a_pct, b, b_pct):
             return True
         if checker == "builtin" or re.fullmatch("[A-Z]", a) or (_is_numeric(a) and _is_numeric(b) and not equation):
-            return False                                   # auto: only answers with symbols go on
+            return False                                   # auto: exact verdicts stay final
     except Exception:                                      # a checker bug must not crash a training run
         return False
     return bool(_math_verify(pred, gold))
 
 
-def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=False):
-    """1.0 when the completion's extracted answer is equivalent to gold, else 0.0. format_reward > 0
-    (off by default): what a wrong answer that is at least \\boxed earns. last_number: see extract_answer."""
-    pred = extract_answer(completion, last_number=last_number)
-    if pred is not None and is_equiv(pred, gold, checker):
+def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=True):
+    """1.0 when the completion's answer is equivalent to gold, else 0.0 (or format_reward, off by
+    default: what a wrong answer that is at least \\boxed earns).
+
+    The answer is the one the completion states (extract_answer). One that states none is read as
+    the Qwen2.5-Math harness and math-verify read it: its last formula ($...$, \\(...\\)) or last
+    number, whichever comes last (one reading: "$5$ or 7" is not two answers), and with auto or
+    math-verify by math-verify's own parser too. This is on by default (last_number=True) so that
+    the reward scores what evaluate.py's default protocol scores, and because a correct answer is
+    correct unboxed: rewarding the format is format_reward's job. last_number=False is the strict
+    reward (a stated answer or 0), as evaluate.py --protocol strict scores.
+    """
+    checker = _resolve_checker(checker)
+    pred = extract_answer(completion)
+    if pred is not None:
+        correct = is_equiv(pred, gold, checker)
+    elif last_number and isinstance(completion, str) and isinstance(gold, str):
+        text = completion.rpartition("</think>")[2][-_TAIL_CHARS:]
+        answer = _last_formula_or_number(text)
+        correct = (answer is not None and checker != "math-verify" and is_equiv(answer, gold, "builtin")
+                   or checker != "builtin" and bool(_math_verify(text, gold, completion=True)))
+    else:
+        correct = False
+    if correct:
         return 1.0
     if format_reward and isinstance(completion, str) and _boxed_answer(completion):
         return float(format_reward)
