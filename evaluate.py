@@ -56,7 +56,7 @@ from data import (SYSTEM_PROMPT, ArgumentParser, DataError, HelpFormatter, UserE
 from eksft import (ModelLoadError, append_jsonl, check_output_dir, load_model_and_tokenizer,
                    model_kind, model_source, pick_device, quiet_hub_progress, set_seed, write_json)
 from rl import (CHECKERS, PROTOCOLS, checker_description, default_checker, extract_answer,
-                generate_completions, math_reward)
+                generate_completions, is_equiv, math_reward)
 
 # -----------------------------------------------------------------------------
 # Metrics: unbiased pass@k and avg@n from per-sample rows
@@ -438,6 +438,7 @@ def run(args):
     if args.checker != "builtin" and importlib.util.find_spec("math_verify") is None:
         raise UserError(f"--checker {args.checker} needs the math-verify package: "
                         "pip install 'math-verify[antlr4_13_2]'")
+    is_equiv("1", "1", args.checker)     # starts math-verify's worker (auto) while the model loads
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     benchmarks = {benchmark_name(b): load_qa(b, limit=args.limit) for b in names}
     for name, problems in benchmarks.items():

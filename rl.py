@@ -950,9 +950,10 @@ def train_eval_sets(data, eval_size, seed):
 PROTOCOLS = {
     "qwen-math": dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=2048, last_number=True,
                       about="the Qwen2.5-Math harness behind published numbers (qwen25-math-cot)",
-                      extraction="the stated answer (rl.extract_answer), else the last number"),
+                      extraction="the stated answer (rl.extract_answer), else the last formula or "
+                                 "number (the harness reads the last number only)"),
     "strict": dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=1024, last_number=False,
-                   about="the RL reward's own rules: an answer that is not stated scores 0",
+                   about="an answer that is not stated (boxed, or after an answer phrase) scores 0",
                    extraction="the stated answer (rl.extract_answer), no last-number fallback"),
 }
 
