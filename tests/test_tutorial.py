@@ -68,7 +68,7 @@ def test_quick_run_writes_a_well_formed_table(quick_run):
     assert abs(base["kl_prose"]["mean"]) < 1e-5 and abs(base["kl_chat"]["mean"]) < 1e-5  # KL(base||base)
 
     table = (out / "results.md").read_text()
-    lines = [l for l in table.splitlines() if l.startswith("|")]
+    lines = [l for l in table.split("\n\n")[2].splitlines() if l.startswith("|")]   # the main table
     assert len(lines) == 2 + 5 and all(l.count("|") == lines[0].count("|") for l in lines)
     for name in report["rows"]:
         assert any(l.startswith(f"| {name} |") for l in lines)
