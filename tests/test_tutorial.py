@@ -233,3 +233,14 @@ def test_comparisons_mark_differences_beyond_the_spread():
     assert lines[0].startswith("- EKSFT minus SFT: held-out acc (greedy) +20.0 (beyond the spread)")
     assert "(within" not in lines[0]
     assert lines[1].startswith("- EKSFT+RL minus SFT+RL: held-out acc (greedy) +0.0 (within the spread)")
+
+
+def test_no_rl_rows_without_rl():
+    """--rl-steps 0: the settings say so, and the comparisons leave out the pairs with +RL rows."""
+    cfg = tiny_lab.settings_for(tiny_lab.parse_args(["--rl-steps", "0"]))
+    assert cfg["rl_steps"] == 0 and tiny_lab.settings_for(tiny_lab.parse_args([]))["rl_steps"] > 0
+    keys = ("accuracy", "no_answer", "prose_accuracy", "pass@1", "pass@8", "pass@k")
+    summary = tiny_lab.summarise([{name: {k: 0.5 for k in keys} for name in ("base", "SFT", "EKSFT")}])
+    assert tiny_lab.comparisons(summary, 8, 1).splitlines() == [
+        "- EKSFT minus SFT: held-out acc (greedy) +0.0, no answer +0.0, skill in prose +0.0, pass@1 +0.0, "
+        "pass@8 +0.0"]

@@ -76,7 +76,7 @@ import rl  # noqa: E402
 FULL = dict(
     hidden_size=128, num_layers=4,                       # 0.82M parameters
     pretrain_problems=8000, pretrain_steps=2500, pretrain_batch=8, block_size=256, pretrain_lr=3e-3,
-    sft_examples=128, sft_epochs=4, sft_batch=16, sft_lr=1e-3,
+    sft_examples=64, sft_epochs=4, sft_batch=16, sft_lr=1e-3,
     rl_steps=12, rl_prompts=8, rl_group=8, rl_lr=1e-3, temperature=1.0,
     eval_questions=128, pass_questions=16, pass_samples=8, max_new_tokens=170, text_examples=64,
     format_docs=0.0,
@@ -451,14 +451,14 @@ def run_part(cfg, out, base_dir, seed, part, problems, device, eksft_extra, show
         banner(f"seed {seed}: {method}  (python eksft.py {shlex.join(argvs[method])})")
         timed(method, lambda: eksft.train(eksft.parse_args(argvs[method])))
         curves[method] = read_jsonl(os.path.join(dirs[method], "metrics.jsonl"))
-    if part == "main":
+    if part == "main" and cfg["rl_steps"] > 0:
         for method in ("SFT", "EKSFT"):
             name = f"{method}+RL"
             dirs[name] = os.path.join(seed_dir, method.lower() + "-rl")
             argv = rl_args(cfg, dirs[method], rl_data, dirs[name], seed, str(device))
             banner(f"seed {seed}: {name}  (python rl.py {shlex.join(argv)})")
             curves[name] = timed(name, lambda: rl.train(rl.parse_args(argv))[2])
-    rows = MAIN_ROWS if part == "main" else [part]
+    rows = [r for r in MAIN_ROWS if r in dirs] if part == "main" else [part]
     banner(f"seed {seed}: measuring {len(rows)} model(s) on {len(problems)} held-out questions")
     for name in rows:
         results[name], example = timed(f"measure {name}", lambda: measure(dirs[name], base, cfg, problems,
@@ -538,7 +538,7 @@ def comparisons(summary, k, seeds):
     mean ± std intervals do not overlap, |mean_a - mean_b| > std_a + std_b."""
     pairs = [("EKSFT", "SFT"), ("EKSFT+RL", "SFT+RL"), ("SFT+RL", "SFT"), ("EKSFT+RL", "EKSFT")]
     lines = []
-    for a, b in pairs:
+    for a, b in (pair for pair in pairs if set(pair) <= set(summary)):
         parts = []
         for key, header, how in COLUMNS[:5]:
             key, header = key.replace("pass@k", f"pass@{k}"), header.replace("pass@k", f"pass@{k}")
@@ -631,6 +631,8 @@ def settings_for(args):
     cfg = dict(QUICK if args.quick else FULL, regime=args.regime)
     if args.sft_examples:
         cfg["sft_examples"] = args.sft_examples
+    if args.rl_steps is not None:
+        cfg["rl_steps"] = args.rl_steps
     cfg["format_docs"] = args.format_docs if args.format_docs is not None else (
         0.05 if args.regime == "paper" else 0.0)
     if args.regime == "paper" and not args.quick:
@@ -691,7 +693,8 @@ def main(args):
             + (f"mean ± sample std over {args.seeds} seeds" if args.seeds > 1 else "one seed")
             + (f"; the ablations on the first {args.ablations} seed(s)" if 0 < args.ablations < args.seeds else "")
             + ".")
-    reward_line = "RL training reward, mean of the first and last fifth of the steps: " + "; ".join(
+    reward_line = "no RL (--rl-steps 0)" if cfg["rl_steps"] == 0 else (
+        "RL training reward, mean of the first and last fifth of the steps: ") + "; ".join(
         f"seed {s}: " + ", ".join(f"{n} {r['first']:.2f} -> {r['last']:.2f}" for n, r in rw.items())
         for s, rw in rewards.items())
     times = "\n".join(f"time, seed {s}: " + " | ".join(f"{k} {v:.0f} s" for k, v in sec.items())
@@ -733,7 +736,9 @@ def parse_args(argv=None):
                    "and each ablation is one job (the numbers do not change)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (recorded; the "
                    "numbers may change with it)")
-    p.add_argument("--sft-examples", type=int, default=None, help="SFT examples (default 128; 48 with --quick)")
+    p.add_argument("--sft-examples", type=int, default=None, help="SFT examples (default 64; 48 with --quick)")
+    p.add_argument("--rl-steps", type=int, default=None, help="GRPO steps from SFT and from EKSFT (default 12; "
+                   "2 with --quick; 0: no RL, the table has no +RL rows)")
     p.add_argument("--format-docs", type=float, default=None, metavar="F", help="fraction of pre-training "
                    "documents written as chat examples with \\boxed answers (default 0; 0.05 for --regime paper)")
     p.add_argument("--eksft-args", default="", help="extra eksft.py flags for the EKSFT run, e.g. "
@@ -748,6 +753,8 @@ def parse_args(argv=None):
     raw = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(raw)
     args.command = "python tutorial/tiny_lab.py" + (" " + shlex.join(raw) if raw else "")
+    if args.rl_steps is not None and args.rl_steps < 0:
+        p.error("--rl-steps must be 0 or more")
     if args.seeds < 1 or args.jobs < 1 or args.threads < 1 or not 0 <= args.ablations <= args.seeds:
         p.error("--seeds, --jobs and --threads must be at least 1, and --ablations between 0 and --seeds")
     if args.format_docs is not None and not 0 <= args.format_docs <= 1:
