@@ -155,7 +155,7 @@ def selection_slots(labels, ratio, scope="sequence", ignore_index=IGNORE_INDEX):
 def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                lambda_entropy=0.05, lambda_kl=0.05, scope="sequence",
                select_largest_entropy=True, select_largest_kl=True, kl_threshold=1e-3,
-               ignore_index=IGNORE_INDEX, chunk_size=1024,
+               entropy_threshold=None, ignore_index=IGNORE_INDEX, chunk_size=1024,
                ce_normalizer=None, reg_normalizer=None, return_masks=False, compiled=False):
     """The EKSFT loss. Returns (loss, stats).
 
@@ -167,6 +167,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
       scope          "sequence": k per sequence (the released recipe, micro-batch of one sequence);
                      "batch": top-k over all response tokens of this call
       kl_threshold   a token is selected by KL only if KL > kl_threshold (nats)
+      entropy_threshold  likewise for entropy (None: no threshold; inf: E is empty, KL-only ablation)
       ce_normalizer  divide the kept-token CE sum by this (e.g. response tokens of an accumulated
                      batch); None: the number of kept tokens here (mean over kept tokens)
       reg_normalizer divide both regulariser sums by this (e.g. selection_slots of the accumulated
@@ -195,7 +196,8 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
 
     # 2. selection: E = top-k by entropy, K = top-k by KL among tokens with KL > threshold
     if ratio > 0:
-        by_entropy = top_k_mask(entropy, response, ratio, scope, select_largest_entropy)
+        above = response if entropy_threshold is None else response & (entropy > entropy_threshold)
+        by_entropy = top_k_mask(entropy, response, ratio, scope, select_largest_entropy, candidates=above)
         by_kl = top_k_mask(kl, response, ratio, scope, select_largest_kl,
                            candidates=response & (kl > kl_threshold))
     else:
@@ -746,10 +748,10 @@ def loss_options(args):
     """eksft_loss keyword arguments from the command line; --method sft turns selection off."""
     if args.method == "sft":
         return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, compiled=args.compile_loss)
-    return dict(compiled=args.compile_loss, ratio=args.ratio, combine=args.combine, lambda_entropy=args.lambda_entropy,
-                lambda_kl=args.lambda_kl, scope=args.scope, kl_threshold=args.kl_threshold,
+    return dict(compiled=args.compile_loss, ratio=args.ratio, combine=args.combine,
+                lambda_entropy=args.lambda_entropy, lambda_kl=args.lambda_kl, scope=args.scope, kl_threshold=args.kl_threshold,
                 select_largest_entropy=not args.smallest_entropy,
-                select_largest_kl=not args.smallest_kl)
+                select_largest_kl=not args.smallest_kl, entropy_threshold=args.entropy_threshold)
 
 
 def train_step(model, ref_model, step_examples, micro_batch_size, pad_id, loss_kwargs, device,
@@ -1053,6 +1055,8 @@ def parse_args(argv=None):
     p.add_argument("--lambda-entropy", type=float, default=0.05, help="weight of the entropy bonus on E")
     p.add_argument("--lambda-kl", type=float, default=0.05, help="weight of the KL penalty on K")
     p.add_argument("--kl-threshold", type=float, default=1e-3, help="select by KL only above this (nats)")
+    p.add_argument("--entropy-threshold", type=float, default=None, help="select by entropy only above "
+                   "this (nats; inf: no entropy selection, the KL-only ablation of tutorial/tiny_lab.py)")
     p.add_argument("--smallest-entropy", action="store_true", help="select the lowest-entropy tokens")
     p.add_argument("--smallest-kl", action="store_true", help="select the lowest-KL tokens")
     p.add_argument("--ref-model", default=None, help="the frozen reference (default: the starting --model); "

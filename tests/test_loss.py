@@ -403,6 +403,26 @@ def test_kl_threshold_is_configurable():
     assert int(stats["n_kl"]) == 0
 
 
+def test_entropy_threshold_is_configurable():
+    """entropy_threshold works like kl_threshold: only tokens with H > threshold (computed here by
+    hand) can be chosen by entropy, None changes nothing, and inf leaves only the KL selection."""
+    logits, labels, ref = hand_case((2, 3, 4))
+    lp = torch.log_softmax(logits[0, :10], -1)
+    ents = -(lp.exp() * lp).sum(-1)                               # H of rows 0..9
+    second, third = ents.sort(descending=True).values[1:3].tolist()
+    assert second - third > 1e-3                                   # k = 3 slots, but 2 candidates
+    _, plain = eksft_loss(logits, labels, ref, ratio=0.3, return_masks=True)
+    _, same = eksft_loss(logits, labels, ref, ratio=0.3, entropy_threshold=None, return_masks=True)
+    assert torch.equal(plain["by_entropy"], same["by_entropy"]) and int(plain["n_entropy"]) == 3
+    _, stats = eksft_loss(logits, labels, ref, ratio=0.3, entropy_threshold=(second + third) / 2,
+                          return_masks=True)
+    assert rows_of(stats["by_entropy"]) == {(0, i) for i in range(10) if ents[i] > (second + third) / 2}
+    assert int(stats["n_entropy"]) == 2
+    _, stats = eksft_loss(logits, labels, ref, ratio=0.3, entropy_threshold=float("inf"),
+                          return_masks=True)
+    assert int(stats["n_entropy"]) == 0 and torch.equal(stats["by_kl"], plain["by_kl"])
+
+
 def test_kl_threshold_zero_still_excludes_zero_kl():
     """KL > threshold is strict: with threshold 0, rows whose reference equals the policy (KL
     exactly 0) are never selected by KL, even when k exceeds the positive-KL rows."""
