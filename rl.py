@@ -1040,6 +1040,14 @@ def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pa
     return sums
 
 
+def reward_function(args):
+    """reward(completion_text, gold) -> float for --reward, --checker, --format-reward, --strict-reward."""
+    if args.reward == "digits":
+        return digits_reward
+    return lambda text, gold: math_reward(text, gold, checker=args.checker, format_reward=args.format_reward,
+                                          last_number=not args.strict_reward)
+
+
 def train(args, reward_fn=None):
     """The RL loop. reward_fn(completion_text, gold) -> float overrides --reward.
     Returns (model, tokenizer, list of per-step metric dicts)."""
@@ -1057,8 +1065,7 @@ def train(args, reward_fn=None):
     except ImportError as e:
         raise UserError(str(e)) from None
     if reward_fn is None:
-        reward_fn = digits_reward if args.reward == "digits" else (lambda text, gold: math_reward(
-            text, gold, checker=args.checker, format_reward=args.format_reward))
+        reward_fn = reward_function(args)
 
     # data first: a bad file fails in a second, before any model is loaded
     train_rows, eval_rows = train_eval_sets(args.data, args.eval_size, args.seed)
@@ -1209,6 +1216,8 @@ def parse_args(argv=None):
     add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: builtin rules, "
         "the math-verify package, or auto (builtin, and math-verify for answers with symbols)")
     add("--format-reward", type=float, default=0.0, help="reward for a wrong but \\boxed answer")
+    add("--strict-reward", action="store_true", help="reward only a stated answer (\\boxed{}, \"The answer "
+        "is\", ...), not the last number of a completion that states none (as evaluate.py --protocol strict)")
     # rollouts
     add("--group-size", "-G", type=int, default=8, help="completions per prompt")
     add("--prompts-per-step", type=int, default=None, help="prompts per step (16; 4 tiny)")

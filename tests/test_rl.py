@@ -584,3 +584,15 @@ def test_bad_jsonl_row_is_one_clear_message(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}, row 2: missing field 'answer'"
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("completion, default, strict", [
+    ("So Kim has 70 apples now.", 1.0, 0.0),                # no stated answer: only the lenient reward reads 70
+    ("So Kim has 71 apples now.", 0.0, 0.0),
+    ("Kim has 70. The answer is \\boxed{70}.", 1.0, 1.0),   # a stated answer: both read it
+    ("The answer is \\boxed{7}. So 70.", 0.0, 0.0),         # a stated wrong answer is never overruled
+])
+def test_strict_reward_drops_the_last_number_fallback(completion, default, strict):
+    base = ["--model", "tiny", "--reward", "math", "--checker", "builtin"]
+    assert rl.reward_function(rl.parse_args(base))(completion, "70") == default
+    assert rl.reward_function(rl.parse_args(base + ["--strict-reward"]))(completion, "70") == strict

@@ -1,5 +1,4 @@
 """Scaling out: eksft_loss inside transformers.Trainer gives eksft.py's own losses on the same batches."""
-import copy
 import json
 
 import pytest

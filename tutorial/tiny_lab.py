@@ -399,7 +399,9 @@ def mask_by_kind(model_dir, base, examples, loss_kwargs, device):
 
 
 def rl_args(cfg, model_dir, rl_data, out_dir, seed, device):
-    return ["--model", model_dir, "--data", rl_data, "--reward", "math", "--output-dir", out_dir,
+    # the reward reads answers as the measure does: builtin checker, a stated answer only
+    return ["--model", model_dir, "--data", rl_data, "--reward", "math", "--checker", "builtin",
+            "--strict-reward", "--output-dir", out_dir,
             "--max-steps", str(cfg["rl_steps"]), "--group-size", str(cfg["rl_group"]),
             "--prompts-per-step", str(cfg["rl_prompts"]), "--max-new-tokens", str(cfg["max_new_tokens"]),
             "--lr", str(cfg["rl_lr"]), "--temperature", str(cfg["temperature"]), "--micro-batch-size", "32",
