@@ -159,15 +159,15 @@ def test_docs_have_no_placeholder():
     assert PLACEHOLDER.search("see FINAL2_BLOCK") and PLACEHOLDER.search("TODO: x")  # the pattern works
 
 
-def test_checked_solution_restates_and_checks_each_step():
+def test_checked_solution_checks_each_step():
     problem = {"question": "Ava has 5 apples. Then Ava doubles the apples. Then Ava gives away 3. "
                            "Then Ava buys 4 more. How many apples does Ava have now?",
                "solution": "Ava starts with 5 apples. After doubling: 5 * 2 = 10. After giving away 3: "
                            "10 - 3 = 7. After buying 4: 7 + 4 = 11. The answer is \\boxed{11}.", "answer": "11"}
     assert tiny_lab.checked_solution(problem) == (
-        "Restate: Ava has 5 apples, doubles them, gives away 3, buys 4. "
-        "Step 1: 5 * 2 = 10. Check: 10 / 2 = 5. Step 2: 10 - 3 = 7. Check: 7 + 3 = 10. "
-        "Step 3: 7 + 4 = 11. Check: 11 - 4 = 7. So Ava has 11 apples. The answer is \\boxed{11}.")
+        "Ava starts with 5 apples. After doubling: 5 * 2 = 10. Check: 10 / 2 = 5. After giving away 3: "
+        "10 - 3 = 7. Check: 7 + 3 = 10. After buying 4: 7 + 4 = 11. Check: 11 - 4 = 7. "
+        "So Ava has 11 apples now. The answer is \\boxed{11}.")
 
 
 def test_paper_regime_held_out_is_harder_than_every_sft_example(tmp_path):
@@ -180,14 +180,15 @@ def test_paper_regime_held_out_is_harder_than_every_sft_example(tmp_path):
     sft = [json.loads(line) for line in open(paths["sft"])]
     rl_questions = {json.loads(line)["question"] for line in open(paths["rl"])}
     assert len(sft) == cfg["sft_examples"] and len(rl_questions) > 1900
+    assert {row["problem"].count(" Then ") for row in sft} == {2, 3}   # both lengths: no step count to memorise
     assert not rl_questions & {row["problem"] for row in sft}
     for p in held_out:
         assert p["question"].count(" Then ") == 3 and int(p["answer"]) > 40
         assert p["question"] not in corpus and p["question"] not in rl_questions
     for row in sft:
-        assert row["problem"].count(" Then ") == 2 and row["solution"].startswith("Restate: ")
-        numbers = [int(x) for x in re.findall(r"\d+", row["solution"])]
-        assert max(numbers) <= 40 and row["solution"].count("Check: ") == 2
+        steps = row["problem"].count(" Then ")
+        assert steps in (2, 3) and row["solution"].count("Check: ") == steps
+        assert max(int(x) for x in re.findall(r"\d+", row["solution"])) <= 40
 
 
 def test_token_kinds_by_hand():

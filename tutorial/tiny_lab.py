@@ -22,8 +22,9 @@ The regimes (--regime):
           questions (same generator, another seed).
   paper   the paper's setting in miniature. The base has seen the format (--format-docs defaults
           to 0.05) and answers some held-out questions; the SFT set is small and written in another,
-          wordier style ("Restate: ... Step 1: ... Check: ..."), with 2-step problems whose numbers
-          are all <= 40; the held-out problems are harder than any SFT example (3 steps, answer > 40),
+          wordier style (each step followed by "Check: ...", then "So <name> has N <item> now."), with
+          2-3 step problems whose numbers are all <= 40; the held-out problems are harder than any SFT
+          example (3 steps, answer > 40: every answer larger than any number SFT shows),
           so a score there is a skill activated, not a set memorised.
 
 Everything is imported from data.py, eksft.py, rl.py and evaluate.py: this file adds the
@@ -77,14 +78,17 @@ FULL = dict(
     hidden_size=128, num_layers=4,                       # 0.82M parameters
     pretrain_problems=8000, pretrain_steps=2500, pretrain_batch=8, block_size=256, pretrain_lr=3e-3,
     sft_examples=64, sft_epochs=4, sft_batch=16, sft_lr=1e-3,
-    rl_steps=12, rl_prompts=8, rl_group=8, rl_lr=1e-3, temperature=1.0,
+    rl_steps=20, rl_prompts=16, rl_group=8, rl_lr=2e-4, temperature=1.0,
     eval_questions=128, pass_questions=16, pass_samples=8, max_new_tokens=170, text_examples=64,
     format_docs=0.0,
 )
 QUICK = dict(FULL, pretrain_problems=1000, pretrain_steps=120, sft_examples=48, sft_epochs=2,
              rl_steps=2, rl_prompts=4, rl_group=4, rl_lr=5e-4, eval_questions=16, pass_questions=4,
              pass_samples=4, max_new_tokens=100, text_examples=8)
-PAPER_MAX_NEW_TOKENS = 260  # the checked style is longer: a 3-step answer is ~230 characters
+PAPER = dict(  # the paper regime's changes to FULL
+    max_new_tokens=260,                # the checked style is longer: a 3-step answer is ~230 characters
+    sft_examples=256, sft_lr=5e-4,     # 64 examples at 1e-3 left SFT half-way between two styles
+)
 HELD_OUT_SEED = 10_000      # data.load_qa("synthetic") draws the held-out questions with this seed
 PRETRAIN_SEED = 123_456     # the prose corpus: a seed no other set uses
 RL_SEED = 200_000           # RL questions of seed s: data.synthetic_problems(2000, seed=RL_SEED + s)
@@ -225,34 +229,32 @@ def get_base(cfg, out, device, base_dir=None):
 
 
 def checked_solution(problem):
-    """The paper regime's SFT style: restate the problem, then each step with a check, then the answer.
+    """The paper regime's SFT style: data.py's steps, each followed by a check, then a summary
+    sentence and the answer (wordier than the base's own chat answers, with the same arithmetic).
 
-    "Ava has 5 apples. Then Ava doubles the apples. Then Ava gives away 3. ..." becomes
-    "Restate: Ava has 5 apples, doubles them, gives away 3. Step 1: 5 * 2 = 10. Check: 10 / 2 = 5.
-     Step 2: 10 - 3 = 7. Check: 7 + 3 = 10. So Ava has 7 apples. The answer is \\boxed{7}.\""""
-    name, start, item = re.match(r"(\w+) has (\d+) (\w+)\.", problem["question"]).groups()
-    actions = [a.replace(f"doubles the {item}", "doubles them")
-               for a in re.findall(rf"Then {name} ([^.]+)\.", problem["question"])]
-    text = f"Restate: {name} has {start} {item}, {', '.join(a.replace(' more', '') for a in actions)}."
+    "Ava starts with 5 apples. After doubling: 5 * 2 = 10. After giving away 3: 10 - 3 = 7. ..." becomes
+    "Ava starts with 5 apples. After doubling: 5 * 2 = 10. Check: 10 / 2 = 5. After giving away 3:
+     10 - 3 = 7. Check: 7 + 3 = 10. So Ava has 7 apples now. The answer is \\boxed{7}.\""""
+    name, item = re.match(r"(\w+) has \d+ (\w+)\.", problem["question"]).groups()
     inverse = {"+": "-", "-": "+", "*": "/"}
-    for i, (a, op, b, c) in enumerate(re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", problem["solution"]), 1):
-        text += f" Step {i}: {a} {op} {b} = {c}. Check: {c} {inverse[op]} {b} = {a}."
-    return text + f" So {name} has {problem['answer']} {item}. The answer is \\boxed{{{problem['answer']}}}."
+    steps = re.sub(r"(\d+) ([-+*]) (\d+) = (\d+)\.",            # "a op b = c." -> "... Check: c op' b = a."
+                   lambda m: f"{m[0]} Check: {m[4]} {inverse[m[2]]} {m[3]} = {m[1]}.",
+                   problem["solution"].rsplit(" The answer is", 1)[0])
+    return f"{steps} So {name} has {problem['answer']} {item} now. The answer is \\boxed{{{problem['answer']}}}."
 
 
 def write_data(cfg, regime, seed, held_out, seed_dir):
     """One seed's data files: the SFT set and the RL questions, in seed_dir.
 
     SFT, lesson: data.py's synthetic chat examples (the first sft_examples of its seed + 1 pool).
-    SFT, paper: 2-step problems whose numbers are all <= SFT_MAX_NUMBER, in the checked style.
+    SFT, paper: 2-3 step problems whose numbers are all <= SFT_MAX_NUMBER, in the checked style.
     RL: questions of the same generator drawn with another seed (2-3 steps, the pre-training
     distribution), none of them an SFT or a held-out question (the paper's RL data is separate too)."""
     pool = data.synthetic_problems(20 * cfg["sft_examples"], seed=seed + 1)   # data.py's SFT pool for this seed
     if regime == "lesson":
         sft_rows = [{"problem": p["question"], "solution": p["solution"]} for p in pool[:cfg["sft_examples"]]]
     else:
-        easy = [p for p in pool if num_steps(p) == 2
-                and max(int(x) for x in re.findall(r"\d+", p["solution"])) <= SFT_MAX_NUMBER]
+        easy = [p for p in pool if max(int(x) for x in re.findall(r"\d+", p["solution"])) <= SFT_MAX_NUMBER]
         sft_rows = [{"problem": p["question"], "solution": checked_solution(p)} for p in easy[:cfg["sft_examples"]]]
     excluded = {p["question"] for p in held_out} | {r["problem"] for r in sft_rows}
     rl_rows = [{"question": p["question"], "answer": p["answer"]}
@@ -631,14 +633,14 @@ def machine(threads):
 
 def settings_for(args):
     cfg = dict(QUICK if args.quick else FULL, regime=args.regime)
+    if args.regime == "paper" and not args.quick:
+        cfg |= PAPER
     if args.sft_examples:
         cfg["sft_examples"] = args.sft_examples
     if args.rl_steps is not None:
         cfg["rl_steps"] = args.rl_steps
     cfg["format_docs"] = args.format_docs if args.format_docs is not None else (
         0.05 if args.regime == "paper" else 0.0)
-    if args.regime == "paper" and not args.quick:
-        cfg["max_new_tokens"] = PAPER_MAX_NEW_TOKENS
     return cfg
 
 
