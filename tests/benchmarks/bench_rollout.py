@@ -24,7 +24,6 @@ may make a few differ, and this column says how many.
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from eksft import char_tokenizer  # noqa: E402
 from rl import generate_completions  # noqa: E402
+from bench_step import machine  # noqa: E402  (this folder is on sys.path when run as a script)
 
 QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                 num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
@@ -109,13 +109,6 @@ def force_compile_on_cpu(model):
     config = CompileConfig(mode="default")
     config._compile_all_devices = True
     model.generation_config.compile_config = config
-
-
-def machine(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
 
 
 def main(argv=None):
