@@ -730,7 +730,7 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="EKSFT vs SFT, then RL, in miniature on a CPU.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--output-dir", default="runs/tiny-lab", help="everything this script writes")
     p.add_argument("--quick", action="store_true", help="the same pipeline, smaller: about a minute")
     p.add_argument("--regime", default="lesson", choices=["lesson", "paper"], help="lesson: data.py's "
@@ -740,8 +740,9 @@ def parse_args(argv=None):
                    "and each ablation is one job (the numbers do not change)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (recorded; the "
                    "numbers may change with it)")
-    p.add_argument("--sft-examples", type=int, default=None, help="SFT examples (default 64; 48 with --quick)")
-    p.add_argument("--rl-steps", type=int, default=None, help="GRPO steps from SFT and from EKSFT (default 12; "
+    p.add_argument("--sft-examples", type=int, default=None, help="SFT examples (default 64; 256 with "
+                   "--regime paper; 48 with --quick)")
+    p.add_argument("--rl-steps", type=int, default=None, help="GRPO steps from SFT and from EKSFT (default 20; "
                    "2 with --quick; 0: no RL, the table has no +RL rows)")
     p.add_argument("--format-docs", type=float, default=None, metavar="F", help="fraction of pre-training "
                    "documents written as chat examples with \\boxed answers (default 0; 0.05 for --regime paper)")

@@ -53,10 +53,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+from data import HelpFormatter  # noqa: E402
 from eksft import IGNORE_INDEX, eksft_loss, token_statistics  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -456,7 +456,7 @@ def machine(device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the GPU configuration (needs CUDA)")
     p.add_argument("--small", action="store_true", help="a tiny CPU configuration that only checks "
                    "that every row runs (no targets)")
