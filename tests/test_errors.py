@@ -1,6 +1,7 @@
 """Bad input and faults: each gives one `error:` line naming the file, row or flag, a non-zero exit
 and no lost work. Table-driven and in-process (through each script's own entry point and
 data.run_cli), so it stays fast; a few subprocess runs check the scripts' __main__ wiring."""
+import importlib
 import json
 import os
 import re
@@ -174,9 +175,21 @@ def test_scripts_print_one_line_and_exit_2(tmp_path, script):
     assert proc.stderr == "error: argument --seed: invalid int value: 'x' (see --help)\n"
 
 
-@pytest.mark.parametrize("parse", [eksft.parse_args, rl.parse_args, evaluate.parse_args, data.main],
-                         ids=["eksft", "rl", "evaluate", "data"])
-def test_help_prints_each_default_once(capsys, parse):
+def script_main(folder, module, function):
+    """A script's argument parser, imported from its folder (the tutorial and the benchmarks are
+    scripts, not modules of the package)."""
+    sys.path.insert(0, os.path.join(ROOT, folder))
+    try:
+        return getattr(importlib.import_module(module), function)
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.parametrize("script", [".:eksft:parse_args", ".:rl:parse_args", ".:evaluate:parse_args",
+                                    ".:data:main", "tutorial:tiny_lab:parse_args",
+                                    "tests/benchmarks:bench_step:main", "tests/benchmarks:bench_rollout:main"])
+def test_help_prints_each_default_once(capsys, script):
+    parse = script_main(*script.split(":"))
     with pytest.raises(SystemExit) as e:
         parse(["--help"])
     assert e.value.code == 0
