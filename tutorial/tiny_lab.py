@@ -1,10 +1,11 @@
 """
 tutorial/tiny_lab.py: the EKSFT paper's experiment in miniature, on a laptop CPU.
 
-    python tutorial/tiny_lab.py --quick                           # the whole pipeline, small (CI runs it)
-    python tutorial/tiny_lab.py --seeds 3 --jobs 3                # regime 1: the base never saw the format
-    python tutorial/tiny_lab.py --format-docs 0.05 --seeds 3 --jobs 3   # regime 2: it saw the format
-    python tutorial/tiny_lab.py --regime paper --seeds 3 --ablations 1 --jobs 4   # regime 3: the paper's
+    python tutorial/tiny_lab.py --quick                # the whole pipeline, small (CI runs it)
+    # the three regimes (below), three seeds each, three processes
+    python tutorial/tiny_lab.py --seeds 3 --jobs 3 --output-dir runs/lesson                 # 1
+    python tutorial/tiny_lab.py --format-docs 0.05 --seeds 3 --jobs 3 --output-dir runs/format-docs   # 2
+    python tutorial/tiny_lab.py --regime paper --seeds 3 --ablations 1 --jobs 3 --output-dir runs/paper  # 3
     python tutorial/tiny_lab.py --eksft-args "--ratio 0.4 --combine intersection"   # an exercise
 
 The story, one stage per banner below (tutorial/README.md is the lesson that goes with it):
