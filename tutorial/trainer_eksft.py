@@ -54,6 +54,9 @@ def main(args):
         print(f"done: {len(losses)} steps on {training_args.world_size} process(es), last loss "
               f"{losses[-1] if losses else float('nan'):.4f}; model in {args.output_dir} "
               f"(per-step log in trainer_state.json)")
+    if torch.distributed.is_initialized():   # leave the process group together and cleanly: a process
+        torch.distributed.barrier()          # that exits with gloo's threads still alive can abort
+        torch.distributed.destroy_process_group()   # ("terminate called without an active exception")
 
 
 def parse_args(argv=None):
