@@ -733,7 +733,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="EKSFT vs SFT, then RL, in miniature on a CPU.",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--output-dir", default="runs/tiny-lab", help="everything this script writes")
-    p.add_argument("--quick", action="store_true", help="the same pipeline, smaller: about a minute")
+    p.add_argument("--quick", action="store_true", help="the same pipeline, smaller: under 2 minutes")
     p.add_argument("--regime", default="lesson", choices=["lesson", "paper"], help="lesson: data.py's "
                    "synthetic SFT and held-out sets; paper: a wordier SFT style, harder held-out questions")
     p.add_argument("--seeds", type=int, default=1, help="repeat stages 2-4 with seeds 0..N-1; mean and spread")
