@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from eksft import char_tokenizer  # noqa: E402
 from rl import generate_completions  # noqa: E402
-from bench_step import HelpFormatter, machine  # noqa: E402  (this folder is on sys.path when run as a script)
+from data import HelpFormatter  # noqa: E402
+from bench_step import machine  # noqa: E402  (this folder is on sys.path when run as a script)
 
 QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                 num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
