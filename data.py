@@ -4,18 +4,26 @@ conversation into token ids plus a loss mask, and groups examples into batches.
 
     python data.py --data synthetic --num-samples 3   # print a few rows as chat turns
 
-Row formats read from a hub dataset or a local .json / .jsonl / .parquet file:
+Row formats read from a hub dataset or a local .jsonl / .json (an array, or JSON Lines as
+`datasets`' to_json writes) / .parquet file:
+  SFT (load_conversations):
   1. OpenAI       {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
   2. ShareGPT     {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}
-  3. pairs        {"problem": ..., "solution": ...} or {"question": ..., "answer": ...}
+  3. pairs        {"problem": ..., "solution": ...} (MATH-500) or {"question": ..., "answer": ...}
+                  (GSM8K: the answer's "#### 42" becomes "The answer is \\boxed{42}.")
+  4. OpenR1-Math  {"problem", "generations", "correctness_math_verify", ...}: problem + the first
+                  generation that is correct and complete, as the openr1-3k alias reads it
+  Question/answer sets (load_qa): the question from 'question' or 'problem', the gold from
+  'answer' (GSM8K's worked solution: the text after its last "####").
 Aliases: openr1-3k (the paper's low-data setting), gsm8k, math500, synthetic.
 
 Choices made here (and why):
   1. A conversation without a system turn gets SYSTEM_PROMPT, so SFT, RL and evaluation all
      show the model one prompt format.
-  2. Examples longer than --max-len are DROPPED, not truncated: a cut chain of thought loses its
-     final answer, and imitating half a solution teaches the model to stop mid-way. The count
-     dropped is printed.
+  2. Examples longer than --max-len are DROPPED by default, not truncated: a cut chain of thought
+     loses its final answer, and imitating half a solution teaches the model to stop mid-way.
+     The count dropped is printed. The released EKSFT recipe truncates instead (at 20,000
+     tokens): build_sft_examples(too_long="truncate"). openr1_rows says how many it drops.
   3. Labels cover the assistant turns up to and including their end-of-turn token; everything
      else (system, user, template glue such as the newline after <|im_end|>) is ignore_index.
 """
@@ -40,147 +48,6 @@ class UserError(Exception):
 
 class DataError(UserError):
     """Bad input data. The message names the file, the 1-based row and what is wrong."""
-
-
-# -----------------------------------------------------------------------------
-# Synthetic data: seeded multi-step arithmetic word problems (offline runs, tests, tutorial)
-
-NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gia", "Hal", "Ivy", "Jon", "Kim", "Leo"]
-ITEMS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles"]
-
-
-def synthetic_problems(n, seed=0):
-    """n problems of 2-3 steps, each a dict(question, solution, answer); same seed, same rows.
-
-    >>> p = synthetic_problems(1, seed=0)[0]
-    >>> p["solution"].endswith("\\\\boxed{" + p["answer"] + "}.")
-    True
-    """
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        name, item = rng.choice(NAMES), rng.choice(ITEMS)
-        total = rng.randint(2, 20)
-        question = f"{name} has {total} {item}."
-        steps = [f"{name} starts with {total} {item}."]
-        for _ in range(rng.randint(2, 3)):
-            op = rng.choice(["buy", "give", "double"] if total <= 50 else ["give"])
-            if op == "buy":
-                x = rng.randint(1, 15)
-                question += f" Then {name} buys {x} more."
-                steps.append(f"After buying {x}: {total} + {x} = {total + x}.")
-                total += x
-            elif op == "give" and total > 1:
-                x = rng.randint(1, total - 1)
-                question += f" Then {name} gives away {x}."
-                steps.append(f"After giving away {x}: {total} - {x} = {total - x}.")
-                total -= x
-            else:
-                question += f" Then {name} doubles the {item}."
-                steps.append(f"After doubling: {total} * 2 = {total * 2}.")
-                total *= 2
-        question += f" How many {item} does {name} have now?"
-        solution = " ".join(steps) + f" The answer is \\boxed{{{total}}}."
-        rows.append({"question": question, "solution": solution, "answer": str(total)})
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# Reading rows: local files (with row numbers for error messages) and hub datasets
-
-LOCAL_FORMATS = (".jsonl", ".json", ".parquet")
-
-
-def source_kind(source, aliases, what="data set", hub=True):
-    """What a data source names, decided before any network call: "alias", "file" or "hub".
-
-    An alias is one of `aliases`; anything on disk is a file; "owner/name" is a hub dataset. A
-    name that is none of these (a mistyped alias such as gsm9k, a missing file) is refused now,
-    not after a minute of hub retries."""
-    if source in aliases:
-        return "alias"
-    ext = os.path.splitext(source)[1].lower()
-    if os.path.isdir(source):
-        raise DataError(f"{source}: is a directory; give a {'/'.join(LOCAL_FORMATS)} file")
-    other_formats = (".csv", ".tsv", ".txt", ".xlsx", ".arrow", ".gz", ".zip")  # not read here
-    if os.path.exists(source) or ext in LOCAL_FORMATS + other_formats or source.startswith((".", os.sep)):
-        if ext not in LOCAL_FORMATS:
-            raise DataError(f"{source}: unknown file type '{ext}' (use .jsonl, .json or .parquet)")
-        return "file"
-    if "/" not in source or not hub:
-        raise UserError(f"unknown {what} '{source}': not one of the aliases {', '.join(aliases)}, "
-                        f"nor a local {'/'.join(LOCAL_FORMATS)} file"
-                        + (", nor a hub dataset id (owner/name)" if hub else ""))
-    return "hub"
-
-
-def read_local_rows(path):
-    """Rows of a local .jsonl / .json / .parquet file as a list of (row_number, dict)."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, not a file")
-    rows, ext = [], os.path.splitext(path)[1].lower()
-    if ext == ".jsonl":
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                line = utf8(raw, path, f"row {number}", bom=number == 1)
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, row {number}: not valid JSON ({e.msg})") from None
-    elif ext == ".json":
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            data = json.loads(utf8(raw, path, "", bom=True))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-        rows = list(enumerate(data, start=1))
-    elif ext == ".parquet":
-        import pyarrow.parquet  # installed with datasets
-        try:
-            rows = list(enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1))
-        except Exception as e:  # not parquet at all, or a damaged file: pyarrow's errors vary
-            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: "
-                            f"{first_line(e)})") from None
-    else:
-        raise DataError(f"{path}: unknown file type (use .jsonl, .json or .parquet)")
-    if not rows:
-        raise DataError(f"{path}: no rows (the file is empty)")
-    for number, row in rows:
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
-    return rows
-
-
-def utf8(raw, path, where, bom=False):
-    """Bytes -> text; a binary file or a row in another encoding is a DataError naming the line."""
-    try:
-        return raw.decode("utf-8-sig" if bom else "utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}, {where or f'line {line}'}: not UTF-8 text (byte "
-                        f"{raw[e.start]:#04x}); is it a binary file?") from None
-
-
-def first_line(e):
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-
-
-def load_hub_rows(name, config=None, split="train"):
-    """A Hugging Face Hub dataset (memory-mapped, rows read on access); one clear line when offline."""
-    import datasets
-    try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # network, auth, missing dataset: all look different, all mean "can't"
-        raise DataError(f"could not load dataset '{name}' from the Hugging Face Hub "
-                        f"({type(e).__name__}: {first_line(e)}). Offline, use synthetic or a local "
-                        f".jsonl file.") from None
 
 
 # -----------------------------------------------------------------------------
@@ -209,8 +76,11 @@ def row_to_messages(row, where, system_prompt=SYSTEM_PROMPT):
     else:
         for q_key, a_key in (("problem", "solution"), ("question", "answer")):
             if q_key in row and a_key in row:
+                answer = row[a_key]
+                if a_key == "answer" and isinstance(answer, str) and "####" in answer:
+                    answer = gsm8k_solution(answer)       # GSM8K: "steps\n#### 42"
                 messages = [{"role": "user", "content": row[q_key]},
-                            {"role": "assistant", "content": row[a_key]}]
+                            {"role": "assistant", "content": answer}]
                 break
         else:
             raise DataError(f"{where}: expected 'messages', 'conversations', problem/solution or "
@@ -232,28 +102,88 @@ def row_to_messages(row, where, system_prompt=SYSTEM_PROMPT):
     return messages
 
 
+def gsm8k_gold(answer):
+    """GSM8K's final answer: the text after the last '####', thousands separators removed.
+
+    "1,250" is also how the pair (1, 250) is written; "1250" is not ambiguous. rl.is_equiv matches
+    it to a model's "1,250" or "1250" under every checker (tests/test_data.py).
+    >>> gsm8k_gold("5 boxes of 250: 5*250=<<5*250=1250>>1250\\n#### 1,250")
+    '1250'
+    """
+    final = answer.rpartition("####")[2].strip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", final):
+        final = final.replace(",", "")
+    return final
+
+
+def gsm8k_solution(answer):
+    """GSM8K's 'steps\\n#### 42' -> steps ending in \\boxed{42}; calculator marks <<..>> removed."""
+    steps = re.sub(r"<<[^>]*>>", "", answer.rpartition("####")[0]).strip()
+    return f"{steps}\nThe answer is \\boxed{{{gsm8k_gold(answer)}}}."
+
+
+def openr1_solution(row):
+    """An OpenR1-Math-220k row's first generation that math-verify marked correct and whose
+    reasoning is complete (is_reasoning_complete), or None when it has none. A generation only
+    the Llama judge marked correct (correctness_llama) is not used: math-verify's verdicts can
+    be checked again offline, the judge's cannot."""
+    verified = row.get("correctness_math_verify") or []
+    complete = row.get("is_reasoning_complete") or [True] * len(verified)
+    for generation, ok, done in zip(row.get("generations") or [], verified, complete):
+        if ok and done:
+            return generation
+    return None
+
+
 def openr1_rows(seed):
-    """OpenR1-Math-220k rows in a seeded order, each with its first verified-correct, complete
-    generation as the solution. Read lazily: the caller keeps the first 3,000 that fit --max-len
-    (the paper's low-data setting), so only a few thousand of the 94k rows are ever decoded."""
+    """OpenR1-Math-220k rows in a seeded order, each as (problem, openr1_solution). Read lazily:
+    the caller keeps the first 3,000 that fit --max-len (the paper's low-data setting), so only a
+    few thousand of the 94k rows are ever decoded.
+
+    How many candidates --max-len 4096 drops, estimated (the dataset card gives sizes, not
+    lengths): a 45k-row sample of the dataset's complete traces (the card of
+    96kevinli29/SFT-Math-45k) has assistant turns of p50 12,980 and p90 32,888 characters (max
+    59,996; under 1% of traces were longer and left out). Qwen2.5's tokenizer reads 3.2-4.4
+    characters a token on synthetic R1-style traces (English reasoning, a formula every 1-4
+    sentences), so the ~3,960 response tokens left after a ~130-token prompt hold 12,800-17,300
+    characters: a log-normal fit to the two percentiles puts the share dropped at about 41%
+    (35-51%), all of them the longest traces. The released recipe truncates at 20,000 tokens
+    (64,000+ characters), which cuts under 1% of them: --too-long truncate --max-len 20000.
+    """
     ds = load_hub_rows("open-r1/OpenR1-Math-220k", "default", "train")
     order = list(range(len(ds)))
     random.Random(seed).shuffle(order)
     for i in order:
         row = ds[i]
-        verified = row.get("correctness_math_verify") or []
-        complete = row.get("is_reasoning_complete") or [True] * len(verified)
-        for generation, ok, done in zip(row.get("generations") or [], verified, complete):
-            if ok and done:
-                yield i + 1, {"problem": row["problem"], "solution": generation}
-                break
+        solution = openr1_solution(row)
+        if solution is not None:
+            yield i + 1, {"problem": row["problem"], "solution": solution}
+
+
+def openr1_file_rows(source, rows, log=print):
+    """A local OpenR1-Math export (rows with 'generations'): each row as the openr1-3k alias
+    reads it, problem + openr1_solution; rows without one are skipped and counted."""
+    kept, skipped = [], 0
+    for number, row in rows:
+        if "generations" not in row:
+            kept.append((number, row))
+        elif (solution := openr1_solution(row)) is None:
+            skipped += 1
+        else:
+            kept.append((number, {"problem": row.get("problem"), "solution": solution}))
+    log(f"{source}: OpenR1-Math rows as problem + the first generation math-verify marked "
+        f"correct and complete; {skipped} of {len(rows)} rows have none and are skipped")
+    if not kept:
+        raise DataError(f"{source}: no row has a generation that is both correct "
+                        f"(correctness_math_verify) and complete (is_reasoning_complete)")
+    return kept
 
 
 SFT_ALIASES = ("openr1-3k", "gsm8k", "math500", "synthetic")
 QA_ALIASES = ("gsm8k", "gsm8k-train", "math500", "synthetic", "synthetic-train")
 
 
-def load_conversations(source, seed=0, system_prompt=SYSTEM_PROMPT):
+def load_conversations(source, seed=0, system_prompt=SYSTEM_PROMPT, log=print):
     """SFT conversations, (where, messages) pairs, from an alias, a hub dataset or a local file.
 
     Local files and synthetic data come as a list, every row checked up front; hub data sets as a
@@ -264,57 +194,79 @@ def load_conversations(source, seed=0, system_prompt=SYSTEM_PROMPT):
                 for i, r in enumerate(synthetic_problems(2000, seed=seed + 1), start=1)]
     elif kind == "file":
         rows = read_local_rows(source)
+        if any("generations" in row for _, row in rows):
+            rows = openr1_file_rows(source, rows, log)
     elif source == "openr1-3k":
         rows = openr1_rows(seed)
     elif source == "gsm8k":
-        rows = ((n, {"question": r["question"], "answer": gsm8k_solution(r["answer"])})
-                for n, r in enumerate(load_hub_rows("openai/gsm8k", "main", "train"), start=1))
+        rows = enumerate(load_hub_rows("openai/gsm8k", "main", "train"), start=1)
     elif source == "math500":
         rows = enumerate(load_hub_rows("HuggingFaceH4/MATH-500", None, "test"), start=1)
     else:
         rows = enumerate(load_hub_rows(source), start=1)
-    conversations = ((f"{source}, row {n}", row_to_messages(row, f"{source}, row {n}", system_prompt))
+    conversations = ((f"{source}, row {n}", row_to_messages(row, f"{source}, row {n}",
+                                                            system_prompt))
                      for n, row in rows)
     return list(conversations) if isinstance(rows, list) else conversations
-
-
-def gsm8k_solution(answer):
-    """GSM8K's 'steps\\n#### 42' -> steps ending in \\boxed{42}; calculator marks <<..>> removed."""
-    steps, _, final = answer.rpartition("####")
-    steps = re.sub(r"<<[^>]*>>", "", steps).strip()
-    return f"{steps}\nThe answer is \\boxed{{{final.strip()}}}."
 
 
 # -----------------------------------------------------------------------------
 # Question/answer sets for RL and evaluation
 
-def load_qa(source, limit=None, seed=0):
-    """A list of dict(question, answer) from an alias or a local .jsonl/.json file.
+QUESTION_COLUMNS = ("question", "problem")  # GSM8K; MATH-500 and OpenR1-Math
+ANSWER_COLUMNS = ("answer",)                # all three (GSM8K's is a solution ending "#### 42")
 
-    Aliases: gsm8k (test), gsm8k-train, math500 (test), synthetic (held-out), synthetic-train."""
+
+def qa_row(row, where):
+    """(question, answer, columns) of one question/answer row; `columns` says where each came
+    from, e.g. "question from 'problem', answer from 'answer'"."""
+    q_key = next((k for k in QUESTION_COLUMNS if k in row), None)
+    a_key = next((k for k in ANSWER_COLUMNS if k in row), None)
+    missing = [f"no {what} column ({' or '.join(repr(k) for k in keys)})"
+               for what, key, keys in (("question", q_key, QUESTION_COLUMNS),
+                                       ("answer", a_key, ANSWER_COLUMNS)) if key is None]
+    if missing:
+        raise DataError(f"{where}: {' and '.join(missing)}; found {sorted(row)[:8]}")
+    question, answer = row[q_key], row[a_key]
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: '{q_key}' must be a non-empty string")
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        raise DataError(f"{where}: '{a_key}' must be a string or a number")
+    answer_from = f"'{a_key}'"
+    if isinstance(answer, str) and "####" in answer:
+        answer, answer_from = gsm8k_gold(answer), f"the text after the last '####' in '{a_key}'"
+    return question, str(answer), f"question from '{q_key}', answer from {answer_from}"
+
+
+def load_qa(source, limit=None, seed=0, log=print):
+    """A list of dict(question, answer) from an alias or a local .jsonl/.json/.parquet file.
+
+    Aliases: gsm8k (test), gsm8k-train, math500 (test), synthetic (held-out), synthetic-train.
+    A file's rows may be in GSM8K's, MATH-500's or OpenR1-Math's schema (qa_row); one line says
+    which columns were read."""
     kind = source_kind(source, QA_ALIASES, "question/answer set", hub=False)
     if source in ("synthetic", "synthetic-train"):
         # held-out and training sets come from different seeds of the same generator
-        rows = synthetic_problems(limit or 500, seed=seed + (1 if source == "synthetic-train" else 10_000))
+        offset = 1 if source == "synthetic-train" else 10_000
+        rows = synthetic_problems(limit or 500, seed=seed + offset)
         return [{"question": r["question"], "answer": r["answer"]} for r in rows]
     if source in ("gsm8k", "gsm8k-train"):
         split = "test" if source == "gsm8k" else "train"
-        rows = [{"question": r["question"], "answer": r["answer"].rpartition("####")[2].strip()}
+        rows = [{"question": r["question"], "answer": gsm8k_gold(r["answer"])}
                 for r in load_hub_rows("openai/gsm8k", "main", split)]
     elif source == "math500":
         rows = [{"question": r["problem"], "answer": r["answer"]}
                 for r in load_hub_rows("HuggingFaceH4/MATH-500", None, "test")]
     elif kind == "file":
-        rows = []
+        rows, columns = [], {}
         for number, row in read_local_rows(source):
-            for field in ("question", "answer"):
-                if field not in row:
-                    raise DataError(f"{source}, row {number}: missing field '{field}'")
-            if not isinstance(row["question"], str) or not row["question"].strip():
-                raise DataError(f"{source}, row {number}: 'question' must be a non-empty string")
-            if not isinstance(row["answer"], (str, int, float)) or isinstance(row["answer"], bool):
-                raise DataError(f"{source}, row {number}: 'answer' must be a string or a number")
-            rows.append({"question": row["question"], "answer": str(row["answer"])})
+            question, answer, used = qa_row(row, f"{source}, row {number}")
+            rows.append({"question": question, "answer": answer})
+            columns[used] = columns.get(used, 0) + 1
+        if len(columns) == 1:
+            log(f"{source}: {next(iter(columns))}")
+        else:
+            log(f"{source}: " + "; ".join(f"{n} rows {used}" for used, n in columns.items()))
     return rows[:limit] if limit else rows
 
 
@@ -380,25 +332,39 @@ def encode_conversation(tokenizer, messages, where="conversation"):
     return ids, labels
 
 
-def build_sft_examples(tokenizer, conversations, max_len, num_samples=None, log=print):
-    """Tokenise conversations; drop those longer than max_len; keep the first num_samples."""
-    examples, dropped, shortest, source = [], 0, None, "the data"
+def build_sft_examples(tokenizer, conversations, max_len, num_samples=None, log=print,
+                       too_long="drop"):
+    """Tokenise conversations; keep the first num_samples. An example longer than max_len tokens
+    is dropped (too_long="drop") or cut to its first max_len tokens, labels cut alike
+    (too_long="truncate", the released EKSFT recipe's choice); a cut example with no trained
+    token left is dropped."""
+    if too_long not in ("drop", "truncate"):
+        raise ValueError(f"too_long must be 'drop' or 'truncate', not {too_long!r}")
+    examples, dropped, truncated, shortest, source = [], 0, 0, None, "the data"
     for where, messages in conversations:
         source = where.rpartition(", row ")[0] or where
         ids, labels = encode_conversation(tokenizer, messages, where)
         if len(ids) > max_len:
-            dropped += 1
-            shortest = min(shortest or len(ids), len(ids))
-            continue
+            # labels[t] is predicted from ids[:t], so labels[0] is never trained: look from 1
+            if too_long == "drop" or all(l == IGNORE_INDEX for l in labels[1:max_len]):
+                dropped += 1
+                shortest = min(shortest or len(ids), len(ids))
+                continue
+            ids, labels, truncated = ids[:max_len], labels[:max_len], truncated + 1
         if all(l == IGNORE_INDEX for l in labels[1:]):
             raise DataError(f"{where}: no trained token after tokenisation")
         examples.append({"input_ids": ids, "labels": labels})
         if num_samples and len(examples) == num_samples:
             break
-    log(f"data: {len(examples)} examples, {dropped} dropped as longer than --max-len {max_len}")
+    if too_long == "drop":
+        log(f"data: {len(examples)} examples, {dropped} dropped as longer than --max-len {max_len}")
+    else:
+        log(f"data: {len(examples)} examples, {truncated} truncated to --max-len {max_len}, "
+            f"{dropped} dropped (no response token within the first {max_len})")
     if not examples:
         raise DataError(f"{source}: none of its {dropped} examples fits --max-len {max_len} "
-                        f"(the shortest has {shortest} tokens)" if dropped else f"{source}: no examples")
+                        f"(the shortest has {shortest} tokens)" if dropped
+                        else f"{source}: no examples")
     return examples
 
 
@@ -459,11 +425,160 @@ def step_batches(lengths, sequences_per_step, seed, drop_last=True):
     steps = []
     for w in range(0, len(order), window):
         chunk = sorted(order[w: w + window], key=lambda i: lengths[i])
-        steps += [chunk[s: s + sequences_per_step] for s in range(0, len(chunk), sequences_per_step)]
+        steps += [chunk[s: s + sequences_per_step]
+                  for s in range(0, len(chunk), sequences_per_step)]
     if drop_last and len(order) >= sequences_per_step:
         steps = [s for s in steps if len(s) == sequences_per_step]
     rng.shuffle(steps)
     return steps
+
+
+# -----------------------------------------------------------------------------
+# Synthetic data: seeded multi-step arithmetic word problems (offline runs, tests, tutorial)
+
+NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gia", "Hal", "Ivy", "Jon", "Kim", "Leo"]
+ITEMS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles"]
+
+
+def synthetic_problems(n, seed=0):
+    """n problems of 2-3 steps, each a dict(question, solution, answer); same seed, same rows.
+
+    >>> p = synthetic_problems(1, seed=0)[0]
+    >>> p["solution"].endswith("\\\\boxed{" + p["answer"] + "}.")
+    True
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        total = rng.randint(2, 20)
+        question = f"{name} has {total} {item}."
+        steps = [f"{name} starts with {total} {item}."]
+        for _ in range(rng.randint(2, 3)):
+            op = rng.choice(["buy", "give", "double"] if total <= 50 else ["give"])
+            if op == "buy":
+                x = rng.randint(1, 15)
+                question += f" Then {name} buys {x} more."
+                steps.append(f"After buying {x}: {total} + {x} = {total + x}.")
+                total += x
+            elif op == "give" and total > 1:
+                x = rng.randint(1, total - 1)
+                question += f" Then {name} gives away {x}."
+                steps.append(f"After giving away {x}: {total} - {x} = {total - x}.")
+                total -= x
+            else:
+                question += f" Then {name} doubles the {item}."
+                steps.append(f"After doubling: {total} * 2 = {total * 2}.")
+                total *= 2
+        question += f" How many {item} does {name} have now?"
+        solution = " ".join(steps) + f" The answer is \\boxed{{{total}}}."
+        rows.append({"question": question, "solution": solution, "answer": str(total)})
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Reading rows: local files (with row numbers for error messages) and hub datasets
+
+LOCAL_FORMATS = (".jsonl", ".json", ".parquet")
+
+
+def source_kind(source, aliases, what="data set", hub=True):
+    """What a data source names, decided before any network call: "alias", "file" or "hub".
+
+    An alias is one of `aliases`; anything on disk is a file; "owner/name" is a hub dataset. A
+    name that is none of these (a mistyped alias such as gsm9k, a missing file) is refused now,
+    not after a minute of hub retries."""
+    if source in aliases:
+        return "alias"
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.isdir(source):
+        raise DataError(f"{source}: is a directory; give a {'/'.join(LOCAL_FORMATS)} file")
+    other_formats = (".csv", ".tsv", ".txt", ".xlsx", ".arrow", ".gz", ".zip")  # not read here
+    looks_like_a_path = ext in LOCAL_FORMATS + other_formats or source.startswith((".", os.sep))
+    if os.path.exists(source) or looks_like_a_path:
+        if ext not in LOCAL_FORMATS:
+            raise DataError(f"{source}: unknown file type '{ext}' (use .jsonl, .json or .parquet)")
+        return "file"
+    if "/" not in source or not hub:
+        raise UserError(f"unknown {what} '{source}': not one of the aliases {', '.join(aliases)}, "
+                        f"nor a local {'/'.join(LOCAL_FORMATS)} file"
+                        + (", nor a hub dataset id (owner/name)" if hub else ""))
+    return "hub"
+
+
+def read_local_rows(path):
+    """Rows of a local .jsonl / .json / .parquet file as a list of (row_number, dict).
+
+    A .json file holds either one JSON array of rows or JSON Lines (one object a line: what
+    `datasets`' to_json writes by default); the first character that is not blank tells which.
+    In JSON Lines the row number is the line number, so an error names the line to look at."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a file")
+    rows, ext = [], os.path.splitext(path)[1].lower()
+    if ext in (".jsonl", ".json"):
+        with open(path, "rb") as f:
+            raw = f.read()
+        if ext == ".json" and raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            try:
+                data = json.loads(utf8(raw, path, "", bom=True))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            rows = list(enumerate(data, start=1))
+        else:
+            hint = "; a .json file holds a JSON array or one JSON object a line" * (ext == ".json")
+            for number, line in enumerate(raw.split(b"\n"), start=1):
+                text = utf8(line, path, f"row {number}", bom=number == 1)
+                if not text.strip():
+                    continue
+                try:
+                    rows.append((number, json.loads(text)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, row {number}: not valid JSON "
+                                    f"({e.msg}{hint})") from None
+    elif ext == ".parquet":
+        import pyarrow.parquet  # installed with datasets
+        try:
+            rows = list(enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1))
+        except Exception as e:  # not parquet at all, or a damaged file: pyarrow's errors vary
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: "
+                            f"{first_line(e)})") from None
+    else:
+        raise DataError(f"{path}: unknown file type (use .jsonl, .json or .parquet)")
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {number}: expected a JSON object, "
+                            f"got {type(row).__name__}")
+    return rows
+
+
+def utf8(raw, path, where, bom=False):
+    """Bytes -> text; a binary file or a row in another encoding is a DataError naming the line."""
+    try:
+        return raw.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}, {where or f'line {line}'}: not UTF-8 text (byte "
+                        f"{raw[e.start]:#04x}); is it a binary file?") from None
+
+
+def first_line(e):
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+
+
+def load_hub_rows(name, config=None, split="train"):
+    """A Hugging Face Hub dataset (memory-mapped, rows read on access); one clear line when
+    offline."""
+    import datasets
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # network, auth, missing dataset: all look different, all mean "can't"
+        raise DataError(f"could not load dataset '{name}' from the Hugging Face Hub "
+                        f"({type(e).__name__}: {first_line(e)}). Offline, use synthetic or a local "
+                        f".jsonl file.") from None
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """data.py: formats, the label mask, bad-input messages, batching, synthetic problems."""
 import doctest
+import os
 import json
 import re
 
@@ -86,10 +87,11 @@ def test_bad_rows_name_the_file_the_row_and_the_problem(tmp_path, content, fragm
 
 
 def test_bad_files(tmp_path):
-    (tmp_path / "x.json").write_text('{"not": "a list"}')
+    (tmp_path / "x.json").write_text('{"not": "a list"}')   # JSON Lines of one row
     (tmp_path / "y.json").write_text('[{"question": "q", "answer": "a"},')
     (tmp_path / "z.txt").write_text("hello")
-    for name, fragment in [("x.json", "expected a JSON list"), ("y.json", "not valid JSON"),
+    for name, fragment in [("x.json", "x.json, row 1: expected 'messages'"),
+                           ("y.json", "y.json: not valid JSON (line 1: Expecting value)"),
                            ("missing.jsonl", "no such file")]:
         with pytest.raises(DataError, match=re.escape(fragment)):
             data.load_conversations(str(tmp_path / name))
@@ -107,7 +109,7 @@ def test_json_rows_are_numbered_from_one(tmp_path):
 def test_qa_rows_need_question_and_answer(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "q", "answer": 3}\n\n{"question": "q2"}\n')
-    with pytest.raises(DataError, match=r"qa\.jsonl, row 3: missing field 'answer'"):
+    with pytest.raises(DataError, match=r"qa\.jsonl, row 3: no answer column \('answer'\)"):
         data.load_qa(str(path))
     path.write_text('{"question": "q", "answer": 3}\n')
     assert data.load_qa(str(path)) == [{"question": "q", "answer": "3"}]
@@ -218,13 +220,216 @@ def test_gsm8k_answers_come_from_after_the_hashes(monkeypatch):
     rows = [{"question": "q", "answer": "2*3=<<2*3=6>>6\n#### 1,200"}]
     monkeypatch.setattr(data, "load_hub_rows", fake_hub({("openai/gsm8k", "main", "test"): rows,
                                                         ("openai/gsm8k", "main", "train"): rows}))
-    assert data.load_qa("gsm8k") == [{"question": "q", "answer": "1,200"}]
+    assert data.load_qa("gsm8k") == [{"question": "q", "answer": "1200"}]
     [(where, messages)] = list(data.load_conversations("gsm8k"))
     assert where == "gsm8k, row 1"
-    assert messages[-1]["content"] == "2*3=6\nThe answer is \\boxed{1,200}."
+    assert messages[-1]["content"] == "2*3=6\nThe answer is \\boxed{1200}."
 
 
 def test_hub_failure_is_one_clear_line():
     with pytest.raises(DataError, match="could not load dataset 'no-such/dataset'.*Offline, use "
                                         "synthetic or a local .jsonl file"):
         list(data.load_conversations("no-such/dataset"))
+
+
+# -----------------------------------------------------------------------------
+# Exported data sets: files in each real schema (tests/fixtures, invented text, real columns)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def fixture(name):
+    return os.path.join(FIXTURES, name)
+
+
+def fixture_rows(name):
+    return [json.loads(line) for line in open(fixture(name))]
+
+
+QA_FILES = [  # (file, expected (question start, gold) per row, the columns line)
+    ("gsm8k.jsonl", [("A baker", "1250"), ("Tom reads", "72"), ("The temperature", "-3")],
+     "question from 'question', answer from the text after the last '####' in 'answer'"),
+    ("math500.jsonl", [("Convert the point", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+                       ("What is", "1,\\!250")],
+     "question from 'problem', answer from 'answer'"),
+    ("openr1_math.jsonl", [("Find $x$", "4"), ("How many primes", "4"), ("Solve", "3")],
+     "question from 'problem', answer from 'answer'"),
+    ("gsm8k_to_json.json", [("A baker", "1250"), ("Tom reads", "72"), ("The temperature", "-3")],
+     "question from 'question', answer from the text after the last '####' in 'answer'"),
+]
+
+
+@pytest.mark.parametrize("name,expected,columns", QA_FILES)
+def test_qa_files_in_each_real_schema(name, expected, columns):
+    lines = []
+    rows = data.load_qa(fixture(name), log=lines.append)
+    assert [(r["question"][:len(q)], r["answer"]) for r, (q, _) in zip(rows, expected)] == expected
+    assert len(rows) == len(expected)
+    assert lines == [f"{fixture(name)}: {columns}"]
+
+
+def test_qa_parquet_export_with_null_list_columns(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+    rows = fixture_rows("openr1_math.jsonl")
+    assert rows[0]["correctness_llama"] is None and rows[0]["finish_reasons"] is None
+    path = str(tmp_path / "openr1.parquet")
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    assert data.load_qa(path, log=lambda *_: None) == \
+        [{"question": r["problem"], "answer": r["answer"]} for r in rows]
+
+
+GSM8K_GOLD = [  # (GSM8K answer column, gold): the text after the LAST ####, separators dropped
+    ("5*250=<<5*250=1250>>1250\n#### 1,250", "1250"),
+    ("#### 1,234,567", "1234567"),
+    ("#### -1,250", "-1250"),
+    ("#### 2,500.50", "2500.50"),
+    ("#### 72", "72"),
+    ("#### 1,25", "1,25"),              # not thousands separators: kept as written
+    ("a #### b\n#### 9 ", "9"),          # the last #### counts
+    ("#### 0.5", "0.5"),
+]
+
+
+@pytest.mark.parametrize("answer,gold", GSM8K_GOLD)
+def test_gsm8k_gold_is_the_text_after_the_last_hashes(answer, gold):
+    assert data.gsm8k_gold(answer) == gold
+
+
+@pytest.mark.parametrize("checker", ["builtin", "math-verify", "auto"])
+def test_the_checker_scores_gsm8k_golds_right(checker):
+    import rl
+    if checker != "builtin":
+        pytest.importorskip("math_verify")
+    gold = data.gsm8k_gold("#### 1,250")
+    assert rl.is_equiv("1,250", gold, checker) and rl.is_equiv("1250", gold, checker)
+    assert not rl.is_equiv("125", gold, checker) and not rl.is_equiv("1,251", gold, checker)
+
+
+def test_sft_files_in_each_real_schema():
+    log = []
+    gsm8k = data.load_conversations(fixture("gsm8k.jsonl"), log=log.append)
+    assert gsm8k[0][1][-1]["content"] == \
+        "Each box holds 250 rolls, so 5 boxes hold 5*250=1250 rolls.\nThe answer is \\boxed{1250}."
+    math500 = data.load_conversations(fixture("math500.jsonl"), log=log.append)
+    assert [m[1:] for _, m in math500] == [[{"role": "user", "content": r["problem"]},
+                                            {"role": "assistant", "content": r["solution"]}]
+                                           for r in fixture_rows("math500.jsonl")]
+    assert log == []   # only an OpenR1 export has something to say
+
+
+def test_an_openr1_export_reads_as_the_openr1_alias_reads_the_hub(monkeypatch):
+    rows = fixture_rows("openr1_math.jsonl")
+    log = []
+    from_file = data.load_conversations(fixture("openr1_math.jsonl"), log=log.append)
+    # row 1: the second generation (the first is wrong); row 2: its only one; row 3: none is
+    # both math-verified and complete (the Llama judge's verdict is not used), so it is skipped
+    assert [(w.rpartition(" ")[2], m[-1]["content"]) for w, m in from_file] == \
+        [("1", rows[0]["generations"][1]), ("2", rows[1]["generations"][0])]
+    assert all(m[0] == SYS and m[1] == {"role": "user", "content": r["problem"]}
+               for (_, m), r in zip(from_file, rows))
+    assert log == [f"{fixture('openr1_math.jsonl')}: OpenR1-Math rows as problem + the first "
+                   "generation math-verify marked correct and complete; 1 of 3 rows have none "
+                   "and are skipped"]
+    monkeypatch.setattr(data, "load_hub_rows",
+                        fake_hub({("open-r1/OpenR1-Math-220k", "default", "train"): rows}))
+    from_hub = list(data.load_conversations("openr1-3k"))
+    # the alias reads the same conversations, in its seeded order, with the hub's row numbers
+    assert sorted((w, json.dumps(m)) for w, m in from_hub) == \
+        sorted((w.replace(fixture('openr1_math.jsonl'), 'openr1-3k'), json.dumps(m))
+               for w, m in from_file)
+
+
+def test_an_openr1_export_with_no_usable_row_is_refused(tmp_path):
+    row = fixture_rows("openr1_math.jsonl")[2]
+    path = tmp_path / "openr1.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match="openr1.jsonl: no row has a generation that is both "
+                                        r"correct \(correctness_math_verify\) and complete"):
+        data.load_conversations(str(path), log=lambda *_: None)
+
+
+def test_json_lines_array_and_broken_json_files(tmp_path):
+    rows = fixture_rows("gsm8k.jsonl")
+    as_lines = data.read_local_rows(fixture("gsm8k_to_json.json"))
+    assert as_lines == data.read_local_rows(fixture("gsm8k.jsonl")) == list(enumerate(rows, 1))
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps(rows, indent=1))          # a real JSON array, over many lines
+    assert data.read_local_rows(str(array)) == as_lines
+    assert len(data.load_conversations(str(array))) == 3
+    broken_lines = tmp_path / "lines.json"
+    broken_lines.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:-1] + "\n")
+    broken_array = tmp_path / "array_broken.json"
+    broken_array.write_text(json.dumps(rows, indent=1)[:-2])
+    for path, load, message in [
+            (broken_lines, data.load_qa, "lines.json, row 2: not valid JSON (Expecting ',' "
+                                         "delimiter; a .json file holds a JSON array or one JSON "
+                                         "object a line)"),
+            (broken_lines, data.load_conversations, "lines.json, row 2: not valid JSON"),
+            (broken_array, data.load_qa, "array_broken.json: not valid JSON (line 13: ")]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            load(str(path))
+
+
+QA_BAD_ROWS = [  # (second row, the error after "qa.jsonl, row 2: ")
+    ({"text": "x"}, "no question column ('question' or 'problem') and no answer column "
+                    "('answer'); found ['text']"),
+    ({"problem": "p", "solution": "s"}, "no answer column ('answer'); found ['problem', 'solution']"),
+    ({"answer": "3"}, "no question column ('question' or 'problem'); found ['answer']"),
+    ({"problem": " ", "answer": "3"}, "'problem' must be a non-empty string"),
+    ({"question": "q", "answer": None}, "'answer' must be a string or a number"),
+    ({"question": "q", "answer": [1, 2]}, "'answer' must be a string or a number"),
+]
+
+
+@pytest.mark.parametrize("row,message", QA_BAD_ROWS)
+def test_qa_bad_rows_name_the_file_the_row_and_what_is_missing(tmp_path, row, message):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "1"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as e:
+        data.load_qa(str(path))
+    assert str(e.value) == f"{path}, row 2: {message}"
+
+
+# -----------------------------------------------------------------------------
+# Too long for --max-len: drop (default) or truncate (the released recipe)
+
+def test_too_long_drop_and_truncate_against_hand_counted_tokens():
+    # char tokenizer, no system prompt: "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    # is 1+4+1+1+1+1+1+9+1 = 20 tokens, then "abcdef<|im_end|>\n" 8 more: 28 tokens, and the
+    # trained ones are positions 20..26 ("abcdef<|im_end|>")
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "abcdef"}]
+    ids, labels = data.encode_conversation(TOKENIZER, messages)
+    assert len(ids) == 28 and [i for i, l in enumerate(labels) if l != IGNORE_INDEX] == \
+        list(range(20, 27))
+
+    def build(max_len, too_long, n=1):
+        lines = []
+        convs = [(f"f, row {i}", messages) for i in range(1, n + 1)]
+        try:
+            examples = data.build_sft_examples(TOKENIZER, convs, max_len, log=lines.append,
+                                               too_long=too_long)
+        except DataError as e:
+            return str(e), lines
+        return [trained_text(e["input_ids"], e["labels"]) for e in examples], lines
+
+    assert build(28, "drop") == ([["abcdef<|im_end|>"]],
+                                 ["data: 1 examples, 0 dropped as longer than --max-len 28"])
+    assert build(27, "drop", n=2) == ("f: none of its 2 examples fits --max-len 27 (the shortest "
+                                      "has 28 tokens)",
+                                      ["data: 0 examples, 2 dropped as longer than --max-len 27"])
+    # truncate at 24: ids 0..23 kept, of the response "abcd" (positions 20..23) stays trained
+    examples = data.build_sft_examples(TOKENIZER, [("f, row 1", messages)], 24,
+                                       log=lambda *_: None, too_long="truncate")
+    assert examples[0]["input_ids"] == ids[:24] and examples[0]["labels"] == labels[:24]
+    assert build(24, "truncate") == (
+        [["abcd"]], ["data: 1 examples, 1 truncated to --max-len 24, 0 dropped (no response "
+                     "token within the first 24)"])
+    assert build(21, "truncate")[0] == [["a"]]
+    # at 20 the whole response is cut off: dropped, not trained on a prompt alone
+    assert build(20, "truncate") == (
+        "f: none of its 1 examples fits --max-len 20 (the shortest has 28 tokens)",
+        ["data: 0 examples, 0 truncated to --max-len 20, 1 dropped (no response token within "
+         "the first 20)"])
+    with pytest.raises(ValueError, match="too_long must be 'drop' or 'truncate'"):
+        build(20, "cut")

@@ -58,6 +58,10 @@ def files(tmp_path):
         {"role": "system", "content": "S"}, {"role": "assistant", "content": "A"},
         {"role": "user", "content": "Q"}]}) + "\n")
     f["long"].write_text(json.dumps({"problem": "q", "solution": "x" * 500}) + "\n")
+    f["no_columns"] = tmp_path / "no_columns.jsonl"    # a QA row with neither column
+    f["no_columns"].write_text(good + json.dumps({"text": "q", "gold": "2"}) + "\n")
+    f["lines_json"] = tmp_path / "lines.json"          # JSON Lines under .json, row 2 cut short
+    f["lines_json"].write_text(good + good[:-3] + "\n")
     return {k: str(v) for k, v in f.items()}
 
 
@@ -83,6 +87,11 @@ CASES = [  # (script, argv, fragment of the one error line); FILE names come fro
     ("evaluate", ["--benchmarks", "gsm9k"], "unknown question/answer set 'gsm9k'"),
     ("evaluate", ["--benchmarks", "{csv}"], "rows.csv: unknown file type '.csv'"),
     ("evaluate", ["--benchmarks", "{empty}"], "empty.jsonl: no rows (the file is empty)"),
+    ("rl", ["--data", "{no_columns}"], "no_columns.jsonl, row 2: no question column ('question' "
+                                       "or 'problem') and no answer column ('answer')"),
+    ("evaluate", ["--benchmarks", "{no_columns}"], "no_columns.jsonl, row 2: no question column"),
+    ("eksft", ["--data", "{lines_json}"], "lines.json, row 2: not valid JSON"),
+    ("evaluate", ["--benchmarks", "{lines_json}"], "lines.json, row 2: not valid JSON"),
     # model names: refused before any hub call
     ("eksft", ["--model", "Qwen2.5-0.6B"], "'Qwen2.5-0.6B' is not a known short name (Qwen2.5-0.5B,"),
     ("eksft", ["--model", "{dir}/no-such-run"], "no-such-run: no such model directory"),
