@@ -222,11 +222,12 @@ def qa_row(row, where):
     from, e.g. "question from 'problem', answer from 'answer'"."""
     q_key = next((k for k in QUESTION_COLUMNS if k in row), None)
     a_key = next((k for k in ANSWER_COLUMNS if k in row), None)
-    missing = [f"no {what} column ({' or '.join(repr(k) for k in keys)})"
-               for what, key, keys in (("question", q_key, QUESTION_COLUMNS),
-                                       ("answer", a_key, ANSWER_COLUMNS)) if key is None]
-    if missing:
-        raise DataError(f"{where}: {' and '.join(missing)}; found {sorted(row)[:8]}")
+    if q_key is None and a_key is None:   # another schema: show what the row has
+        raise DataError(f"{where}: missing fields 'question' (or 'problem') and 'answer'; it "
+                        f"has {sorted(row)[:8]}")
+    if q_key is None or a_key is None:
+        raise DataError(f"{where}: missing field " + ("'answer'" if q_key else
+                                                      "'question' (or 'problem')"))
     question, answer = row[q_key], row[a_key]
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: '{q_key}' must be a non-empty string")

@@ -109,7 +109,7 @@ def test_json_rows_are_numbered_from_one(tmp_path):
 def test_qa_rows_need_question_and_answer(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "q", "answer": 3}\n\n{"question": "q2"}\n')
-    with pytest.raises(DataError, match=r"qa\.jsonl, row 3: no answer column \('answer'\)"):
+    with pytest.raises(DataError, match=r"qa\.jsonl, row 3: missing field 'answer'"):
         data.load_qa(str(path))
     path.write_text('{"question": "q", "answer": 3}\n')
     assert data.load_qa(str(path)) == [{"question": "q", "answer": "3"}]
@@ -372,10 +372,10 @@ def test_json_lines_array_and_broken_json_files(tmp_path):
 
 
 QA_BAD_ROWS = [  # (second row, the error after "qa.jsonl, row 2: ")
-    ({"text": "x"}, "no question column ('question' or 'problem') and no answer column "
-                    "('answer'); found ['text']"),
-    ({"problem": "p", "solution": "s"}, "no answer column ('answer'); found ['problem', 'solution']"),
-    ({"answer": "3"}, "no question column ('question' or 'problem'); found ['answer']"),
+    ({"text": "x", "gold": "1"}, "missing fields 'question' (or 'problem') and 'answer'; it has "
+                                 "['gold', 'text']"),
+    ({"problem": "p", "solution": "s"}, "missing field 'answer'"),
+    ({"answer": "3"}, "missing field 'question' (or 'problem')"),
     ({"problem": " ", "answer": "3"}, "'problem' must be a non-empty string"),
     ({"question": "q", "answer": None}, "'answer' must be a string or a number"),
     ({"question": "q", "answer": [1, 2]}, "'answer' must be a string or a number"),

@@ -87,9 +87,9 @@ CASES = [  # (script, argv, fragment of the one error line); FILE names come fro
     ("evaluate", ["--benchmarks", "gsm9k"], "unknown question/answer set 'gsm9k'"),
     ("evaluate", ["--benchmarks", "{csv}"], "rows.csv: unknown file type '.csv'"),
     ("evaluate", ["--benchmarks", "{empty}"], "empty.jsonl: no rows (the file is empty)"),
-    ("rl", ["--data", "{no_columns}"], "no_columns.jsonl, row 2: no question column ('question' "
-                                       "or 'problem') and no answer column ('answer')"),
-    ("evaluate", ["--benchmarks", "{no_columns}"], "no_columns.jsonl, row 2: no question column"),
+    ("rl", ["--data", "{no_columns}"], "no_columns.jsonl, row 2: missing fields 'question' (or "
+                                       "'problem') and 'answer'; it has ['gold', 'text']"),
+    ("evaluate", ["--benchmarks", "{no_columns}"], "no_columns.jsonl, row 2: missing fields"),
     ("eksft", ["--data", "{lines_json}"], "lines.json, row 2: not valid JSON"),
     ("evaluate", ["--benchmarks", "{lines_json}"], "lines.json, row 2: not valid JSON"),
     # model names: refused before any hub call
