@@ -31,7 +31,8 @@ def trained_text(ids, labels):
 
 def test_labels_cover_exactly_the_assistant_turns_and_their_end_token():
     messages = [SYS, {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
-                {"role": "user", "content": "and 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+                {"role": "user", "content": "and 2+2?"},
+                {"role": "assistant", "content": "It is 4."}]
     ids, labels = data.encode_conversation(TOKENIZER, messages)
     assert trained_text(ids, labels) == ["2<|im_end|>", "It is 4.<|im_end|>"]
     # and the ids are exactly the chat template's rendering, tokenised once
@@ -44,7 +45,8 @@ def test_a_tokenizer_without_chat_template_gets_chatml():
     ids, labels = data.encode_conversation(tok, [{"role": "user", "content": "q"},
                                                  {"role": "assistant", "content": "a"}])
     assert tok.decode(ids) == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
-    assert [tok.decode([i]) for i, l in zip(ids, labels) if l != IGNORE_INDEX] == ["a", "<|im_end|>"]
+    trained = [tok.decode([i]) for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert trained == ["a", "<|im_end|>"]
 
 
 @pytest.mark.parametrize("row", [
@@ -65,15 +67,17 @@ def test_an_existing_system_turn_is_kept():
     assert data.row_to_messages(row, "f")[0] == {"role": "system", "content": "S"}
 
 
+GOOD = '{"question": "q", "answer": "a"}\n'
 BAD_ROWS = [  # (file content, message fragment); the bad row is always the second line
-    ('{"question": "q", "answer": "a"}\n{"question": "q"\n', "row 2: not valid JSON"),
-    ('{"question": "q", "answer": "a"}\n{"text": "no known fields"}\n', "row 2: expected 'messages'"),
-    ('{"question": "q", "answer": "a"}\n{"problem": "q", "solution": "  "}\n', "row 2: turn 2 is an empty assistant turn"),
-    ('{"question": "q", "answer": "a"}\n{"question": "q", "answer": 7}\n', "row 2: turn 2 (assistant) content is int"),
-    ('{"question": "q", "answer": "a"}\n{"messages": [{"role": "robot", "content": "x"}]}\n', "row 2: turn 1 has unknown role 'robot'"),
-    ('{"question": "q", "answer": "a"}\n{"messages": [{"role": "user", "content": "x"}]}\n', "row 2: no assistant turn"),
-    ('{"question": "q", "answer": "a"}\n[1, 2]\n', "row 2: expected a JSON object"),
-    ('{"question": "q", "answer": "a"}\n{"messages": []}\n', "row 2: 'messages' must be a non-empty list"),
+    (GOOD + '{"question": "q"\n', "row 2: not valid JSON"),
+    (GOOD + '{"text": "no known fields"}\n', "row 2: expected 'messages'"),
+    (GOOD + '{"problem": "q", "solution": "  "}\n', "row 2: turn 2 is an empty assistant turn"),
+    (GOOD + '{"question": "q", "answer": 7}\n', "row 2: turn 2 (assistant) content is int"),
+    (GOOD + '{"messages": [{"role": "robot", "content": "x"}]}\n',
+     "row 2: turn 1 has unknown role 'robot'"),
+    (GOOD + '{"messages": [{"role": "user", "content": "x"}]}\n', "row 2: no assistant turn"),
+    (GOOD + '[1, 2]\n', "row 2: expected a JSON object"),
+    (GOOD + '{"messages": []}\n', "row 2: 'messages' must be a non-empty list"),
 ]
 
 
@@ -118,7 +122,8 @@ def test_qa_rows_need_question_and_answer(tmp_path):
 
 
 def test_too_long_examples_are_dropped_and_counted():
-    convs = [(f"r{i}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * n}])
+    convs = [(f"r{i}", [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "x" * n}])
              for i, n in enumerate([5, 500, 10])]
     lines = []
     examples = data.build_sft_examples(TOKENIZER, convs, max_len=100, log=lines.append)
@@ -168,7 +173,8 @@ def test_step_batches_cover_each_example_once_and_group_lengths():
 def test_padding():
     ids, mask = data.pad_left([[1, 2, 3], [4]], 0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    batch = data.collate([{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [7], "labels": [7]}], 0)
+    batch = data.collate([{"input_ids": [5, 6], "labels": [-100, 6]},
+                          {"input_ids": [7], "labels": [7]}], 0)
     assert batch["input_ids"].tolist() == [[5, 6], [7, 0]]
     assert batch["labels"].tolist() == [[-100, 6], [7, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
@@ -194,8 +200,8 @@ def fake_hub(tables):
 
 def test_openr1_takes_the_first_verified_complete_generation(monkeypatch):
     rows = [
-        {"problem": "p1", "generations": ["wrong", "right1"], "correctness_math_verify": [False, True],
-         "is_reasoning_complete": [True, True]},
+        {"problem": "p1", "generations": ["wrong", "right1"],
+         "correctness_math_verify": [False, True], "is_reasoning_complete": [True, True]},
         {"problem": "p2", "generations": ["cut off", "x"], "correctness_math_verify": [True, False],
          "is_reasoning_complete": [False, True]},  # no generation is both verified and complete
         {"problem": "p3", "generations": ["right3" + "y" * 400], "correctness_math_verify": [True],
