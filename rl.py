@@ -9,8 +9,9 @@ both checkpoints with the same flags, then compare them with evaluate.py.
     python rl.py --model Qwen2.5-0.5B --no-std --loss-agg dr-grpo   # Dr. GRPO's choices
 
 Start with the GRPO loss and read down: 1. the loss (torch only), 2. rollouts, 3. the loop,
-4. the command line. The answer checker that computes the reward (extract_answer, is_equiv,
-math_reward; evaluate.py uses it too) closes the file: plumbing, to read last.
+4. the command line (with the data splits and the held-out evaluation). The answer checker that
+computes the reward (extract_answer, is_equiv, math_reward; evaluate.py uses it too) closes the
+file: plumbing, to read last.
 
 Simplifications (choices, not accidents):
   1. --ppo-epochs 1 (the default) makes the ratio exactly 1 and the gradient A * grad log pi:
@@ -489,6 +490,9 @@ def reward_function(args):
                                           args.strict_reward, format_reward=args.format_reward)
 
 
+# ----------------------------------------------------------------------------
+# 4. The command line, and the plumbing it needs: the data splits, the held-out evaluation
+
 def train_eval_sets(data, eval_size, seed):
     """(training questions, held-out questions). gsm8k and synthetic have their own test splits;
     anything else (math500, a local .jsonl) is shuffled with the seed, eval_size rows held out."""
@@ -530,9 +534,6 @@ def evaluate_accuracy(model, tokenizer, rows, args, autocast):
                           last_number=proto["last_number"]) for o, r in zip(outputs, rows)]
     return sum(scores) / len(rows)
 
-
-# ----------------------------------------------------------------------------
-# 4. The command line
 
 TINY_DEFAULTS = dict(data="synthetic", reward="digits", lr=1e-3, prompts_per_step=4,
                      max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16,
