@@ -251,7 +251,7 @@ def load_vllm(name, seed):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:
         raise eksft.ModelLoadError(f"could not load the tokenizer of '{name}' ({source}): "
-                             f"{type(e).__name__}: {str(e).strip()[:200]}") from None
+                                   f"{type(e).__name__}: {str(e).strip()[:200]}") from None
     return LLM(model=source, seed=seed), tokenizer
 
 
