@@ -410,9 +410,9 @@ def train(args, reward_fn=None):
         random.Random(args.seed + epoch).shuffle(order)
         rows = [train_rows[j] for j in order[i * n:(i + 1) * n]]
         G = args.group_size
-        prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt) for r in rows]
+        prompts = [encode_prompt(tokenizer, row["question"], args.system_prompt) for row in rows]
         prompts = [ids for ids in prompts for _ in range(G)]           # G adjacent copies of each
-        golds = [r["answer"] for r in rows for _ in range(G)]
+        golds = [row["answer"] for row in rows for _ in range(G)]
 
         # 2. rollouts, seeded per step, and their rewards
         t0 = time.perf_counter()
@@ -422,7 +422,7 @@ def train(args, reward_fn=None):
                 temperature=args.temperature, top_p=args.top_p, static_cache=args.static_cache,
                 seed=args.seed * 1_000_003 + step)
         gen_seconds = time.perf_counter() - t0
-        texts = [r["text"] for r in rollouts]
+        texts = [out["text"] for out in rollouts]
         rewards = torch.tensor([float(reward_fn(t, g)) for t, g in zip(texts, golds)])   # (N,)
         correct = [is_equiv(extract_answer(t), g, args.checker) for t, g in zip(texts, golds)]
 
@@ -435,30 +435,31 @@ def train(args, reward_fn=None):
 
         # 4. metrics: one JSON line per step, a log line, and now and then two samples. Entropy,
         # KL and clip fraction are means over the loss-masked tokens of all sampled completions
-        lengths = [len(r["completion_ids"]) for r in rollouts]
+        lengths = [len(out["completion_ids"]) for out in rollouts]
         tokens = sums["tokens"]                              # 0: --mask-truncated cut every one
         per_token = lambda total: total / tokens if tokens else None
-        r = {"step": step + 1, "reward": rewards.mean().item(),
-             "accuracy": sum(correct) / len(correct),
-             "response_length": sum(lengths) / len(lengths),
-             "truncated_frac": sum(x["truncated"] for x in rollouts) / len(rollouts),
-             "entropy": per_token(sums["entropy_sum"]),
-             "kl": per_token(sums["kl_sum"]) if ref_model is not None else None,
-             "clip_frac": per_token(sums["clipped_tokens"] / args.ppo_epochs),
-             "loss": sums["loss"], "grad_norm": sums["grad_norm"],
-             "flat_groups": int((~informative).sum()), "groups": len(rows),
-             "gen_tokens_per_s": sum(lengths) / gen_seconds,
-             "train_tokens_per_s": sums["train_tokens"] / train_seconds or None}
-        history.append(r)
-        eksft.append_jsonl(metrics_path, r)
-        bar.set_postfix(reward=f"{r['reward']:.3f}", acc=f"{r['accuracy']:.2f}")
+        record = {
+            "step": step + 1, "reward": rewards.mean().item(),
+            "accuracy": sum(correct) / len(correct), "response_length": sum(lengths) / len(lengths),
+            "truncated_frac": sum(out["truncated"] for out in rollouts) / len(rollouts),
+            "entropy": per_token(sums["entropy_sum"]),
+            "kl": per_token(sums["kl_sum"]) if ref_model is not None else None,
+            "clip_frac": per_token(sums["clipped_tokens"] / args.ppo_epochs),
+            "loss": sums["loss"], "grad_norm": sums["grad_norm"],
+            "flat_groups": int((~informative).sum()), "groups": len(rows),
+            "gen_tokens_per_s": sum(lengths) / gen_seconds,
+            "train_tokens_per_s": sums["train_tokens"] / train_seconds or None}
+        history.append(record)
+        eksft.append_jsonl(metrics_path, record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
         if (step + 1) % args.log_every == 0:
-            tqdm.write(f"step {step + 1:5d} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | "
-                       f"len {r['response_length']:.0f} | trunc {r['truncated_frac']:.2f} | "
-                       f"flat {r['flat_groups']}/{len(rows)} | "
-                       + (f"H {r['entropy']:.3f} | clip {r['clip_frac']:.3f} | " if tokens else "")
-                       + (f"KL {r['kl']:.4f} | " if r["kl"] is not None else "")
-                       + f"gen {r['gen_tokens_per_s']:.0f} tok/s")
+            m = record
+            tqdm.write(f"step {step + 1:5d} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
+                       f"len {m['response_length']:.0f} | trunc {m['truncated_frac']:.2f} | "
+                       f"flat {m['flat_groups']}/{len(rows)} | "
+                       + (f"H {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | " if tokens else "")
+                       + (f"KL {m['kl']:.4f} | " if m["kl"] is not None else "")
+                       + f"gen {m['gen_tokens_per_s']:.0f} tok/s")
         if args.print_every and (step + 1) % args.print_every == 0:
             for k in sorted({int(rewards.argmax()), int(rewards.argmin())}):   # best and worst
                 shown = "".join(c if c.isprintable() or c == "\n" else "?" for c in texts[k][:800])
@@ -469,7 +470,7 @@ def train(args, reward_fn=None):
         # 5. held-out accuracy and checkpoints (atomic: complete or absent)
         done = step + 1 == args.max_steps
         if eval_rows and (done or (args.eval_every and (step + 1) % args.eval_every == 0)):
-            r["eval_accuracy"] = held_out_accuracy(step + 1)
+            record["eval_accuracy"] = held_out_accuracy(step + 1)
         if done or ctrl_c.stop_here() or (args.save_every and (step + 1) % args.save_every == 0):
             eksft.save_checkpoint(args.output_dir, model, tokenizer, run_args, {"step": step + 1},
                                   optimizer)
