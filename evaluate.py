@@ -11,14 +11,13 @@ Read it top to bottom: 1. metrics (pass@k), 2. evaluating a model (evaluate_mode
 plumbing: 3. backends, 4. resumable files, 5. tables, 6. the command line.
 
 Small models' scores move by 5-30 points with the prompt and the answer extraction, so a run is
-measured under a named protocol (rl.PROTOCOLS). --protocol qwen-math (the default) reproduces the
-Qwen2.5-Math harness whose numbers papers report: zero-shot, system "Please reason step by step,
-and put your final answer within \\boxed{}." and the question as the user turn (rendered by the
-model's chat template; for Qwen2.5 exactly the harness's string, tested), greedy, 2048 new tokens,
-the answer rl.extract_answer finds stated (the last \\boxed{}, "the answer is X", ...), else the
-last number. --protocol strict is the RL reward's own rules (no last-number fallback, 1024 tokens).
-Every setting, the checker and the seed go into summary.json; a rerun into a directory measured
-otherwise is refused, and --compare warns when runs differ and marks unfinished ones.
+measured under a named protocol (rl.PROTOCOLS). --protocol qwen-math (the default) is the
+Qwen2.5-Math harness whose numbers papers report: zero-shot, its system prompt (data.SYSTEM_PROMPT)
+and the question rendered by the model's chat template (for Qwen2.5 exactly the harness's string,
+tested), greedy, 2048 new tokens, the answer rl.extract_answer finds stated (the last \\boxed{},
+"the answer is X", ...), else the last number. --protocol strict is the RL reward's own rules (no
+last-number fallback, 1024 tokens). Every setting, the checker and the seed go into summary.json;
+a rerun into a directory measured otherwise is refused, and --compare warns when runs differ.
 
 Outputs, per benchmark, under --output-dir: samples.jsonl (one row per completion, appended as
 soon as it is scored; a rerun skips the rows already there, so an interrupted run loses nothing)
@@ -63,7 +62,6 @@ from rl import (CHECKERS, PROTOCOLS, checker_description, default_checker, extra
 # -----------------------------------------------------------------------------
 # 1. Metrics: unbiased pass@k and avg@n from per-sample rows
 
-
 def pass_at_k(n, c, k):
     """Probability that at least one of k samples drawn without replacement from n, c of them
     correct, is correct: 1 - C(n-c, k) / C(n, k) (the unbiased estimator of Chen et al., 2021).
@@ -105,7 +103,6 @@ def metrics_from_rows(rows):
 # -----------------------------------------------------------------------------
 # 2. Evaluating a model: which (question, sample) jobs go into which generate call, with which
 # seed; each completion scored with rl.py's checker; the protocol that makes two runs comparable
-
 
 def derived_seed(*parts):
     """A 31-bit seed from e.g. (--seed, question index): the same parts always give the same seed,
@@ -223,7 +220,6 @@ def protocol(tokenizer, name, *, max_new_tokens, temperature, top_p, samples, ch
 # -----------------------------------------------------------------------------
 # 3. Backends: transformers (rl.generate_completions) by default, or vLLM
 
-
 def choose_backend(requested, model_name):
     """(backend, reason). auto: vLLM when it is importable and a CUDA GPU is present."""
     if requested != "auto":
@@ -270,7 +266,6 @@ def vllm_generate(llm, prompt_ids, seeds, *, max_new_tokens, temperature, top_p,
 
 # -----------------------------------------------------------------------------
 # 4. Files: samples.jsonl (append-only, resumable) and summary.json
-
 
 def read_rows(path):
     """Rows of a samples.jsonl written by an earlier run ([] if none).
@@ -348,7 +343,6 @@ def check_same_run(summary_path, samples_path, model, proto):
 
 # -----------------------------------------------------------------------------
 # 5. Tables: one run's benchmarks, or several runs side by side
-
 
 def format_table(header, lines):
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
@@ -438,7 +432,6 @@ def compare(directories):
 
 # -----------------------------------------------------------------------------
 # 6. The command line: every benchmark loaded first (bad input fails fast), then the model
-
 
 def benchmark_name(source):
     return os.path.splitext(os.path.basename(source))[0] if os.path.splitext(source)[1] else source
