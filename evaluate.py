@@ -47,7 +47,6 @@ import math
 import os
 import re
 import time
-from statistics import fmean as mean
 
 import torch
 
@@ -98,6 +97,11 @@ def metrics_from_rows(rows):
     metrics["truncated"] = mean(r["truncated"] for r in rows)
     metrics["mean_tokens"] = mean(r["completion_tokens"] for r in rows)
     return metrics
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
 
 
 # -----------------------------------------------------------------------------
