@@ -142,7 +142,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_ag
         per_token = per_token + kl_coef * kl                           # L_t + beta * KL_t
     # seq-mean: a completion's tokens weigh 1 / its length; otherwise every token weighs 1
     length = mask.sum(dim=1, keepdim=True).clamp(min=1) if loss_agg == "seq-mean" else 1  # (B, 1)
-    loss = (per_token * mask / length).sum() / normaliser
+    loss = (per_token * (mask / length)).sum() / normaliser            # / the step's normaliser
     with torch.no_grad():
         stats = {"tokens": mask.sum().item(),
                  "clipped_tokens": ((clipped < unclipped).float() * mask).sum().item(),
