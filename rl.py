@@ -113,8 +113,8 @@ def kl_penalty(logprobs, ref_logprobs, ratio, estimator="k3"):
                        of KL(pi || ref) (DeepSeek-V3.2; TRL 1.16's use_bias_correction_kl)."""
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
-    log_r = ref_logprobs - logprobs                                    # (B, T)
-    k3 = torch.exp(log_r) - log_r - 1                                  # (B, T)
+    log_r = ref_logprobs - logprobs                                    # (B, T) log r, r = ref / pi
+    k3 = torch.exp(log_r) - log_r - 1                                  # (B, T) r - log r - 1
     return k3 * ratio if estimator == "k3-corrected" else k3
 
 
@@ -133,9 +133,9 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_ag
     ratio = torch.exp(logprobs - old_logprobs)                         # (B, T) pi / pi_old
     high = clip_eps if clip_eps_high is None else clip_eps_high
     # L_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
-    unclipped = ratio * adv                                            # (B, T)
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv         # (B, T)
-    per_token = -torch.min(unclipped, clipped)                         # (B, T)
+    unclipped = ratio * adv                                            # (B, T) ratio * A
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv         # (B, T) clip(ratio) * A
+    per_token = -torch.min(unclipped, clipped)                         # (B, T) L_t
     kl = torch.zeros_like(logprobs)
     if kl_coef:                       # added to the loss (GRPO), not subtracted from the reward
         kl = kl_penalty(logprobs, ref_logprobs, ratio, kl_estimator)   # (B, T)
