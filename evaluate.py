@@ -1,22 +1,23 @@
-"""
-evaluate.py: one protocol to measure a base model, an SFT/EKSFT checkpoint and an RL checkpoint.
+"""evaluate.py: one protocol to measure a base model, an SFT/EKSFT checkpoint and an RL checkpoint.
 
-    python evaluate.py --model tiny --benchmarks synthetic --limit 20          # offline CPU run, ~10 s
-    python evaluate.py --model Qwen2.5-0.5B --benchmarks gsm8k,math500          # greedy pass@1, one GPU
-    python evaluate.py --model runs/rl-x --benchmarks math500 --samples 16 --temperature 0.6   # avg@16, pass@k
-    python evaluate.py --model runs/eksft-x --benchmarks gsm8k-train --limit 500 --samples 16 --temperature 1.0
+    python evaluate.py --model tiny --benchmarks synthetic --limit 20      # offline CPU run, ~10 s
+    python evaluate.py --model Qwen2.5-0.5B --benchmarks gsm8k,math500      # greedy pass@1, one GPU
+    python evaluate.py --model runs/rl-x --benchmarks math500 --samples 16 --temperature 0.6
+    python evaluate.py --model runs/eksft-x --benchmarks gsm8k-train --limit 500 --samples 16 \\
+        --temperature 1.0                             # pass@k on RL's prompts: "better exploration"
     python evaluate.py --compare runs/eval-base runs/eval-sft runs/eval-eksft runs/eval-rl
 
+Read it top to bottom: 1. metrics (pass@k), 2. evaluating a model (evaluate_model), then the
+plumbing: 3. backends, 4. resumable files, 5. tables, 6. the command line.
+
 Small models' scores move by 5-30 points with the prompt and the answer extraction, so a run is
-measured under a named protocol (rl.PROTOCOLS). --protocol qwen-math (the default) reproduces the
-Qwen2.5-Math harness whose numbers papers report: zero-shot, system "Please reason step by step,
-and put your final answer within \\boxed{}." and the question as the user turn (rendered by the
-model's chat template; for Qwen2.5 exactly the harness's string, tested), greedy, 2048 new tokens,
-the answer rl.extract_answer finds stated (the last \\boxed{}, "the answer is X", ...), else the
-last number. --protocol strict is the RL reward's own rules (no last-number fallback, 1024 tokens).
-Every setting, the checker and the seed go into summary.json; a rerun into a directory measured
-otherwise is refused, and --compare warns when runs differ and marks unfinished ones. The fourth
-example is the "better exploration" measure: pass@k on the RL training prompts, before and after RL.
+measured under a named protocol (rl.PROTOCOLS). --protocol qwen-math (the default) is the
+Qwen2.5-Math harness whose numbers papers report: zero-shot, its system prompt (data.SYSTEM_PROMPT)
+and the question rendered by the model's chat template (for Qwen2.5 exactly the harness's string,
+tested), greedy, 2048 new tokens, the answer rl.extract_answer finds stated (the last \\boxed{},
+"the answer is X", ...), else the last number. --protocol strict is the RL reward's own rules (no
+last-number fallback, 1024 tokens). Every setting, the checker and the seed go into summary.json;
+a rerun into a directory measured otherwise is refused, and --compare warns when runs differ.
 
 Outputs, per benchmark, under --output-dir: samples.jsonl (one row per completion, appended as
 soon as it is scored; a rerun skips the rows already there, so an interrupted run loses nothing)
@@ -25,21 +26,19 @@ and summary.json (recomputed from the whole samples.jsonl, so resumed runs repor
 Simplifications and choices:
   1. Zero-shot only; no few-shot prompts, no majority voting, no answer-format retries.
   2. One checker (rl.py's builtin normaliser, or --checker math-verify): no model-based judging.
-  3. Greedy results do not depend on --batch-size (prompts are left padded; tested). Sampled
-     completions with the transformers backend are seeded per question, from (--seed, question
-     index): each question's samples are generated together in their own call, so they do not
-     depend on which other questions are evaluated, on --limit or on a resume, and not on
-     --batch-size while --samples <= --batch-size. The price: sampling calls hold --samples rows,
-     not --batch-size rows (rl.generate_completions takes one seed per call). The vLLM backend
-     seeds every sample from (--seed, question index, sample index) and batches freely.
+  3. Greedy results do not depend on --batch-size (prompts are left padded; tested). With the
+     transformers backend, a question's samples are generated together in one call seeded from
+     (--seed, question index): they do not depend on the other questions, --limit, a resume, or
+     --batch-size while --samples <= --batch-size; the price is calls of --samples rows. vLLM
+     seeds each sample from (--seed, question index, sample index) and batches freely.
   4. The vLLM backend (--backend vllm, or auto on a CUDA machine with vllm installed) is optional
-     and was not run here; transformers' generate is the tested default. vLLM runs the checkpoint's
-     dtype (bf16 for Qwen), so its greedy completions can change with the batch (see 6).
+     and not covered by the tests; transformers' generate is the tested default. vLLM runs the
+     checkpoint's dtype (bf16 for Qwen), so its greedy completions can change with the batch.
   5. Benchmarks are fixed: --seed changes sampling only, never which questions are asked.
-  6. fp32 weights by default, also on GPUs: in bf16, a batched greedy completion drifts from the
-     unbatched one (padding changes the rounding), so results would depend on --batch-size.
-     Nor was fp32 slower: on an H100 (transformers 5.17), a random Qwen2.5-0.5B-shaped model took
-     30 ms per generate step at batch 32 in fp32 and 93 ms in bf16.
+  6. fp32 weights by default, also on GPUs: in bf16 a batched greedy completion drifts from the
+     unbatched one (padding changes the rounding). Nor was fp32 slower: on an H100 (transformers
+     5.17) a random Qwen2.5-0.5B-shaped model took 30 ms per generate step at batch 32 in fp32,
+     93 ms in bf16.
 """
 import hashlib
 import importlib.util
@@ -51,16 +50,16 @@ import time
 
 import torch
 
-from data import (SYSTEM_PROMPT, ArgumentParser, DataError, HelpFormatter, UserError, end_of_turn_ids,
-                  encode_prompt, load_qa, prompt_messages, render, require, run_cli)
-from eksft import (ModelLoadError, append_jsonl, check_output_dir, load_model_and_tokenizer,
-                   model_kind, model_source, pick_device, quiet_hub_progress, set_seed, write_json)
+import eksft   # plumbing: device, model loading, output directory, JSON files
+from data import (SYSTEM_PROMPT, ArgumentParser, DataError, HelpFormatter, UserError,
+                  end_of_turn_ids, encode_prompt, load_qa, prompt_messages, render, require,
+                  run_cli)
 from rl import (CHECKERS, PROTOCOLS, checker_description, default_checker, extract_answer,
                 generate_completions, is_equiv, math_reward)
 
-# -----------------------------------------------------------------------------
-# Metrics: unbiased pass@k and avg@n from per-sample rows
 
+# -----------------------------------------------------------------------------
+# 1. Metrics: unbiased pass@k and avg@n from per-sample rows
 
 def pass_at_k(n, c, k):
     """Probability that at least one of k samples drawn without replacement from n, c of them
@@ -106,8 +105,8 @@ def mean(values):
 
 
 # -----------------------------------------------------------------------------
-# Generation: which (question, sample) jobs go into which call, and the two backends
-
+# 2. Evaluating a model: which (question, sample) jobs go into which generate call, with which
+# seed; each completion scored with rl.py's checker; the protocol that makes two runs comparable
 
 def derived_seed(*parts):
     """A 31-bit seed from e.g. (--seed, question index): the same parts always give the same seed,
@@ -136,18 +135,6 @@ def generation_calls(pending, prompt_lengths, samples, batch_size, sort_and_batc
     return [[(q, s) for s in range(samples)] for q in sorted({q for q, _ in pending})]
 
 
-def vllm_generate(llm, prompt_ids, seeds, *, max_new_tokens, temperature, top_p, stop_ids):
-    """rl.generate_completions' output format from vLLM, one request (and one seed) per prompt.
-    Sampling settings are explicit, so a checkpoint's generation_config cannot change them."""
-    from vllm import SamplingParams
-    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                             max_tokens=max_new_tokens, seed=s, stop_token_ids=stop_ids,
-                             repetition_penalty=1.0, skip_special_tokens=True) for s in seeds]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-    return [{"completion_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
-             "truncated": o.outputs[0].finish_reason == "length"} for o in outputs]
-
-
 def score_row(question_index, sample_index, problem, out, checker, last_number=False):
     """One per-sample JSONL row: the checker is rl.math_reward, the RL reward (plus, with
     last_number, the harness's fallback to the last number when no answer is stated)."""
@@ -162,8 +149,7 @@ def score_row(question_index, sample_index, problem, out, checker, last_number=F
 def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, top_p=1.0,
                    max_new_tokens=1024, batch_size=32, seed=0, checker="builtin",
                    system_prompt=SYSTEM_PROMPT, last_number=False, backend="transformers",
-                   static_cache=False, done=(),
-                   on_row=None, progress=True):
+                   static_cache=False, done=(), on_row=None, progress=True):
     """Generate `samples` completions for each problem (dict with question and answer), score them
     with rl.py's checker, and return (rows, metrics); rows sorted by (question, sample) index.
 
@@ -172,12 +158,13 @@ def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, to
     to samples.jsonl). metrics["time"] covers this call's generation only.
     """
     if samples > 1 and temperature == 0:
-        raise ValueError("several samples per question need temperature > 0 (greedy repeats itself)")
+        raise ValueError("several samples per question need temperature > 0 (greedy repeats)")
     prompts = [encode_prompt(tokenizer, p["question"], system_prompt) for p in problems]
     rows = {(r["question_index"], r["sample_index"]): r for r in done}
     pending = [(q, s) for q in range(len(problems)) for s in range(samples) if (q, s) not in rows]
     sort_and_batch = temperature == 0 or backend == "vllm"
-    calls = generation_calls(pending, [len(p) for p in prompts], samples, batch_size, sort_and_batch)
+    lengths = [len(p) for p in prompts]
+    calls = generation_calls(pending, lengths, samples, batch_size, sort_and_batch)
 
     from tqdm import tqdm
     bar = tqdm(total=len(pending), desc="generating", unit="sample", disable=not progress)
@@ -187,13 +174,14 @@ def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, to
         start = time.perf_counter()
         if backend == "vllm":
             outs = vllm_generate(model, call_prompts, [derived_seed(seed, q, s) for q, s in call],
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 stop_ids=end_of_turn_ids(tokenizer))
+                                 max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, stop_ids=end_of_turn_ids(tokenizer))
         else:  # one call is one question when sampling, so its seed comes from that question
             call_seed = derived_seed(seed, call[0][0]) if temperature > 0 else None
-            outs = generate_completions(model, tokenizer, call_prompts, max_new_tokens=max_new_tokens,
-                                        temperature=temperature, top_p=top_p, batch_size=batch_size,
-                                        seed=call_seed, static_cache=static_cache)
+            outs = generate_completions(
+                model, tokenizer, call_prompts, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, batch_size=batch_size, seed=call_seed,
+                static_cache=static_cache)
         seconds += time.perf_counter() - start
         tokens += sum(len(o["completion_ids"]) for o in outs)
         new = [(job, out) for job, out in zip(call, outs) if job not in rows]
@@ -206,17 +194,20 @@ def evaluate_model(model, tokenizer, problems, *, samples=1, temperature=0.0, to
     bar.close()
     rows = [rows[key] for key in sorted(rows)]
     metrics = metrics_from_rows(rows)
-    metrics["time"] = {"new_rows": len(pending), "seconds": round(seconds, 2), "generated_tokens": tokens,
+    metrics["time"] = {"new_rows": len(pending), "seconds": round(seconds, 2),
+                       "generated_tokens": tokens,
                        "tokens_per_second": round(tokens / seconds, 1) if seconds else None}
     return rows, metrics
 
 
-# the Qwen2.5-Math harness's qwen25-math-cot prompt: --protocol qwen-math says when a template differs
+# the Qwen2.5-Math harness's qwen25-math-cot prompt (--protocol qwen-math says when a template
+# renders another)
 HARNESS_PROMPT = ("<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
                   "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def protocol(tokenizer, name, *, max_new_tokens, temperature, top_p, samples, checker, seed, dtype):
+def protocol(tokenizer, name, *, max_new_tokens, temperature, top_p, samples, checker, seed,
+             dtype):
     """Everything that changes a score besides the model: two runs compare only if these agree.
     name is a key of rl.PROTOCOLS (prompt and answer extraction); the rest is as run."""
     settings = PROTOCOLS[name]
@@ -226,12 +217,59 @@ def protocol(tokenizer, name, *, max_new_tokens, temperature, top_p, samples, ch
             "shots": 0, "max_new_tokens": max_new_tokens, "temperature": temperature,
             "top_p": top_p if temperature > 0 else None, "samples": samples, "seed": seed,
             "extraction": settings["extraction"], "checker": checker_description(checker),
-            "dtype": dtype, "stop_tokens": tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))}
+            "dtype": dtype,
+            "stop_tokens": tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))}
 
 
 # -----------------------------------------------------------------------------
-# Files: samples.jsonl (append-only, resumable) and summary.json
+# 3. Backends: transformers (rl.generate_completions) by default, or vLLM
 
+def choose_backend(requested, model_name):
+    """(backend, reason). auto: vLLM when it is importable and a CUDA GPU is present."""
+    if requested != "auto":
+        return requested, "asked for with --backend"
+    if model_name == "tiny":
+        return "transformers", "the tiny model lives in memory, vLLM cannot load it"
+    if importlib.util.find_spec("vllm") is None:
+        return "transformers", "vllm is not installed"
+    if not torch.cuda.is_available():
+        return "transformers", "no CUDA GPU for vLLM"
+    return "vllm", "vllm is installed and a CUDA GPU is present"
+
+
+def load_vllm(name, seed):
+    """(vllm.LLM, tokenizer); the tokenizer builds the prompts exactly as for transformers."""
+    if name == "tiny":
+        raise UserError("vLLM cannot load the in-memory tiny model; use --backend transformers")
+    try:
+        from vllm import LLM
+    except ImportError:
+        raise UserError("--backend vllm needs the vllm package (pip install vllm)") from None
+    from transformers import AutoTokenizer
+    source = eksft.model_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise eksft.ModelLoadError(f"could not load the tokenizer of '{name}' ({source}): "
+                                   f"{type(e).__name__}: {str(e).strip()[:200]}") from None
+    return LLM(model=source, seed=seed), tokenizer
+
+
+def vllm_generate(llm, prompt_ids, seeds, *, max_new_tokens, temperature, top_p, stop_ids):
+    """rl.generate_completions' output format from vLLM, one request (and one seed) per prompt.
+    Sampling settings are explicit, so a checkpoint's generation_config cannot change them."""
+    from vllm import SamplingParams
+    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                             max_tokens=max_new_tokens, seed=s, stop_token_ids=stop_ids,
+                             repetition_penalty=1.0, skip_special_tokens=True) for s in seeds]
+    requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    return [{"completion_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
+             "truncated": o.outputs[0].finish_reason == "length"} for o in outputs]
+
+
+# -----------------------------------------------------------------------------
+# 4. Files: samples.jsonl (append-only, resumable) and summary.json
 
 def read_rows(path):
     """Rows of a samples.jsonl written by an earlier run ([] if none).
@@ -274,8 +312,8 @@ def resumable_rows(rows, problems, path):
         if q >= len(problems):
             continue  # an earlier run with a larger --limit: kept in the file, left out here
         if r["question"] != problems[q]["question"] or r["gold"] != problems[q]["answer"]:
-            raise UserError(f"{path}: question {q} differs from the benchmark's; this directory holds "
-                            f"another data set, use another --output-dir")
+            raise UserError(f"{path}: question {q} differs from the benchmark's; this directory "
+                            f"holds another data set, use another --output-dir")
         kept.setdefault((q, r["sample_index"]), r)
     return list(kept.values())
 
@@ -290,8 +328,8 @@ def check_same_run(summary_path, samples_path, model, proto):
     refuse, naming each setting that differs (old -> new)."""
     if not os.path.exists(summary_path):
         if os.path.exists(samples_path):
-            raise UserError(f"{samples_path} has no summary.json beside it, so how it was measured is "
-                            f"unknown; use another --output-dir")
+            raise UserError(f"{samples_path} has no summary.json beside it, so how it was measured "
+                            f"is unknown; use another --output-dir")
         return
     with open(summary_path) as f:
         old = json.load(f)
@@ -303,13 +341,12 @@ def check_same_run(summary_path, samples_path, model, proto):
         if before != after:   # short values are shown: 'seed 0 -> 3'; long ones named: 'prompt'
             differ.append(f"{key} {before} -> {after}" if len(before + after) <= 60 else key)
     if differ:
-        raise UserError(f"{summary_path} was measured differently ({'; '.join(differ)}); rerun with "
-                        f"the same settings to resume, or use another --output-dir")
+        raise UserError(f"{summary_path} was measured differently ({'; '.join(differ)}); rerun "
+                        f"with the same settings to resume, or use another --output-dir")
 
 
 # -----------------------------------------------------------------------------
-# Tables: one run's benchmarks, or several runs side by side
-
+# 5. Tables: one run's benchmarks, or several runs side by side
 
 def format_table(header, lines):
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
@@ -329,7 +366,8 @@ def show(key, metrics):
 
 
 def metric_keys(all_metrics):
-    passes = sorted({k for m in all_metrics for k in m if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    passes = sorted({k for m in all_metrics for k in m if k.startswith("pass@")},
+                    key=lambda k: int(k[5:]))
     return ["questions", "samples", "accuracy"] + passes + ["no_answer", "truncated", "mean_tokens"]
 
 
@@ -342,7 +380,8 @@ def run_table(summaries):
 
 def load_summaries(directory):
     """{benchmark: summary} of a run directory (or of one benchmark's directory). An unfinished
-    run (interrupted, or still running) gets no metrics and summary["unfinished"] = 'n/N samples'."""
+    run (interrupted, or still running) gets no metrics and summary["unfinished"] = 'n/N
+    samples'."""
     paths = [os.path.join(directory, "summary.json")]
     if os.path.isdir(directory):
         paths += [os.path.join(directory, d, "summary.json") for d in sorted(os.listdir(directory))]
@@ -352,7 +391,7 @@ def load_summaries(directory):
             with open(path) as f:
                 summary = json.load(f)
             summary["unfinished"] = None
-            if not summary.get("finished", summary["metrics"] is not None):   # older files: no "finished"
+            if not summary.get("finished", summary["metrics"] is not None):   # or no "finished"
                 done = count_rows(os.path.join(os.path.dirname(path), "samples.jsonl"))
                 summary["unfinished"] = f"{done}/{summary.get('expected_samples', '?')} samples"
                 summary["metrics"] = None
@@ -373,17 +412,18 @@ def compare(directories):
     for b in benchmarks:
         present = [run.get(b) for run in runs]
         lines.append([b, "model"] + [s["model"] if s else "-" for s in present])
-        lines.append(["", "status"] + [("UNFINISHED " + s["unfinished"] if s["unfinished"] else "finished")
-                                       if s else "-" for s in present])
+        status = lambda s: "UNFINISHED " + s["unfinished"] if s["unfinished"] else "finished"
+        lines.append(["", "status"] + [status(s) if s else "-" for s in present])
         for name, s in zip(names, present):
             if s and s["unfinished"]:
-                warnings.append(f"warning: {b}: {name} is unfinished ({s['unfinished']}); rerun its "
-                                f"command to finish it")
+                warnings.append(f"warning: {b}: {name} is unfinished ({s['unfinished']}); rerun "
+                                f"its command to finish it")
         for key in metric_keys([s["metrics"] for s in present if s]):
             lines.append(["", key] + [show(key, s["metrics"]) if s else "-" for s in present])
-        protocols = [dict(s["protocol"], questions=s.get("questions", s["metrics"].get("questions")))
+        protocols = [dict(s["protocol"], questions=s.get("questions",
+                                                         s["metrics"].get("questions")))
                      for s in present if s]
-        for key in sorted({k for p in protocols for k in p}):  # a different --limit is a different test
+        for key in sorted({k for p in protocols for k in p}):  # another --limit: another test
             values = [json.dumps(p.get(key)) for p in protocols]
             if len(set(values)) > 1:
                 warnings.append(f"warning: {b}: runs differ in {key}: "
@@ -395,46 +435,14 @@ def compare(directories):
 
 
 # -----------------------------------------------------------------------------
-# The command line: load every benchmark first (bad input fails fast), then the model, then run
-
-
-def choose_backend(requested, model_name):
-    """(backend, reason). auto: vLLM when it is importable and a CUDA GPU is present."""
-    if requested != "auto":
-        return requested, "asked for with --backend"
-    if model_name == "tiny":
-        return "transformers", "the tiny model lives in memory, vLLM cannot load it"
-    if importlib.util.find_spec("vllm") is None:
-        return "transformers", "vllm is not installed"
-    if not torch.cuda.is_available():
-        return "transformers", "no CUDA GPU for vLLM"
-    return "vllm", "vllm is installed and a CUDA GPU is present"
-
-
-def load_vllm(name, seed):
-    """(vllm.LLM, tokenizer); the tokenizer builds the prompts exactly as for transformers."""
-    if name == "tiny":
-        raise UserError("vLLM cannot load the in-memory tiny model; use --backend transformers")
-    try:
-        from vllm import LLM
-    except ImportError:
-        raise UserError("--backend vllm needs the vllm package (pip install vllm)") from None
-    from transformers import AutoTokenizer
-    source = model_source(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as e:
-        raise ModelLoadError(f"could not load the tokenizer of '{name}' ({source}): "
-                             f"{type(e).__name__}: {str(e).strip()[:200]}") from None
-    return LLM(model=source, seed=seed), tokenizer
-
+# 6. The command line: every benchmark loaded first (bad input fails fast), then the model
 
 def benchmark_name(source):
     return os.path.splitext(os.path.basename(source))[0] if os.path.splitext(source)[1] else source
 
 
 def run(args):
-    set_seed(args.seed)
+    eksft.set_seed(args.seed)
     if args.checker != "builtin" and importlib.util.find_spec("math_verify") is None:
         raise UserError(f"--checker {args.checker} needs the math-verify package: "
                         "pip install 'math-verify[antlr4_13_2]'")
@@ -444,8 +452,8 @@ def run(args):
     for name, problems in benchmarks.items():
         print(f"benchmark {name}: {len(problems)} questions")
     if args.model != "tiny":
-        model_source(args.model)         # a mistyped name fails now, not after a minute of retries
-    check_output_dir(args.output_dir)    # and an unwritable directory before the model is loaded
+        eksft.model_source(args.model)       # a mistyped name fails now, not after a minute
+    eksft.check_output_dir(args.output_dir)  # and an unwritable directory before the model loads
 
     backend, why = choose_backend(args.backend, args.model)
     print(f"backend: {backend} ({why})")
@@ -453,11 +461,13 @@ def run(args):
         model, tokenizer = load_vllm(args.model, args.seed)
         dtype = "vllm's default (the checkpoint's dtype)"
     else:
-        device, amp_dtype, why = pick_device(args.device, args.precision)
+        device, amp_dtype, why = eksft.pick_device(args.device, args.precision)
         dtype = amp_dtype or torch.float32
         print(f"device: {device} ({why.split(';')[0]}); weights in {dtype}")
-        quiet_hub_progress()  # transformers' "Loading weights" bar would break the lines below
-        model, tokenizer = load_model_and_tokenizer(args.model, device, dtype=dtype, seed=args.seed)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar would break the lines below
+        model, tokenizer = eksft.load_model_and_tokenizer(args.model, device, dtype=dtype,
+                                                          seed=args.seed)
     # bf16 and fp32 greedy completions differ, so the dtype is part of the protocol
     proto = protocol(tokenizer, args.protocol, max_new_tokens=args.max_new_tokens, seed=args.seed,
                      temperature=args.temperature, top_p=args.top_p, samples=args.samples,
@@ -467,37 +477,40 @@ def run(args):
         print("note: this tokenizer's chat template renders another prompt than the harness's: "
               + json.dumps(proto["prompt"]))
     os.makedirs(args.output_dir, exist_ok=True)
-    write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+    eksft.write_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
     summaries = []
     for name, problems in benchmarks.items():
         out_dir = os.path.join(args.output_dir, name)
         os.makedirs(out_dir, exist_ok=True)
-        samples_path, summary_path = (os.path.join(out_dir, f) for f in ("samples.jsonl", "summary.json"))
+        samples_path = os.path.join(out_dir, "samples.jsonl")
+        summary_path = os.path.join(out_dir, "summary.json")
         check_same_run(summary_path, samples_path, args.model, proto)
         summary = {"model": args.model, "benchmark": name, "protocol": proto, "finished": False,
                    "questions": len(problems), "expected_samples": len(problems) * args.samples,
                    "metrics": None, "backend": backend, "args": vars(args)}
-        write_json(summary_path, summary)  # before any sample: a resume can check the protocol
+        eksft.write_json(summary_path, summary)  # before any sample: a resume checks the protocol
         done = resumable_rows(read_rows(samples_path), problems, samples_path)
         if done:
             print(f"resume: {len(done)} samples of {name} already in {samples_path}")
+        settings = PROTOCOLS[args.protocol]
         rows, metrics = evaluate_model(
             model, tokenizer, problems, samples=args.samples, temperature=args.temperature,
             top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            seed=args.seed, checker=args.checker, system_prompt=PROTOCOLS[args.protocol]["system_prompt"],
-            last_number=PROTOCOLS[args.protocol]["last_number"], backend=backend,
-            static_cache=args.static_cache, done=done,
-            on_row=lambda row: append_jsonl(samples_path, row), progress=not args.no_progress)
-        in_file = resumable_rows(read_rows(samples_path), problems, samples_path)  # the file is the truth
+            seed=args.seed, checker=args.checker, system_prompt=settings["system_prompt"],
+            last_number=settings["last_number"], backend=backend, static_cache=args.static_cache,
+            done=done, on_row=lambda row: eksft.append_jsonl(samples_path, row),
+            progress=not args.no_progress)
+        in_file = resumable_rows(read_rows(samples_path), problems, samples_path)  # the truth
         summary.update(finished=True, metrics=metrics_from_rows(in_file),
                        time=dict(metrics["time"], resumed_rows=len(done)))
-        write_json(summary_path, summary)
+        eksft.write_json(summary_path, summary)
         summaries.append(summary)
         for r in rows[:args.show]:
-            lines = [line[:120] for line in r["completion"].strip().splitlines()[:6]] or ["(only whitespace)"]
-            print(f"--- {name} question {r['question_index']} sample {r['sample_index']}: gold {r['gold']!r}, "
-                  f"extracted {r['extracted']!r}, correct {r['correct']}\n" + "\n".join(lines))
+            lines = [line[:120] for line in r["completion"].strip().splitlines()[:6]]
+            print(f"--- {name} question {r['question_index']} sample {r['sample_index']}: gold "
+                  f"{r['gold']!r}, extracted {r['extracted']!r}, correct {r['correct']}\n"
+                  + "\n".join(lines or ["(only whitespace)"]))
     print(run_table(summaries))
     print(f"(rates in %; samples per question {args.samples}; results in {args.output_dir})")
     return summaries
@@ -506,54 +519,54 @@ def run(args):
 def parse_args(argv=None):
     p = ArgumentParser(description="Evaluate a model on math benchmarks under one protocol.",
                        formatter_class=HelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
-    p.add_argument("--benchmarks", default=None, help="comma-separated: gsm8k, gsm8k-train, math500, "
-                   "synthetic, synthetic-train, or a local .jsonl/.json with question and answer fields "
-                   "(default: synthetic for tiny, gsm8k,math500 otherwise)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions of each "
-                   "(default: all)")
-    p.add_argument("--samples", type=int, default=1, help="completions per question (avg@n, pass@k)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (temperature > 0 only)")
-    p.add_argument("--protocol", default="qwen-math", choices=PROTOCOLS, help="qwen-math: the Qwen2.5-Math "
-                   "harness (published numbers; last-number fallback, 2048 tokens); strict: the RL reward's "
-                   "rules (1024 tokens)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length limit (default: "
-                   "the protocol's; 256 for tiny, whose synthetic solutions are under 160 characters)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--static-cache", action="store_true", help="generate with a static KV cache (compiled "
-                   "decoding on CUDA; greedy outputs unchanged; tested on CPU, not yet measured on a GPU)")
-    p.add_argument("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: "
-                   "rl.py's builtin rules, the math-verify package, or auto (builtin, and math-verify for "
-                   "answers with symbols)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (and the tiny model's weights); "
-                   "recorded, a resume needs the same")
-    p.add_argument("--output-dir", default=None, help="samples.jsonl and summary.json per benchmark "
-                   "(default runs/eval-{model}[-{protocol}][-t{temperature}-n{samples}])")
-    p.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"],
-                   help="auto: vllm if installed and a CUDA GPU is present, else transformers")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps (transformers)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="weights dtype for "
-                   "transformers. fp32 keeps greedy results independent of --batch-size on a GPU too; "
-                   "in bf16 they are not (on an H100, 15 of 32 completions changed from batch 1 to 8)")
-    p.add_argument("--show", type=int, default=1, help="print this many completions per benchmark")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--compare", nargs="+", metavar="DIR", help="print earlier runs side by side and exit")
+    add = p.add_argument
+    add("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
+    add("--benchmarks", default=None, help="comma-separated: gsm8k, gsm8k-train, math500, "
+        "synthetic, synthetic-train, or a local .jsonl/.json with question and answer fields "
+        "(default: synthetic for tiny, gsm8k,math500 otherwise)")
+    add("--limit", type=int, default=None, help="evaluate the first N questions of each (all)")
+    add("--samples", type=int, default=1, help="completions per question (avg@n, pass@k)")
+    add("--temperature", type=float, default=0.0, help="0 = greedy")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling (temperature > 0 only)")
+    add("--protocol", default="qwen-math", choices=PROTOCOLS, help="qwen-math: the Qwen2.5-Math "
+        "harness (published numbers; last-number fallback, 2048 tokens); strict: the RL "
+        "reward's rules (1024 tokens)")
+    add("--max-new-tokens", type=int, default=None, help="completion length limit (default: the "
+        "protocol's; 256 for tiny, whose synthetic solutions are under 160 characters)")
+    add("--batch-size", type=int, default=32, help="prompts per generate call")
+    add("--static-cache", action="store_true", help="static KV cache: transformers compiles the "
+        "decoding step on CUDA (greedy outputs unchanged)")
+    add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: "
+        "builtin rules, math-verify, or auto (builtin, then math-verify for answers with symbols)")
+    add("--seed", type=int, default=0, help="sampling seed (and the tiny model's weights); "
+        "recorded, a resume needs the same")
+    add("--output-dir", default=None, help="samples.jsonl and summary.json per benchmark "
+        "(default runs/eval-{model}[-{protocol}][-t{temperature}-n{samples}])")
+    add("--backend", default="auto", choices=["auto", "transformers", "vllm"],
+        help="auto: vllm if installed and a CUDA GPU is present, else transformers")
+    add("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps (transformers)")
+    add("--precision", default="fp32", choices=["fp32", "bf16"], help="weights dtype for "
+        "transformers. fp32 keeps greedy results independent of --batch-size on a GPU too; in "
+        "bf16 they are not (on an H100, 15 of 32 completions changed from batch 1 to 8)")
+    add("--show", type=int, default=1, help="print this many completions per benchmark")
+    add("--no-progress", action="store_true", help="no tqdm progress bar")
+    add("--compare", nargs="+", metavar="DIR", help="print earlier runs side by side and exit")
     args = p.parse_args(argv)
     if args.compare:
         return args
     if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
         p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
-    args.model_kind = model_kind(args.model)   # tiny, or a directory trained from it: tiny defaults
+    args.model_kind = eksft.model_kind(args.model)   # tiny, or a directory trained from it
     tiny = args.model_kind == "tiny"
     if args.max_new_tokens is None:
         args.max_new_tokens = 256 if tiny else PROTOCOLS[args.protocol]["max_new_tokens"]
-    require(p, args, [("samples", args.samples >= 1, "at least 1"),
-                      ("batch_size", args.batch_size >= 1, "at least 1"),
-                      ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
-                      ("limit", args.limit is None or args.limit >= 1, "at least 1 (leave it out for all)"),
-                      ("temperature", args.temperature >= 0, "0 (greedy) or more"),
-                      ("top_p", 0 < args.top_p <= 1, "in (0, 1]"), ("show", args.show >= 0, "0 or more")])
+    require(p, args, [
+        ("samples", args.samples >= 1, "at least 1"),
+        ("batch_size", args.batch_size >= 1, "at least 1"),
+        ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
+        ("limit", args.limit is None or args.limit >= 1, "at least 1 (leave it out for all)"),
+        ("temperature", args.temperature >= 0, "0 (greedy) or more"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"), ("show", args.show >= 0, "0 or more")])
     if args.samples > 1 and args.temperature == 0:
         p.error("--samples > 1 needs --temperature > 0 (greedy completions are all the same)")
     if args.benchmarks is None:

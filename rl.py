@@ -1,61 +1,625 @@
-"""RL with verifiable rewards (GRPO-style) from an SFT or EKSFT checkpoint.
+"""RL with verifiable rewards (GRPO) from an SFT or EKSFT checkpoint.
 
 EKSFT's second claim is that it gives RL a better starting point. To test it, run this file from
 both checkpoints with the same flags, then compare them with evaluate.py.
 
-    python rl.py --model tiny --max-steps 3                   # offline sanity run, ~20 s on 2 CPUs
+    python rl.py --model tiny --max-steps 3                    # offline sanity run, ~20 s on 2 CPUs
     python rl.py --model runs/eksft-Qwen2.5-0.5B --data gsm8k  # from an eksft.py run, one GPU
     python rl.py --model runs/sft-Qwen2.5-0.5B --data gsm8k    # the SFT baseline, same flags
     python rl.py --model Qwen2.5-0.5B --no-std --loss-agg dr-grpo   # Dr. GRPO's choices
 
-The file reads top to bottom: 1. the answer checker (extract_answer, is_equiv, math_reward; shared
-with evaluate.py), 2. rollouts (generate_completions), 3. the loss (pure torch), 4. the loop.
+Start with the GRPO loss and read down: 1. the loss (torch only), 2. rollouts, 3. the loop,
+4. the command line (with the data splits and the held-out evaluation). The answer checker that
+computes the reward (extract_answer, is_equiv, math_reward; evaluate.py uses it too) closes the
+file: plumbing, to read last.
 
 Simplifications (choices, not accidents):
-  1. --ppo-epochs 1 (the default) makes the ratio exactly 1, and its gradient is A * grad log pi:
-     this is REINFORCE with a group-mean baseline. K > 1 reuses each batch for K optimiser steps
-     with PPO's clipped ratio (epsilon 0.2; --clip-eps-high sets a separate upper one).
-  2. No value network and no GAE: every token of a completion gets that completion's advantage.
+  1. --ppo-epochs 1 (the default) makes the ratio exactly 1 and the gradient A * grad log pi:
+     REINFORCE with a group-mean baseline. K > 1 reuses a batch for K steps with PPO's clip.
+  2. No value network, no GAE: every token of a completion gets that completion's advantage.
   3. Generation is transformers' generate in the training process (no vLLM): simple, slow. On one
-     H100, 128 completions of 1024 tokens from a Qwen2.5-0.5B-sized model took ~90 s, the update ~4 s
-     (before --static-cache, which lets transformers compile the decoding step on CUDA: unmeasured).
-  4. No KL penalty by default (--kl-coef 0, and then no reference model is loaded). With one, the
-     k3 estimate is added to the loss, as GRPO does, not subtracted from the reward; its gradient is
-     that of KL(ref || pi), --kl-estimator k3-corrected's that of KL(pi || ref) (see kl_penalty).
-  5. Groups whose G rewards are all equal (flat) are counted, not resampled (DAPO would): advantage
-     0, still in the loss's denominator and in the KL term; a step of only flat groups without KL
-     makes no optimiser step (TRL would step on AdamW's momentum).
+     H100, 128 completions of 1024 tokens from a Qwen2.5-0.5B-sized model took ~90 s, the update
+     ~4 s (default KV cache; --static-cache lets transformers compile the decoding step).
+  4. No KL penalty by default (--kl-coef 0: no reference model is loaded). With one, k3 is added
+     to the loss as GRPO does, not subtracted from the reward (kl_penalty: which KL it follows).
+  5. Flat groups (all G rewards equal) are kept, not resampled as DAPO does: advantage 0, still in
+     the denominator and the KL term; a step of only flat groups and no KL makes no update.
   6. Constant learning rate, one optimiser step per PPO epoch (no mini-batches inside a batch).
-  7. The built-in checker is a normaliser plus a small parser, not a computer algebra system:
-     numbers, fractions, percents, powers, tuples, intervals, matrices, and expressions in one-letter
-     variables compared by value at sample points; anything else is compared as a normalised string.
-     --checker auto (the default when math-verify is installed) sends what it cannot decide exactly
-     to math-verify, under a hard time limit.
-  8. --model tiny is a random network that never answers a maths question, so its sanity run
-     trains on a toy reward (--reward digits: the fraction of digits it writes) to show learning.
+  7. The checker is a normaliser plus a small parser, not a computer algebra system; --checker
+     auto sends what it cannot decide exactly to math-verify, under a hard time limit.
+  8. --model tiny is a random network that never answers a maths question: its sanity run learns
+     a toy reward instead (--reward digits: the fraction of digits it writes).
 """
-import atexit
-import functools
-import importlib.metadata
-import importlib.util
 import json
 import math
 import os
 import random
-import re
-import select
-import subprocess
-import sys
-import threading
 import time
+from typing import NamedTuple
+# the answer checker at the end of the file also needs these:
+import atexit, functools, importlib.metadata, importlib.util, re  # noqa: E401
+import select, subprocess, sys, threading  # noqa: E401
 
 import torch
 
-from data import (SYSTEM_PROMPT, ArgumentParser, HelpFormatter, UserError, encode_prompt, end_of_turn_ids,
-                  load_qa, pad_left, pad_right, require, run_cli)
-from eksft import (RESUME_MAY_CHANGE, StopOnCtrlC, append_jsonl, check_output_dir, check_resume_args,
-                   export_model, latest_checkpoint, load_model_and_tokenizer, model_kind, model_source,
-                   pick_device, prune_checkpoints, save_checkpoint, set_seed, write_json)
+import eksft   # plumbing: device, model loading, checkpoints, resume checks, Ctrl-C, JSON files
+from data import (SYSTEM_PROMPT, ArgumentParser, HelpFormatter, UserError, encode_prompt,
+                  end_of_turn_ids, load_qa, pad_left, pad_right, require, run_cli)
+
+# ----------------------------------------------------------------------------
+# 1. The GRPO loss: tensors in, tensors out (torch only), to be read and pasted. A completion's
+# advantage says how much better it scored than the G - 1 others sampled for its prompt, and every
+# one of its tokens is pushed up (A > 0) or down (A < 0) by it.
+
+LOSS_AGGS = ("token-mean", "seq-mean", "dr-grpo")
+KL_ESTIMATORS = ("k3", "k3-corrected")
+
+
+def group_advantages(rewards, group_size, *, scale_by_std=True, eps=1e-4):
+    """Group-normalised advantages for G completions per prompt (rewards grouped consecutively).
+
+        A_i = (r_i - mean_group(r)) / (std_group(r) + eps)   (std with Bessel's correction, as TRL)
+        A_i =  r_i - mean_group(r)                           (scale_by_std=False: Dr. GRPO)
+
+    Returns advantages (N,) and informative (N // G,) bool: False for a flat group (rewards all
+    equal), whose advantages are exactly 0: no policy signal, but still a KL term if there is one.
+
+    >>> adv, informative = group_advantages(torch.tensor([1., 0., 1., 1.]), 2, scale_by_std=False)
+    >>> adv.tolist(), informative.tolist()
+    ([0.5, -0.5, 0.0, 0.0], [True, False])
+    """
+    r = rewards.float().view(-1, group_size)                           # (P, G)
+    advantages = r - r.mean(dim=1, keepdim=True)                       # (P, G) r_i - mean
+    if scale_by_std:
+        advantages = advantages / (r.std(dim=1, keepdim=True) + eps)   # (P, G) / (std + eps)
+    informative = r.max(dim=1).values > r.min(dim=1).values            # (P,)
+    advantages = advantages * informative.unsqueeze(1)                 # (P, G) exactly 0 if flat
+    return advantages.view(-1), informative
+
+
+def token_logprobs(logits, tokens, temperature=1.0):
+    """log pi(token) under the SAMPLING distribution softmax(logits / temperature), and entropy.
+
+    logits (B, T, V) are already aligned with tokens (B, T): logits[:, t] scores tokens[:, t].
+    Returns logprobs (B, T) (with grad) and entropy (B, T) (detached, for logging)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)    # (B, T, V)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)        # (B, T)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(dim=-1)                     # (B, T) H = -sum_v p log p
+    return chosen, entropy
+
+
+def loss_normaliser(mask, loss_agg, max_new_tokens):
+    """The loss's denominator, from the masks (N, T) of ALL the step's completions (flat groups
+    included), once per step: the micro-batch split cannot change the update.
+        token-mean: the loss-masked tokens of all N (every token weighs the same; TRL's "dapo")
+        seq-mean:   N, each completion's tokens averaged first (TRL's "grpo")
+        dr-grpo:    N x max_new_tokens (a constant: no length bias, Dr. GRPO)"""
+    if loss_agg == "token-mean":
+        return max(mask.sum().item(), 1)
+    if loss_agg == "seq-mean":
+        return max(mask.shape[0], 1)
+    if loss_agg == "dr-grpo":
+        return max(mask.shape[0] * max_new_tokens, 1)
+    raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose one of {LOSS_AGGS}")
+
+
+def kl_penalty(logprobs, ref_logprobs, ratio, estimator="k3"):
+    """Per-token KL penalty (B, T) on tokens sampled from pi_old; log r = log ref - log pi.
+        k3           = exp(log r) - log r - 1 >= 0, on-policy an unbiased estimate of KL(pi || ref);
+                       its expected gradient E_pi[(1 - ref/pi) grad log pi] = -sum_x ref grad log pi
+                       is that of KL(ref || pi) (GRPO's choice).
+        k3-corrected = ratio * k3, ratio = pi / pi_old: the expected gradient under pi_old is that
+                       of KL(pi || ref) (DeepSeek-V3.2; TRL 1.16's use_bias_correction_kl)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+    log_r = ref_logprobs - logprobs                                    # (B, T) log r, r = ref / pi
+    k3 = torch.exp(log_r) - log_r - 1                                  # (B, T) r - log r - 1
+    return k3 * ratio if estimator == "k3-corrected" else k3
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_agg="token-mean",
+                clip_eps=0.2, clip_eps_high=None, ref_logprobs=None, kl_coef=0.0,
+                kl_estimator="k3"):
+    """Clipped policy-gradient loss with an optional KL penalty, for one micro-batch.
+
+    logprobs (B, T) of the current policy, with grad; old_logprobs (B, T) of the policy that
+    sampled (with one update per batch: logprobs.detach(), ratio 1, REINFORCE's A * grad log pi);
+    ref_logprobs (B, T) of the frozen start; advantages (B,); mask (B, T). Returns the loss, over
+    the step's normaliser (micro-batch losses add up), and sums for logging (clipped tokens: those
+    whose gradient the clip removes, as TRL counts them)."""
+    mask = mask.float()                                                # (B, T)
+    adv = advantages.unsqueeze(1)                                      # (B, 1) same A per token
+    ratio = torch.exp(logprobs - old_logprobs)                         # (B, T) pi / pi_old
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    # L_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
+    unclipped = ratio * adv                                            # (B, T) ratio * A
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv         # (B, T) clip(ratio) * A
+    per_token = -torch.min(unclipped, clipped)                         # (B, T) L_t
+    kl = torch.zeros_like(logprobs)
+    if kl_coef:                       # added to the loss (GRPO), not subtracted from the reward
+        kl = kl_penalty(logprobs, ref_logprobs, ratio, kl_estimator)   # (B, T)
+        per_token = per_token + kl_coef * kl                           # L_t + beta * KL_t
+    # seq-mean: a completion's tokens weigh 1 / its length; otherwise every token weighs 1
+    length = mask.sum(dim=1, keepdim=True).clamp(min=1) if loss_agg == "seq-mean" else 1  # (B, 1)
+    loss = (per_token * (mask / length)).sum() / normaliser            # / the step's normaliser
+    with torch.no_grad():
+        stats = {"tokens": mask.sum().item(),
+                 "clipped_tokens": ((clipped < unclipped).float() * mask).sum().item(),
+                 "kl_sum": (kl * mask).sum().item()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------
+# 2. Rollouts
+#
+# Prompts are left padded so that every prompt ends in the same column and the completions start
+# together. A completion ends at its FIRST end-of-sequence token: that token is kept (the model
+# must learn to stop), everything after it is not. The pad id is never used to find the end:
+# several tokenizers have pad == eos, so "not pad" would cut at the wrong place or not at all.
+
+def completion_mask_from_eos(completion_ids, eos_ids):
+    """mask (B, T) bool: True up to and including the first EOS; truncated (B,) bool: no EOS.
+
+    >>> mask, truncated = completion_mask_from_eos(torch.tensor([[5, 2, 2], [5, 6, 7]]), [2])
+    >>> mask.int().tolist(), truncated.tolist()
+    ([[1, 1, 0], [1, 1, 1]], [False, True])
+    """
+    eos_ids = torch.as_tensor(list(eos_ids), device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos_ids)            # (B, T)
+    eos_before = is_eos.cumsum(dim=1) - is_eos.long()      # (B, T) EOS tokens strictly before t
+    mask = eos_before == 0                                 # (B, T) t is at or before the first EOS
+    truncated = ~is_eos.any(dim=1)                         # (B,)
+    return mask, truncated
+
+
+def stop_token_ids(model, tokenizer):
+    """Every id that ends a completion: the tokenizer's eos and end-of-turn tokens, and the model's
+    generation_config.eos_token_id (an int or a list). Never the pad id."""
+    ids = set(end_of_turn_ids(tokenizer))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update([configured] if isinstance(configured, int) else configured)
+    if not ids:
+        raise ValueError("the tokenizer and the model define no end-of-sequence token")
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=0.0,
+                         top_p=1.0, batch_size=None, seed=None, static_cache=False):
+    """Complete each prompt (a list of token ids) once; temperature 0 means greedy. Returns one
+    dict per prompt: completion_ids (up to and including the first EOS), text (decoded without
+    special tokens), truncated (no EOS within max_new_tokens). With a seed, batch b is sampled
+    after torch.manual_seed(seed + b). Sampling settings are explicit, so a checkpoint's
+    generation_config (top_k=20 for Qwen chat models) cannot change what the policy samples.
+    static_cache: a KV cache of fixed size, which lets transformers compile the decoding step on
+    a GPU (on CPU greedy completions are the same as without, tests/test_speed_paths.py)."""
+    eos_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    device = next(model.parameters()).device
+    batch_size = batch_size or max(len(prompt_ids), 1)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    if temperature <= 0:   # greedy; None unsets the sampling settings of generation_config
+        sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()
+    results = []
+    for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
+        if seed is not None:
+            torch.manual_seed(seed + b)
+        input_ids, attention_mask = pad_left(prompt_ids[start:start + batch_size], pad_id)  # (b, P)
+        cache = {}
+        if static_cache:   # its length rounded up to 256, so that few shapes are compiled
+            length = 256 * math.ceil((input_ids.shape[1] + max_new_tokens) / 256)
+            cache = dict(cache_implementation="static", max_cache_len=length)
+        out = model.generate(                                               # (b, P + T)
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+            repetition_penalty=1.0, use_cache=True, **sampling, **cache)
+        completions = out[:, input_ids.shape[1]:].cpu()     # (b, T) T <= max_new_tokens
+        mask, truncated = completion_mask_from_eos(completions, eos_ids)
+        for row, n, cut in zip(completions, mask.sum(dim=1).tolist(), truncated.tolist()):
+            ids = row[:n].tolist()
+            results.append({"completion_ids": ids, "truncated": cut,
+                            "text": tokenizer.decode(ids, skip_special_tokens=True)})
+    model.train(was_training)
+    return results
+
+
+class RolloutBatch(NamedTuple):
+    """Training tensors for B (prompt, completion) pairs: the prompt block is left padded and the
+    completion block right padded, so every completion starts at the same column P."""
+    input_ids: torch.Tensor        # (B, P + T) prompt, then completion
+    attention_mask: torch.Tensor   # (B, P + T) 0 on padding
+    position_ids: torch.Tensor     # (B, P + T) counted from each prompt's first token, as generate
+    completion_ids: torch.Tensor   # (B, T)
+    loss_mask: torch.Tensor        # (B, T) bool: the completion's tokens, up to its first EOS
+
+    def rows(self, index, device):
+        """The micro-batch of these rows (a list of row numbers), on device."""
+        return RolloutBatch(*(tensor[index].to(device) for tensor in self))
+
+
+def rollout_tensors(prompt_ids, completion_ids, pad_id):
+    """A RolloutBatch from B prompts and their completions (lists of token ids, each completion
+    already cut at its first EOS)."""
+    prompts, prompt_attn = pad_left(prompt_ids, pad_id)                # (B, P)
+    completions, completion_attn = pad_right(completion_ids, pad_id)   # (B, T)
+    attention_mask = torch.cat([prompt_attn, completion_attn], dim=1)  # (B, P + T)
+    return RolloutBatch(input_ids=torch.cat([prompts, completions], dim=1),  # (B, P + T)
+                        attention_mask=attention_mask,
+                        position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+                        completion_ids=completions, loss_mask=completion_attn.bool())
+
+
+def sequence_logprobs(model, batch, temperature):
+    """Log-probs and entropies (B, T) of the completion tokens of a RolloutBatch."""
+    T = batch.completion_ids.shape[1]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, logits_to_keep=T + 1).logits  # (B, T + 1, V)
+    # the causal shift: logits[:, t] predicts input_ids[:, t + 1], so the first T of the last
+    # T + 1 positions score the T completion tokens
+    return token_logprobs(logits[:, :-1], batch.completion_ids, temperature)
+
+
+# ----------------------------------------------------------------------------
+# 3. The loop: sample G completions per prompt, score them, update, log, evaluate, checkpoint
+
+def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pad_id, device,
+            autocast):
+    """--ppo-epochs optimiser steps on ALL N completions sampled in one step; returns metric sums.
+    The loss is normalised over all N. A completion with advantage 0 (a flat group) adds nothing
+    to the policy term, so without KL it gets no backward pass, only a forward without grad for
+    the entropy; with KL it is trained like any other. Metric sums cover the loss-masked tokens
+    of all N."""
+    batch = rollout_tensors(prompts, [r["completion_ids"] for r in rollouts], pad_id)
+    mask = batch.loss_mask                                              # (N, T)
+    if args.mask_truncated:              # still in their group's mean, but no loss of their own
+        mask[torch.tensor([r["truncated"] for r in rollouts])] = False
+    normaliser = loss_normaliser(mask, args.loss_agg, args.max_new_tokens)   # once, for all N
+    has_loss = mask.any(dim=1)                                          # (N,)
+    needs_grad = has_loss & ((advantages != 0) | (args.kl_coef > 0))   # (N,)
+    size = args.micro_batch_size
+    chunks = lambda rows: [rows[s:s + size] for s in range(0, len(rows), size)]
+    micro = chunks(needs_grad.nonzero().flatten().tolist())            # row numbers per pass
+    watched = chunks((has_loss & ~needs_grad).nonzero().flatten().tolist())   # entropy only
+    sums = dict(tokens=mask.sum().item(), clipped_tokens=0, kl_sum=0.0, entropy_sum=0.0,
+                loss=None, grad_norm=None, train_tokens=0)
+    # before any update: the entropy of the completions without a backward pass, the log-probs
+    # of the policy that sampled (only needed when the batch is reused) and of the start
+    old, ref = [None] * len(micro), [None] * len(micro)
+    with torch.no_grad(), autocast():
+        for rows in watched:
+            mb = batch.rows(rows, device)
+            entropy = sequence_logprobs(model, mb, args.temperature)[1]        # (b, T)
+            sums["entropy_sum"] += (entropy * mb.loss_mask).sum().item()
+        for i, rows in enumerate(micro):
+            if args.ppo_epochs > 1:
+                old[i] = sequence_logprobs(model, batch.rows(rows, device), args.temperature)[0]
+            if ref_model is not None:
+                ref[i] = sequence_logprobs(ref_model, batch.rows(rows, device), args.temperature)[0]
+    if not micro:                        # nothing to learn from: no optimiser step at all
+        return sums
+    sums.update(loss=0.0, grad_norm=0.0)
+    for epoch in range(args.ppo_epochs):
+        for i, rows in enumerate(micro):
+            mb = batch.rows(rows, device)
+            with autocast():
+                logprobs, entropy = sequence_logprobs(model, mb, args.temperature)  # (b, T) each
+            loss, stats = policy_loss(
+                logprobs, logprobs.detach() if old[i] is None else old[i],
+                advantages[rows].to(device), mb.loss_mask, normaliser=normaliser,
+                loss_agg=args.loss_agg, clip_eps=args.clip_eps, clip_eps_high=args.clip_eps_high,
+                ref_logprobs=ref[i], kl_coef=args.kl_coef, kl_estimator=args.kl_estimator)
+            loss.backward()
+            sums["clipped_tokens"] += stats["clipped_tokens"]
+            sums["loss"] += loss.item() / args.ppo_epochs
+            sums["train_tokens"] += int(mb.attention_mask.sum())
+            if epoch == 0:                    # entropy and KL of the policy that sampled the batch
+                sums["kl_sum"] += stats["kl_sum"]
+                sums["entropy_sum"] += (entropy * mb.loss_mask).sum().item()
+        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                  args.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sums["grad_norm"] /= args.ppo_epochs
+    return sums
+
+
+def train(args, reward_fn=None):
+    """The RL loop. reward_fn(completion_text, gold) -> float overrides --reward.
+    Returns (model, tokenizer, list of per-step metric dicts)."""
+    from tqdm import tqdm
+    run_args = dict(vars(args), checker_description=checker_description(args.checker))
+    eksft.set_seed(args.seed)
+    if args.model != "tiny":
+        eksft.model_source(args.model)   # a mistyped name fails now, not after data and download
+    eksft.check_output_dir(args.output_dir)
+    device, amp_dtype, why = eksft.pick_device(args.device, args.precision)
+    print(f"device: {device} ({why})")
+    autocast = lambda: torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
+    try:
+        is_equiv("1", "1", args.checker)     # a missing math-verify fails now, not mid-run
+    except ImportError as e:
+        raise UserError(str(e)) from None
+    reward_fn = reward_fn or reward_function(args)
+
+    # data first: a bad file fails in a second, before any model is loaded
+    train_rows, eval_rows = train_eval_sets(args.data, args.eval_size, args.seed)
+    n = args.prompts_per_step
+    if len(train_rows) < n:
+        raise UserError(f"--data {args.data} has {len(train_rows)} training questions, fewer "
+                        f"than --prompts-per-step {n}")
+    print(f"data: {len(train_rows)} training questions, {len(eval_rows)} held out; "
+          f"{n} prompts x {args.group_size} completions; reward {args.reward}")
+
+    # the policy (possibly resumed) and, only with --kl-coef > 0, the frozen starting model
+    resume_from = eksft.latest_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
+    if resume_from:   # a longer run may continue (constant lr): --max-steps may change
+        eksft.check_resume_args(resume_from, run_args, eksft.RESUME_MAY_CHANGE | {
+            "max_steps", "eval_every", "print_every"})
+    load = lambda name: eksft.load_model_and_tokenizer(name, device, seed=args.seed)
+    model, tokenizer = load(resume_from or args.model)
+    ref_model = None
+    if args.kl_coef > 0:   # the start of the run (--model), also after a resume; fp32 like the
+        ref_model = load(args.model)[0].eval().requires_grad_(False)   # policy: KL 0 at step 1
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model: {resume_from or args.model}, {millions:.2f}M parameters, stop tokens "
+          f"{stop_token_ids(model, tokenizer)}, "
+          + ("a reference model for KL" if ref_model is not None else "no reference model"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start_step = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "optimizer.pt"))
+        optimizer.load_state_dict(state["optimizer"])
+        with open(os.path.join(resume_from, "trainer_state.json")) as f:
+            start_step = json.load(f)["step"]
+        print(f"resume: from {resume_from} at step {start_step}")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    eksft.write_json(os.path.join(args.output_dir, "args.json"), run_args)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):   # keep the rows up to where this run starts (none if fresh)
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and resume_from
+                    and json.loads(line)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def held_out_accuracy(step):     # greedy, on the held-out questions: logged and returned
+        accuracy = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
+        eksft.append_jsonl(metrics_path, {"step": step, "eval_accuracy": accuracy})
+        tqdm.write(f"step {step:5d} | held-out accuracy {accuracy:.3f} (greedy, "
+                   f"{len(eval_rows)} questions)")
+        return accuracy
+
+    if eval_rows and start_step == 0:
+        held_out_accuracy(0)
+    history = []
+    model.train()
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+               desc="rl", dynamic_ncols=True)
+    ctrl_c = eksft.StopOnCtrlC(args.output_dir)   # Ctrl-C: the step in progress ends saved
+    for step in ctrl_c.steps(bar):
+        # 1. this step's prompts, from a seeded shuffle per epoch (a resumed run sees the same)
+        epoch, i = divmod(step, len(train_rows) // n)
+        order = list(range(len(train_rows)))
+        random.Random(args.seed + epoch).shuffle(order)
+        rows = [train_rows[j] for j in order[i * n:(i + 1) * n]]
+        G = args.group_size
+        prompts = [encode_prompt(tokenizer, row["question"], args.system_prompt) for row in rows]
+        prompts = [ids for ids in prompts for _ in range(G)]           # G adjacent copies of each
+        golds = [row["answer"] for row in rows for _ in range(G)]
+
+        # 2. rollouts, seeded per step, and their rewards
+        t0 = time.perf_counter()
+        with autocast():
+            rollouts = generate_completions(
+                model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, static_cache=args.static_cache,
+                seed=args.seed * 1_000_003 + step)
+        gen_seconds = time.perf_counter() - t0
+        texts = [out["text"] for out in rollouts]
+        rewards = torch.tensor([float(reward_fn(t, g)) for t, g in zip(texts, golds)])   # (N,)
+        correct = [is_equiv(extract_answer(t), g, args.checker) for t, g in zip(texts, golds)]
+
+        # 3. advantages, and the update (flat groups have advantage 0: see rl_step)
+        advantages, informative = group_advantages(rewards, G, scale_by_std=not args.no_std)
+        t1 = time.perf_counter()
+        sums = rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args,
+                       tokenizer.pad_token_id, device, autocast)
+        train_seconds = time.perf_counter() - t1
+
+        # 4. metrics: one JSON line per step, a log line, and now and then two samples. Entropy,
+        # KL and clip fraction are means over the loss-masked tokens of all sampled completions
+        lengths = [len(out["completion_ids"]) for out in rollouts]
+        tokens = sums["tokens"]                              # 0: --mask-truncated cut every one
+        per_token = lambda total: total / tokens if tokens else None
+        record = {
+            "step": step + 1, "reward": rewards.mean().item(),
+            "accuracy": sum(correct) / len(correct), "response_length": sum(lengths) / len(lengths),
+            "truncated_frac": sum(out["truncated"] for out in rollouts) / len(rollouts),
+            "entropy": per_token(sums["entropy_sum"]),
+            "kl": per_token(sums["kl_sum"]) if ref_model is not None else None,
+            "clip_frac": per_token(sums["clipped_tokens"] / args.ppo_epochs),
+            "loss": sums["loss"], "grad_norm": sums["grad_norm"],
+            "flat_groups": int((~informative).sum()), "groups": len(rows),
+            "gen_tokens_per_s": sum(lengths) / gen_seconds,
+            "train_tokens_per_s": sums["train_tokens"] / train_seconds or None}
+        history.append(record)
+        eksft.append_jsonl(metrics_path, record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+        if (step + 1) % args.log_every == 0:
+            m = record
+            tqdm.write(f"step {step + 1:5d} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
+                       f"len {m['response_length']:.0f} | trunc {m['truncated_frac']:.2f} | "
+                       f"flat {m['flat_groups']}/{len(rows)} | "
+                       + (f"H {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | " if tokens else "")
+                       + (f"KL {m['kl']:.4f} | " if m["kl"] is not None else "")
+                       + f"gen {m['gen_tokens_per_s']:.0f} tok/s")
+        if args.print_every and (step + 1) % args.print_every == 0:
+            for k in sorted({int(rewards.argmax()), int(rewards.argmin())}):   # best and worst
+                shown = "".join(c if c.isprintable() or c == "\n" else "?" for c in texts[k][:800])
+                tqdm.write(f"--- sample {k} | gold {golds[k]} | extracted "
+                           f"{extract_answer(texts[k])!r} | reward {rewards[k]:.3f}\n{shown}"
+                           + (" [...]" if len(texts[k]) > 800 else ""))
+
+        # 5. held-out accuracy and checkpoints (atomic: complete or absent)
+        done = step + 1 == args.max_steps
+        if eval_rows and (done or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            record["eval_accuracy"] = held_out_accuracy(step + 1)
+        if done or ctrl_c.stop_here() or (args.save_every and (step + 1) % args.save_every == 0):
+            eksft.save_checkpoint(args.output_dir, model, tokenizer, run_args, {"step": step + 1},
+                                  optimizer)
+            eksft.prune_checkpoints(args.output_dir, args.keep_checkpoints)
+    bar.close()
+    eksft.export_model(args.output_dir, model, tokenizer, run_args)
+    print(f"done: model in {args.output_dir}, metrics in {metrics_path}; "
+          f"next: python evaluate.py --model {args.output_dir}")
+    return model, tokenizer, history
+
+
+def reward_function(args):
+    """reward(completion_text, gold) -> float, as --reward, --checker, --format-reward and
+    --strict-reward say. digits: a toy dense reward, the fraction of characters that are digits."""
+    if args.reward == "digits":
+        return lambda text, gold: sum(c.isdigit() for c in text) / max(len(text), 1)
+    return lambda text, gold: math_reward(text, gold, checker=args.checker, last_number=not
+                                          args.strict_reward, format_reward=args.format_reward)
+
+
+# ----------------------------------------------------------------------------
+# 4. The command line, and the plumbing it needs: the data splits, the held-out evaluation
+
+def train_eval_sets(data, eval_size, seed):
+    """(training questions, held-out questions). gsm8k and synthetic have their own test splits;
+    anything else (math500, a local .jsonl) is shuffled with the seed, eval_size rows held out."""
+    name = data.removesuffix("-train")
+    if name in ("gsm8k", "synthetic"):
+        held_out = load_qa(name, limit=eval_size, seed=seed) if eval_size else []
+        return load_qa(f"{name}-train", seed=seed), held_out
+    rows = load_qa(data, seed=seed)
+    random.Random(seed).shuffle(rows)
+    return rows[eval_size:], rows[:eval_size]
+
+
+# Evaluation protocols (evaluate.py --protocol, rl.py --eval-protocol): what changes a score besides
+# the model. Both are zero-shot, with the system prompt of the Qwen2.5-Math harness.
+PROTOCOLS = {
+    "qwen-math": dict(
+        system_prompt=SYSTEM_PROMPT, max_new_tokens=2048, last_number=True,
+        about="the Qwen2.5-Math harness behind published numbers (qwen25-math-cot)",
+        extraction="the stated answer (rl.extract_answer), else the last formula or number "
+                   "(the harness reads the last number only)"),
+    "strict": dict(
+        system_prompt=SYSTEM_PROMPT, max_new_tokens=1024, last_number=False,
+        about="an answer that is not stated (boxed, or after an answer phrase) scores 0",
+        extraction="the stated answer (rl.extract_answer), no last-number fallback"),
+}
+
+
+def evaluate_accuracy(model, tokenizer, rows, args, autocast):
+    """Greedy held-out accuracy as evaluate.py --protocol args.eval_protocol scores it (prompt,
+    answer extraction, checker), at the training budget --max-new-tokens to stay cheap, in generate
+    calls as large as one step's rollouts."""
+    proto = PROTOCOLS[args.eval_protocol]
+    prompts = [encode_prompt(tokenizer, r["question"], proto["system_prompt"]) for r in rows]
+    with autocast():
+        outputs = generate_completions(
+            model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+            batch_size=args.prompts_per_step * args.group_size, static_cache=args.static_cache)
+    scores = [math_reward(o["text"], r["answer"], checker=args.checker,
+                          last_number=proto["last_number"]) for o, r in zip(outputs, rows)]
+    return sum(scores) / len(rows)
+
+
+TINY_DEFAULTS = dict(data="synthetic", reward="digits", lr=1e-3, prompts_per_step=4,
+                     max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16,
+                     print_every=5)
+HUB_DEFAULTS = dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, max_new_tokens=1024,
+                    micro_batch_size=4, max_steps=300, eval_size=200, print_every=10)
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="RL with verifiable rewards (GRPO) for maths.",
+                       formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B)")
+    add("--data", default=None, help="gsm8k (its test split held out) | math500 | synthetic | "
+        "local .jsonl with question and answer (default: synthetic for tiny, gsm8k)")
+    add("--output-dir", default=None, help="checkpoints, metrics, final model (runs/rl-MODEL)")
+    add("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none)")
+    # reward
+    add("--reward", default=None, choices=["math", "digits"], help="math: 1 for a right answer; "
+        "digits: toy reward for sanity runs (default: digits for tiny, math)")
+    add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: "
+        "builtin rules, math-verify, or auto (builtin, then math-verify for answers with symbols)")
+    add("--format-reward", type=float, default=0.0, help="reward for a wrong but \\boxed answer")
+    add("--strict-reward", action="store_true", help="reward only a stated answer (boxed, or after "
+        "'the answer is'), no last-number fallback (as evaluate.py --protocol strict)")
+    # rollouts
+    add("--group-size", "-G", type=int, default=8, help="completions per prompt")
+    add("--prompts-per-step", type=int, default=None, help="prompts per step (16; 4 tiny)")
+    add("--max-new-tokens", type=int, default=None, help="completion budget (1024; 32 tiny)")
+    add("--temperature", type=float, default=1.0, help="sampling temperature, also in the loss")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling")
+    add("--mask-truncated", action="store_true", help="no loss on completions without an EOS")
+    add("--static-cache", action="store_true", help="static KV cache: transformers compiles the "
+        "decoding step on CUDA (same sampler, same greedy outputs)")
+    # loss
+    add("--no-std", action="store_true", help="advantage r - mean, not divided by std (Dr. GRPO)")
+    add("--loss-agg", default="token-mean", choices=LOSS_AGGS, help="how token losses are averaged")
+    add("--ppo-epochs", type=int, default=1, help="updates per batch (1: REINFORCE with baseline)")
+    add("--clip-eps", type=float, default=0.2, help="PPO clip epsilon (lower; upper by default)")
+    add("--clip-eps-high", type=float, default=None, help="separate upper epsilon (DAPO: 0.28)")
+    add("--kl-coef", type=float, default=0.0, help="KL penalty weight (0: no reference model)")
+    add("--kl-estimator", default="k3", choices=KL_ESTIMATORS, help="k3: gradient of KL(ref || pi) "
+        "(GRPO); k3-corrected: k3 x pi/pi_old, gradient of KL(pi || ref) (TRL 1.16's default)")
+    # optimisation
+    add("--lr", type=float, default=None, help="AdamW learning rate (1e-6; 1e-3 tiny)")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    add("--micro-batch-size", type=int, default=None, help="completions per forward (4; 32 tiny)")
+    add("--max-steps", type=int, default=None, help="optimiser steps (300; 20 tiny)")
+    # run
+    add("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast, fp32")
+    add("--seed", type=int, default=0, help="seed for the tiny model, prompt order and sampling")
+    add("--eval-size", type=int, default=None, help="held-out questions (200; 16 tiny; 0: none)")
+    add("--eval-every", type=int, default=50, help="held-out accuracy at start, end, every N steps")
+    add("--eval-protocol", default="qwen-math", choices=PROTOCOLS, help="score held-out answers as "
+        "evaluate.py --protocol does, but at --max-new-tokens")
+    add("--log-every", type=int, default=1, help="print a metrics line every N steps")
+    add("--print-every", type=int, default=None, help="print the best and worst completion every N "
+        "steps (10; 5 tiny; 0: never)")
+    add("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
+    add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints (0: all)")
+    add("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    add("--allow-changed-args", action="store_true", help="--resume even with settings other than "
+        "the checkpoint's args.json (refused otherwise, naming each)")
+    args = p.parse_args(argv)
+    if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
+        p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
+    args.model_kind = eksft.model_kind(args.model)   # tiny, or a directory trained from it
+    for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    minimum = dict(group_size=2, prompts_per_step=1, max_new_tokens=1, ppo_epochs=1,
+                   micro_batch_size=1, max_steps=1, log_every=1, eval_size=0, eval_every=0,
+                   print_every=0, save_every=0, keep_checkpoints=0, kl_coef=0, weight_decay=0)
+    require(p, args, [(k, getattr(args, k) >= n, f"at least {n}" if n else "0 or more")
+                      for k, n in minimum.items()] + [
+        (k, getattr(args, k) is None or getattr(args, k) > 0, "positive")
+        for k in ("temperature", "lr", "grad_clip", "clip_eps", "clip_eps_high")] + [
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+        ("format_reward", 0 <= args.format_reward < 1, "in [0, 1) (a right answer earns 1)")])
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"rl-{os.path.basename(args.model.rstrip('/'))}")
+    return args
+
 
 # ----------------------------------------------------------------------------
 # 1. The answer checker
@@ -712,584 +1276,5 @@ def grpo_reward_fn(completions, answer, **kwargs):
     return [math_reward(t, a) for t, a in zip(texts, answer)]
 
 
-# ----------------------------------------------------------------------------
-# 2. Rollouts
-#
-# Prompts are left padded so that every prompt ends in the same column and the completions start
-# together. A completion ends at its FIRST end-of-sequence token: that token is kept (the model
-# must learn to stop), everything after it is not. The pad id is never used to find the end:
-# several tokenizers have pad == eos, so "not pad" would cut at the wrong place or not at all.
-
-def completion_mask_from_eos(completion_ids, eos_ids):
-    """mask (B, T) bool: True up to and including the first EOS; truncated (B,) bool: no EOS at all.
-
-    >>> mask, truncated = completion_mask_from_eos(torch.tensor([[5, 2, 2], [5, 6, 7]]), [2])
-    >>> mask.int().tolist(), truncated.tolist()
-    ([[1, 1, 0], [1, 1, 1]], [False, True])
-    """
-    eos_ids = torch.as_tensor(list(eos_ids), device=completion_ids.device)
-    is_eos = torch.isin(completion_ids, eos_ids)            # (B, T)
-    eos_before = is_eos.cumsum(dim=1) - is_eos.long()      # (B, T) EOS tokens strictly before t
-    mask = eos_before == 0                                 # (B, T) t is at or before the first EOS
-    truncated = ~is_eos.any(dim=1)                         # (B,)
-    return mask, truncated
-
-
-def stop_token_ids(model, tokenizer):
-    """Every id that ends a completion: the tokenizer's eos and end-of-turn tokens, and the model's
-    generation_config.eos_token_id (an int or a list). Never the pad id."""
-    ids = set(end_of_turn_ids(tokenizer))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids.update([configured] if isinstance(configured, int) else configured)
-    if not ids:
-        raise ValueError("the tokenizer and the model define no end-of-sequence token")
-    return sorted(ids)
-
-
-@torch.no_grad()
-def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=0.0, top_p=1.0,
-                         batch_size=None, seed=None, static_cache=False):
-    """Complete each prompt (a list of token ids) once; temperature 0 means greedy.
-
-    Returns one dict per prompt: completion_ids (up to and including the first EOS), text (decoded
-    without special tokens) and truncated (no EOS within max_new_tokens). With a seed, batch b is
-    sampled after torch.manual_seed(seed + b): the same call gives the same completions.
-    Sampling settings are passed explicitly, so a checkpoint's generation_config (top_k=20,
-    repetition_penalty=1.1 for Qwen chat models) cannot change what the policy samples.
-    static_cache (None: on for CUDA; off by default until measured on a GPU): the KV cache is allocated once at a fixed size, which lets
-    transformers compile the one-token decoding step (torch.compile with CUDA graphs on a GPU;
-    not on CPU, where it is only a different cache). Same sampler, same stop tokens; greedy
-    completions are the same as with the default cache on CPU (tests/test_speed_paths.py).
-    """
-    eos_ids = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    device = next(model.parameters()).device
-    batch_size = batch_size or max(len(prompt_ids), 1)
-    static_cache = device.type == "cuda" if static_cache is None else static_cache
-    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
-                else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
-    was_training = model.training
-    model.eval()
-    results = []
-    for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
-        if seed is not None:
-            torch.manual_seed(seed + b)
-        input_ids, attention_mask = pad_left(prompt_ids[start:start + batch_size], pad_id)  # (b, P)
-        # cache lengths rounded up to 256, so that few shapes are compiled (transformers also keeps
-        # the largest length it has seen)
-        cache = (dict(cache_implementation="static",
-                      max_cache_len=256 * math.ceil((input_ids.shape[1] + max_new_tokens) / 256))
-                 if static_cache else {})
-        generate = lambda **extra: model.generate(   # (b, P + T)
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-            repetition_penalty=1.0, use_cache=True, **sampling, **extra)
-        try:
-            out = generate(**cache)
-        except Exception as e:  # compiling failed here (or the static cache did not fit): go on without
-            if not cache:
-                raise
-            print(f"warning: generation with a static KV cache failed ({type(e).__name__}: "
-                  f"{str(e).strip()[:200]}); using the default cache for this call")
-            static_cache = False
-            if seed is not None:
-                torch.manual_seed(seed + b)
-            out = generate()
-        completions = out[:, input_ids.shape[1]:].cpu()     # (b, T) T <= max_new_tokens
-        mask, truncated = completion_mask_from_eos(completions, eos_ids)
-        for row, n, cut in zip(completions, mask.sum(dim=1).tolist(), truncated.tolist()):
-            ids = row[:n].tolist()
-            results.append({"completion_ids": ids, "truncated": cut,
-                            "text": tokenizer.decode(ids, skip_special_tokens=True)})
-    model.train(was_training)
-    return results
-
-
-def rollout_tensors(prompt_ids, completion_ids, pad_id):
-    """Training tensors for B (prompt, completion) pairs: the prompt block is left padded and the
-    completion block right padded, so every completion starts at the same column P.
-
-    Returns input_ids, attention_mask, position_ids (B, P + T), completion ids (B, T), the loss
-    mask (B, T) (the completion tokens, cut at their first EOS already) and P."""
-    prompts, prompt_attn = pad_left(prompt_ids, pad_id)               # (B, P)
-    completions, completion_attn = pad_right(completion_ids, pad_id)  # (B, T)
-    input_ids = torch.cat([prompts, completions], dim=1)              # (B, P + T)
-    attention_mask = torch.cat([prompt_attn, completion_attn], dim=1)  # (B, P + T)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)    # (B, P + T) as in generate
-    return input_ids, attention_mask, position_ids, completions, completion_attn.bool(), prompts.shape[1]
-
-
-# ----------------------------------------------------------------------------
-# 3. The loss
-#
-# Everything here is tensors in, tensors out (torch only), to be read and pasted.
-
-def group_advantages(rewards, group_size, *, scale_by_std=True, eps=1e-4):
-    """Group-normalised advantages for G completions per prompt (rewards grouped consecutively).
-
-        A_i = (r_i - mean_group(r)) / (std_group(r) + eps)     (std with Bessel's correction, as TRL)
-        A_i =  r_i - mean_group(r)                             (scale_by_std=False: Dr. GRPO)
-
-    Returns advantages (N,) and informative (N // G,) bool: False for a flat group (rewards all
-    equal), whose advantages are exactly 0: no policy signal, but still a KL term when there is one.
-    """
-    r = rewards.float().view(-1, group_size)                           # (P, G)
-    advantages = r - r.mean(dim=1, keepdim=True)                       # (P, G)
-    if scale_by_std:
-        advantages = advantages / (r.std(dim=1, keepdim=True) + eps)   # (P, G)
-    informative = r.max(dim=1).values > r.min(dim=1).values            # (P,)
-    advantages = advantages * informative.unsqueeze(1)                 # (P, G) 0, not 1e-17, when flat
-    return advantages.view(-1), informative
-
-
-def token_logprobs(logits, tokens, temperature=1.0):
-    """log pi(token) under the SAMPLING distribution softmax(logits / temperature), and its entropy.
-
-    logits (B, T, V) are already aligned with tokens (B, T): logits[:, t] scores tokens[:, t].
-    Returns logprobs (B, T) (with grad) and entropy (B, T) (detached, for logging)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)    # (B, T, V)
-    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)        # (B, T)
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(dim=-1)                     # (B, T)  H = -sum_v p log p
-    return chosen, entropy
-
-
-LOSS_AGGS = ("token-mean", "seq-mean", "dr-grpo")
-KL_ESTIMATORS = ("k3", "k3-corrected")
-
-
-def loss_normaliser(mask, loss_agg, max_new_tokens):
-    """The loss's denominator, computed ONCE per optimiser step from the masks (N, T) of ALL the
-    completions sampled in the step, flat groups included, so that neither the micro-batch split
-    nor which completions get a backward pass changes the update:
-        token-mean: the loss-masked tokens of all N (every token weighs the same; TRL's "dapo")
-        seq-mean:   N, each completion's tokens first averaged (TRL's "grpo"; one masked out by
-                    --mask-truncated counts as 0)
-        dr-grpo:    N x max_new_tokens (a constant: no length bias, Dr. GRPO)"""
-    if loss_agg == "token-mean":
-        return max(mask.sum().item(), 1)
-    if loss_agg == "seq-mean":
-        return max(mask.shape[0], 1)
-    if loss_agg == "dr-grpo":
-        return max(mask.shape[0] * max_new_tokens, 1)
-    raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose one of {LOSS_AGGS}")
-
-
-def kl_penalty(logprobs, ref_logprobs, ratio, estimator="k3"):
-    """Per-token KL penalty (B, T) on tokens sampled from pi_old; log r = log ref - log pi.
-        k3           = exp(log r) - log r - 1 >= 0: on-policy an unbiased estimate of KL(pi || ref),
-                       but its expected gradient E_pi[(1 - ref/pi) grad log pi] = -sum_x ref grad log pi
-                       is the gradient of KL(ref || pi) (GRPO's choice).
-        k3-corrected = ratio * k3, ratio = pi / pi_old (1 on-policy, but with a gradient): its gradient
-                       ratio * (log pi - log ref) grad log pi has expectation under pi_old the gradient
-                       of KL(pi || ref) (DeepSeek-V3.2; TRL 1.16's default use_bias_correction_kl)."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
-    log_r = ref_logprobs - logprobs                                    # (B, T)
-    k3 = torch.exp(log_r) - log_r - 1                                  # (B, T)
-    return k3 * ratio if estimator == "k3-corrected" else k3
-
-
-def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_agg="token-mean",
-                clip_eps=0.2, clip_eps_high=None, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3"):
-    """Clipped policy-gradient loss with an optional KL penalty, for one micro-batch.
-
-    logprobs (B, T) current policy, with grad; old_logprobs (B, T) the policy that sampled, detached
-    (with one update per batch they are logprobs.detach(): ratio 1, and the gradient is exactly
-    REINFORCE's A * grad log pi); ref_logprobs (B, T) the frozen start; advantages (B,); mask (B, T).
-    Returns the loss (already divided by the step's normaliser: micro-batch losses simply add up)
-    and sums for logging (a token is clipped when the clip removes its gradient, as TRL counts it).
-    """
-    mask = mask.float()                                                # (B, T)
-    adv = advantages.unsqueeze(1)                                      # (B, 1) same A for every token
-    ratio = torch.exp(logprobs - old_logprobs)                         # (B, T) pi / pi_old
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    # L_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
-    unclipped = ratio * adv                                            # (B, T)
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv         # (B, T)
-    per_token = -torch.min(unclipped, clipped)                         # (B, T)
-    kl = torch.zeros_like(logprobs)
-    if kl_coef:                              # added to the loss (GRPO), not subtracted from the reward
-        kl = kl_penalty(logprobs, ref_logprobs, ratio, kl_estimator)  # (B, T)
-        per_token = per_token + kl_coef * kl
-    if loss_agg == "seq-mean":
-        weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1)   # (B, T) each completion sums to 1
-    else:
-        weights = mask                                                 # (B, T) every token weighs 1
-    loss = (per_token * weights).sum() / normaliser
-    with torch.no_grad():
-        stats = {"tokens": mask.sum().item(),
-                 "clipped_tokens": ((clipped < unclipped).float() * mask).sum().item(),
-                 "kl_sum": (kl * mask).sum().item()}
-    return loss, stats
-
-
-# ----------------------------------------------------------------------------
-# 4. The loop: sample G completions per prompt, score them, update, log, evaluate, checkpoint
-
-def digits_reward(completion, gold):
-    """Toy dense reward: the fraction of characters that are digits (learnable by a random model)."""
-    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
-
-
-def train_eval_sets(data, eval_size, seed):
-    """(training questions, held-out questions). gsm8k and synthetic have their own test splits;
-    anything else (math500, a local .jsonl) is shuffled with the seed and eval_size rows held out."""
-    splits = {"gsm8k": ("gsm8k-train", "gsm8k"), "synthetic": ("synthetic-train", "synthetic")}
-    name = data.removesuffix("-train")
-    if name in splits:
-        held_out = load_qa(splits[name][1], limit=eval_size, seed=seed) if eval_size else []
-        return load_qa(splits[name][0], seed=seed), held_out
-    rows = load_qa(data, seed=seed)
-    random.Random(seed).shuffle(rows)
-    return rows[eval_size:], rows[:eval_size]
-
-
-# Evaluation protocols (evaluate.py --protocol, rl.py --eval-protocol): what changes a score besides
-# the model. Both are zero-shot with the system prompt of the Qwen2.5-Math harness (qwen25-math-cot).
-PROTOCOLS = {
-    "qwen-math": dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=2048, last_number=True,
-                      about="the Qwen2.5-Math harness behind published numbers (qwen25-math-cot)",
-                      extraction="the stated answer (rl.extract_answer), else the last formula or "
-                                 "number (the harness reads the last number only)"),
-    "strict": dict(system_prompt=SYSTEM_PROMPT, max_new_tokens=1024, last_number=False,
-                   about="an answer that is not stated (boxed, or after an answer phrase) scores 0",
-                   extraction="the stated answer (rl.extract_answer), no last-number fallback"),
-}
-
-
-def evaluate_accuracy(model, tokenizer, rows, args, autocast):
-    """Greedy held-out accuracy as evaluate.py --protocol args.eval_protocol scores it (prompt,
-    answer extraction, checker), but at the training budget --max-new-tokens, to stay cheap."""
-    proto = PROTOCOLS[args.eval_protocol]
-    prompts = [encode_prompt(tokenizer, r["question"], proto["system_prompt"]) for r in rows]
-    with autocast():
-        outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                       batch_size=args.eval_batch_size, static_cache=args.static_cache)
-    scores = [math_reward(o["text"], r["answer"], checker=args.checker, last_number=proto["last_number"])
-              for o, r in zip(outputs, rows)]
-    return sum(scores) / len(rows)
-
-
-def sequence_logprobs(model, batch, temperature):
-    """Log-probs and entropies (B, T) of the completion tokens of a rollout_tensors batch."""
-    input_ids, attention_mask, position_ids, completions = batch[:4]
-    T = completions.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=T + 1).logits                      # (B, T + 1, V) last T + 1 only
-    # the causal shift: logits[:, t] predicts input_ids[:, t + 1]; the first T rows score the completion
-    return token_logprobs(logits[:, :-1], completions, temperature)
-
-
-def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pad_id, device, autocast):
-    """--ppo-epochs optimiser steps on ALL N completions sampled in one step; returns metric sums.
-    The loss is normalised over all N. A completion with advantage 0 (a flat group) adds nothing to
-    the policy term, so without KL it gets no backward pass, only a forward without grad for the
-    entropy; with KL it is trained like any other. Metric sums cover the loss-masked tokens of all N."""
-    batch = rollout_tensors(prompts, [r["completion_ids"] for r in rollouts], pad_id)
-    mask = batch[4]                                                     # (N, T)
-    if args.mask_truncated:              # still in their group's mean, but no loss of their own
-        mask[torch.tensor([r["truncated"] for r in rollouts])] = False
-    normaliser = loss_normaliser(mask, args.loss_agg, args.max_new_tokens)   # once per step, all N
-    has_loss = mask.any(dim=1)                                          # (N,)
-    needs_grad = has_loss & ((advantages != 0) | (args.kl_coef > 0))   # (N,)
-    size = args.micro_batch_size
-    chunks = lambda rows: [rows[s:s + size] for s in range(0, len(rows), size)]   # micro-batches of rows
-    micro = chunks(needs_grad.nonzero().flatten().tolist())
-    watched = chunks((has_loss & ~needs_grad).nonzero().flatten().tolist())      # entropy only
-    on_device = lambda rows: [t[rows].to(device) for t in batch[:5]]
-    sums = dict(tokens=mask.sum().item(), clipped_tokens=0, kl_sum=0.0, entropy_sum=0.0, loss=None,
-                grad_norm=None, train_tokens=0)
-    # before any update: the entropy of the completions without a backward pass, the log-probs of
-    # the policy that sampled (only needed when the batch is reused) and of the start
-    old, ref = [None] * len(micro), [None] * len(micro)
-    with torch.no_grad(), autocast():
-        for rows in watched:
-            mb = on_device(rows)
-            sums["entropy_sum"] += (sequence_logprobs(model, mb, args.temperature)[1] * mb[4]).sum().item()
-        for i, rows in enumerate(micro):
-            if args.ppo_epochs > 1:
-                old[i] = sequence_logprobs(model, on_device(rows), args.temperature)[0]
-            if ref_model is not None:
-                ref[i] = sequence_logprobs(ref_model, on_device(rows), args.temperature)[0]
-    if not micro:                        # nothing to learn from: no optimiser step at all
-        return sums
-    sums.update(loss=0.0, grad_norm=0.0)
-    for epoch in range(args.ppo_epochs):
-        for i, rows in enumerate(micro):
-            mb = on_device(rows)
-            with autocast():
-                logprobs, entropy = sequence_logprobs(model, mb, args.temperature)   # (b, T) each
-            loss, stats = policy_loss(
-                logprobs, logprobs.detach() if old[i] is None else old[i], advantages[rows].to(device),
-                mb[4], normaliser=normaliser, loss_agg=args.loss_agg, clip_eps=args.clip_eps,
-                clip_eps_high=args.clip_eps_high, ref_logprobs=ref[i], kl_coef=args.kl_coef,
-                kl_estimator=args.kl_estimator)
-            loss.backward()
-            sums["clipped_tokens"] += stats["clipped_tokens"]
-            sums["loss"] += loss.item() / args.ppo_epochs
-            sums["train_tokens"] += int(mb[1].sum())
-            if epoch == 0:                    # entropy and KL of the policy that sampled the batch
-                sums["kl_sum"] += stats["kl_sum"]
-                sums["entropy_sum"] += (entropy * mb[4]).sum().item()
-        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    sums["grad_norm"] /= args.ppo_epochs
-    return sums
-
-
-def reward_function(args):
-    """reward(completion_text, gold) -> float for --reward, --checker, --format-reward, --strict-reward."""
-    if args.reward == "digits":
-        return digits_reward
-    return lambda text, gold: math_reward(text, gold, checker=args.checker, format_reward=args.format_reward,
-                                          last_number=not args.strict_reward)
-
-
-def train(args, reward_fn=None):
-    """The RL loop. reward_fn(completion_text, gold) -> float overrides --reward.
-    Returns (model, tokenizer, list of per-step metric dicts)."""
-    from tqdm import tqdm
-    run_args = dict(vars(args), checker_description=checker_description(args.checker))
-    set_seed(args.seed)
-    if args.model != "tiny":
-        model_source(args.model)     # a mistyped name fails now, not after the data and a download
-    check_output_dir(args.output_dir)
-    device, amp_dtype, why = pick_device(args.device, args.precision)
-    print(f"device: {device} ({why})")
-    autocast = lambda: torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
-    try:
-        is_equiv("1", "1", args.checker)     # a missing math-verify fails now, not mid-run
-    except ImportError as e:
-        raise UserError(str(e)) from None
-    if reward_fn is None:
-        reward_fn = reward_function(args)
-
-    # data first: a bad file fails in a second, before any model is loaded
-    train_rows, eval_rows = train_eval_sets(args.data, args.eval_size, args.seed)
-    if len(train_rows) < args.prompts_per_step:
-        raise UserError(f"--data {args.data} has {len(train_rows)} training questions, fewer than "
-                        f"--prompts-per-step {args.prompts_per_step}")
-    steps_per_epoch = len(train_rows) // args.prompts_per_step
-    print(f"data: {len(train_rows)} training questions, {len(eval_rows)} held out; "
-          f"{args.prompts_per_step} prompts x {args.group_size} completions; reward {args.reward}")
-
-    # the policy (possibly resumed) and, only with --kl-coef > 0, the frozen starting model
-    resume_from = latest_checkpoint(args.output_dir) if args.resume else None
-    if args.resume and resume_from is None:
-        print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
-    if resume_from:   # a longer run may continue (constant lr): --max-steps may change
-        check_resume_args(resume_from, run_args, RESUME_MAY_CHANGE | {
-            "max_steps", "eval_every", "eval_batch_size", "print_every"})
-    model, tokenizer = load_model_and_tokenizer(resume_from or args.model, device, seed=args.seed)
-    ref_model = None
-    if args.kl_coef > 0:   # the start of the run (--model), also after a resume
-        ref_model = load_model_and_tokenizer(args.model, device, seed=args.seed)[0]
-        ref_model.eval().requires_grad_(False)       # fp32 like the policy: KL exactly 0 at step 1
-    print(f"model: {resume_from or args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, stop tokens {stop_token_ids(model, tokenizer)}, "
-          + ("reference model for the KL penalty" if ref_model is not None else "no reference model"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start_step = 0
-    if resume_from:
-        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"))["optimizer"])
-        with open(os.path.join(resume_from, "trainer_state.json")) as f:
-            start_step = json.load(f)["step"]
-        print(f"resume: from {resume_from} at step {start_step}")
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_json(os.path.join(args.output_dir, "args.json"), run_args)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):   # keep the rows up to where this run starts (none if fresh)
-        with open(metrics_path) as f:
-            rows = [l for l in f if l.strip() and resume_from and json.loads(l)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(rows)
-    if eval_rows and start_step == 0:
-        accuracy = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
-        append_jsonl(metrics_path, {"step": 0, "eval_accuracy": accuracy})
-        print(f"step     0 | held-out accuracy {accuracy:.3f} ({len(eval_rows)} questions, greedy)")
-
-    history = []
-    model.train()
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="rl",
-               dynamic_ncols=True)
-    ctrl_c = StopOnCtrlC(args.output_dir)   # Ctrl-C: the step in progress ends with a checkpoint
-    for step in ctrl_c.steps(bar):
-        # 1. this step's prompts, from a seeded shuffle per epoch (a resumed run sees the same ones)
-        epoch, i = divmod(step, steps_per_epoch)
-        order = list(range(len(train_rows)))
-        random.Random(args.seed + epoch).shuffle(order)
-        rows = [train_rows[j] for j in order[i * args.prompts_per_step:(i + 1) * args.prompts_per_step]]
-        G = args.group_size
-        prompts = [encode_prompt(tokenizer, r["question"], args.system_prompt) for r in rows]
-        prompts = [ids for ids in prompts for _ in range(G)]              # G adjacent copies of each
-        golds = [r["answer"] for r in rows for _ in range(G)]
-
-        # 2. rollouts, seeded per step, and their rewards
-        t0 = time.perf_counter()
-        with autocast():
-            rollouts = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                            temperature=args.temperature, top_p=args.top_p,
-                                            batch_size=args.gen_batch_size, static_cache=args.static_cache,
-                                            seed=args.seed * 1_000_003 + step)
-        gen_seconds = time.perf_counter() - t0
-        rewards = torch.tensor([float(reward_fn(r["text"], g)) for r, g in zip(rollouts, golds)])  # (N,)
-        correct = [is_equiv(extract_answer(r["text"]), g, args.checker) for r, g in zip(rollouts, golds)]
-        truncated = torch.tensor([r["truncated"] for r in rollouts])     # (N,)
-
-        # 3. advantages, and the update (flat groups have advantage 0: see rl_step)
-        advantages, informative = group_advantages(rewards, G, scale_by_std=not args.no_std)
-        t1 = time.perf_counter()
-        sums = rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args,
-                       tokenizer.pad_token_id, device, autocast)
-        train_seconds = time.perf_counter() - t1
-
-        # 4. metrics: one JSON line per step, a log line, and now and then two samples. Entropy, KL
-        # and clip fraction are means over the loss-masked tokens of all sampled completions
-        lengths = [len(r["completion_ids"]) for r in rollouts]
-        tokens = sums["tokens"] or None                      # 0: --mask-truncated cut every one
-        record = {"step": step + 1, "reward": rewards.mean().item(),
-                  "accuracy": sum(correct) / len(correct), "response_length": sum(lengths) / len(lengths),
-                  "truncated_frac": truncated.float().mean().item(),
-                  "entropy": sums["entropy_sum"] / tokens if tokens else None,
-                  "kl": sums["kl_sum"] / tokens if tokens and ref_model is not None else None,
-                  "clip_frac": sums["clipped_tokens"] / (tokens * args.ppo_epochs) if tokens else None,
-                  "loss": sums["loss"], "grad_norm": sums["grad_norm"],
-                  "flat_groups": int((~informative).sum()), "groups": len(rows),
-                  "gen_tokens_per_s": sum(lengths) / gen_seconds, "train_tokens_per_s":
-                      sums["train_tokens"] / train_seconds if sums["train_tokens"] else None}
-        history.append(record)
-        append_jsonl(metrics_path, record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
-        if (step + 1) % args.log_every == 0:
-            r = record
-            tqdm.write(f"step {step + 1:5d} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | "
-                       f"len {r['response_length']:.0f} | trunc {r['truncated_frac']:.2f} | "
-                       f"flat {r['flat_groups']}/{len(rows)} | "
-                       + (f"H {r['entropy']:.3f} | clip {r['clip_frac']:.3f} | " if tokens else "")
-                       + (f"KL {r['kl']:.4f} | " if r["kl"] is not None else "")
-                       + f"gen {r['gen_tokens_per_s']:.0f} tok/s")
-        if args.print_every and (step + 1) % args.print_every == 0:
-            for k in sorted({int(rewards.argmax()), int(rewards.argmin())}):   # the best and the worst
-                text = rollouts[k]["text"]
-                shown = "".join(c if c.isprintable() or c == "\n" else "?" for c in text[:800])  # no escapes
-                tqdm.write(f"--- sample {k} | gold {golds[k]} | extracted {extract_answer(text)!r} | "
-                           f"reward {rewards[k]:.3f}\n{shown}{' [...]' if len(text) > 800 else ''}")
-
-        # 5. held-out accuracy and checkpoints (atomic: complete or absent)
-        done = step + 1 == args.max_steps
-        if eval_rows and (done or (args.eval_every and (step + 1) % args.eval_every == 0)):
-            record["eval_accuracy"] = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
-            append_jsonl(metrics_path, {"step": step + 1, "eval_accuracy": record["eval_accuracy"]})
-            tqdm.write(f"step {step + 1:5d} | held-out accuracy {record['eval_accuracy']:.3f}")
-        if done or ctrl_c.stop_here() or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(args.output_dir, model, tokenizer, run_args, {"step": step + 1}, optimizer)
-            prune_checkpoints(args.output_dir, args.keep_checkpoints)
-    bar.close()
-    export_model(args.output_dir, model, tokenizer, run_args)
-    print(f"done: model in {args.output_dir}, metrics in {metrics_path}; "
-          f"next: python evaluate.py --model {args.output_dir}")
-    return model, tokenizer, history
-
-
-TINY_DEFAULTS = dict(data="synthetic", reward="digits", lr=1e-3, prompts_per_step=4, max_new_tokens=32,
-                     micro_batch_size=32, max_steps=20, eval_size=16, print_every=5)
-HUB_DEFAULTS = dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, max_new_tokens=1024,
-                    micro_batch_size=4, max_steps=300, eval_size=200, print_every=10)
-
-
-def parse_args(argv=None):
-    p = ArgumentParser(description="RL with verifiable rewards (GRPO-style) for maths.",
-                       formatter_class=HelpFormatter)
-    add = p.add_argument
-    add("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B) | tiny")
-    add("--data", default=None, help="gsm8k (train split; test split held out) | math500 | synthetic | "
-        "local .jsonl with question and answer (default: synthetic for tiny, gsm8k)")
-    add("--output-dir", default=None, help="checkpoints, metrics.jsonl, final model (runs/rl-{model})")
-    add("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none)")
-    # reward
-    add("--reward", default=None, choices=["math", "digits"], help="math: 1 for a right answer; digits: "
-        "toy reward for sanity runs (default: digits for tiny, math)")
-    add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: builtin rules, "
-        "the math-verify package, or auto (builtin, and math-verify for answers with symbols)")
-    add("--format-reward", type=float, default=0.0, help="reward for a wrong but \\boxed answer")
-    add("--strict-reward", action="store_true", help="reward only a stated answer (\\boxed{}, \"The answer "
-        "is\", ...), not the last number of a completion that states none (as evaluate.py --protocol strict)")
-    # rollouts
-    add("--group-size", "-G", type=int, default=8, help="completions per prompt")
-    add("--prompts-per-step", type=int, default=None, help="prompts per step (16; 4 tiny)")
-    add("--max-new-tokens", type=int, default=None, help="completion budget (1024; 32 tiny)")
-    add("--temperature", type=float, default=1.0, help="sampling temperature, also used in the loss")
-    add("--top-p", type=float, default=1.0, help="nucleus sampling")
-    add("--gen-batch-size", type=int, default=None, help="sequences per generate call (default all)")
-    add("--mask-truncated", action="store_true", help="no loss on completions without an EOS")
-    add("--static-cache", action="store_true", help="generate with a static KV cache (compiled decoding on "
-        "CUDA; same sampler and greedy outputs; tested on CPU, not yet measured on a GPU)")
-    # loss
-    add("--no-std", action="store_true", help="advantage r - mean, not divided by std (Dr. GRPO)")
-    add("--loss-agg", default="token-mean", choices=LOSS_AGGS, help="how token losses are averaged")
-    add("--ppo-epochs", type=int, default=1, help="updates per batch (1: REINFORCE with group baseline)")
-    add("--clip-eps", type=float, default=0.2, help="PPO clip epsilon (lower, and upper by default)")
-    add("--clip-eps-high", type=float, default=None, help="separate upper epsilon (DAPO uses 0.28)")
-    add("--kl-coef", type=float, default=0.0, help="KL penalty to the start (0: no reference model)")
-    add("--kl-estimator", default="k3", choices=KL_ESTIMATORS, help="k3: gradient of KL(ref || pi) "
-        "(GRPO); k3-corrected: k3 x pi/pi_old, gradient of KL(pi || ref) (TRL 1.16's default)")
-    # optimisation
-    add("--lr", type=float, default=None, help="AdamW learning rate (1e-6; 1e-3 tiny)")
-    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    add("--micro-batch-size", type=int, default=None, help="completions per forward pass (4; 32 tiny)")
-    add("--max-steps", type=int, default=None, help="optimiser steps (300; 20 tiny)")
-    # run
-    add("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or fp32")
-    add("--seed", type=int, default=0, help="seed for the tiny model, prompt order and sampling")
-    add("--eval-size", type=int, default=None, help="held-out questions (200; 16 tiny; 0: none)")
-    add("--eval-every", type=int, default=50, help="held-out accuracy every N steps, and at start/end")
-    add("--eval-protocol", default="qwen-math", choices=PROTOCOLS, help="score held-out answers as "
-        "evaluate.py --protocol does (its prompt, extraction, checker), at --max-new-tokens")
-    add("--eval-batch-size", type=int, default=64, help="sequences per generate call in evaluation")
-    add("--log-every", type=int, default=1, help="print a metrics line every N steps")
-    add("--print-every", type=int, default=None, help="print the best and worst completion every N "
-        "steps (10; 5 tiny; 0: never)")
-    add("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
-    add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints (0: all)")
-    add("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    add("--allow-changed-args", action="store_true", help="--resume even where settings differ from the "
-        "checkpoint's args.json (refused otherwise; the differences are named)")
-    args = p.parse_args(argv)
-    if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
-        p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
-    args.model_kind = model_kind(args.model)   # tiny, or a directory trained from it: small defaults
-    for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    require(p, args, [
-        ("group_size", args.group_size >= 2, "at least 2 (the advantage compares completions of a prompt)"),
-        ("prompts_per_step", args.prompts_per_step >= 1, "at least 1"),
-        ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
-        ("temperature", args.temperature > 0, "positive (RL samples; evaluation is greedy)"),
-        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
-        ("gen_batch_size", args.gen_batch_size is None or args.gen_batch_size >= 1, "at least 1"),
-        ("ppo_epochs", args.ppo_epochs >= 1, "at least 1"), ("clip_eps", args.clip_eps > 0, "positive"),
-        ("clip_eps_high", args.clip_eps_high is None or args.clip_eps_high > 0, "positive"),
-        ("kl_coef", args.kl_coef >= 0, "0 or more"), ("lr", args.lr > 0, "positive"),
-        ("format_reward", 0 <= args.format_reward < 1, "in [0, 1) (a right answer earns 1)"),
-        ("weight_decay", args.weight_decay >= 0, "0 or more"), ("grad_clip", args.grad_clip > 0, "positive"),
-        ("micro_batch_size", args.micro_batch_size >= 1, "at least 1"),
-        ("max_steps", args.max_steps >= 1, "at least 1"), ("eval_size", args.eval_size >= 0, "0 or more"),
-        ("eval_every", args.eval_every >= 0, "0 or more"),
-        ("eval_batch_size", args.eval_batch_size >= 1, "at least 1"),
-        ("log_every", args.log_every >= 1, "at least 1"), ("print_every", args.print_every >= 0, "0 or more"),
-        ("save_every", args.save_every >= 0, "0 or more"),
-        ("keep_checkpoints", args.keep_checkpoints >= 0, "0 or more")])
-    if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"rl-{os.path.basename(args.model.rstrip('/'))}")
-    return args
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":   # below the checker, so that every name in the file is defined
     run_cli(lambda: train(parse_args()))

@@ -6,6 +6,7 @@ copied from the code under test. Run: python -m pytest tests/test_rl.py -q
 import collections
 import contextlib
 import copy
+import doctest
 import json
 import math
 import os
@@ -35,6 +36,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_doctests():
+    """The examples in rl.py's docstrings are run, so they cannot drift from the code."""
+    result = doctest.testmod(rl)
+    assert result.attempted >= 2 and result.failed == 0
 
 
 # ----------------------------------------------------------------------------
@@ -253,13 +260,15 @@ def test_same_gradient_for_any_micro_batch_split(agg):
 def test_rollout_tensors_align_completions():
     prompts = [[11, 12, 13], [21]]
     completions = [[31, 2], [41, 42, 43, 2]]
-    input_ids, attn, pos, comp, mask, P = rollout_tensors(prompts, completions, pad_id=0)
-    assert P == 3
-    assert input_ids.tolist() == [[11, 12, 13, 31, 2, 0, 0], [0, 0, 21, 41, 42, 43, 2]]
-    assert attn.tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]
+    batch = rollout_tensors(prompts, completions, pad_id=0)
+    assert batch.input_ids.tolist() == [[11, 12, 13, 31, 2, 0, 0], [0, 0, 21, 41, 42, 43, 2]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]
+    pos = batch.position_ids
     assert pos[0, :5].tolist() == [0, 1, 2, 3, 4] and pos[1, 2:].tolist() == [0, 1, 2, 3, 4]
-    assert comp.tolist() == [[31, 2, 0, 0], [41, 42, 43, 2]]
-    assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch.completion_ids.tolist() == [[31, 2, 0, 0], [41, 42, 43, 2]]
+    assert batch.loss_mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    second = batch.rows([1], CPU)                            # a micro-batch keeps the field names
+    assert second.completion_ids.tolist() == [[41, 42, 43, 2]] and second.loss_mask.all()
 
 
 # ----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ rl.py is the readable single-GPU version of this stage; use this script when you
 engine (vLLM generation, DeepSpeed, many GPUs). The reward is exactly rl.py's and evaluate.py's
 checker, and the prompt is the same chat prompt (system: "Please reason step by step, ...").
 """
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from data import UserError, load_qa, prompt_messages  # noqa: E402
+from data import ArgumentParser, HelpFormatter, load_qa, prompt_messages, run_cli  # noqa: E402
 from eksft import load_model_and_tokenizer  # noqa: E402
 from rl import grpo_reward_fn  # noqa: E402
 
@@ -50,7 +49,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="GRPO with TRL and eksft's math checker.")
+    parser = ArgumentParser(description="GRPO with TRL and eksft's math checker.",
+                            formatter_class=HelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny | short name | hub id | local dir")
     parser.add_argument("--data", default="synthetic", help="synthetic | gsm8k | local .jsonl "
                         "with question and answer")
@@ -61,7 +61,4 @@ if __name__ == "__main__":
     parser.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
     parser.add_argument("--vllm", action="store_true", help="generate with vLLM (TRL's option)")
     parser.add_argument("--output-dir", default="runs/trl-grpo", help="where the model goes")
-    try:
-        main(parser.parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_cli(lambda: main(parser.parse_args()))   # bad input: one `error:` line, exit code 2

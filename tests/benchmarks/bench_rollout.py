@@ -7,12 +7,13 @@ bench_rollout.py: RL rollout speed, rl.generate_completions with the default and
     python tests/benchmarks/bench_rollout.py --threads 1          # CPU: a ~1M and a ~5M model (~3 min)
     python tests/benchmarks/bench_rollout.py --small --threads 1  # CPU, seconds: does it run
 
-A script, not a test (--gpu takes about 6 minutes on an H100-class GPU, estimated, not yet run).
+A script, not a test (--gpu runs for minutes on one GPU).
 Same model, prompts and seed for each path; each row times generate_completions calls after an
 untimed one (of the same shape for the static cache, where it compiles on a GPU):
-  default   transformers' generate with its default (dynamic) KV cache: rl.py before issue 14
+  default   transformers' generate with its default (dynamic) KV cache: what rl.py and
+            evaluate.py use unless --static-cache is given
   static    static_cache=True: a KV cache of fixed size; on a GPU transformers then compiles the
-            one-token decoding step (torch.compile, CUDA graphs). rl.py's default on CUDA.
+            one-token decoding step (torch.compile, CUDA graphs). rl.py/evaluate.py --static-cache.
   static+compiled (--cpu-compile, CPU only): the compiled decoding step forced on a CPU through
             transformers' CompileConfig._compile_all_devices (a testing switch), to show it runs
             and gives the same completions; compiling takes minutes on a small CPU.
