@@ -3,6 +3,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -378,6 +379,21 @@ def test_plan_seconds_shares_the_cores():
     assert tiny_lab.plan_seconds(cfg, 2, 2, 1, ["sft", "eksft"], cores=2)[1] == pytest.approx(per_seed)
     # the RL stage by hand: 2 methods x 20 steps x 16 prompts x 8 completions x 260 token slots
     assert stages["RL"] == pytest.approx(2 * 20 * 16 * 8 * 260 * tiny_lab.COST["rl_token"])
+
+
+def test_every_lab_command_in_the_lesson_parses(tmp_path, monkeypatch):
+    """Each `python tutorial/tiny_lab.py ...` in tutorial/README.md is accepted by this version's
+    parser, except the old lab's block, which says it runs at commit a4ca328."""
+    with open(os.path.join(ROOT, "tutorial", "README.md")) as f:
+        text = re.sub(r"```bash\ngit checkout a4ca328.*?```", "", f.read(), flags=re.S)
+    commands = re.findall(r"python tutorial/tiny_lab\.py([^`\n#]*)", text)
+    assert len(commands) >= 8 and not any("--ablations" in c for c in commands)
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        argv = shlex.split(command)
+        if "--bases" in argv:   # an earlier command's output directory
+            os.makedirs(argv[argv.index("--bases") + 1], exist_ok=True)
+        tiny_lab.parse_args(argv)
 
 
 def test_docs_have_no_placeholder():

@@ -89,8 +89,8 @@ FULL = dict(
     eval_questions=128, pass_questions=16, pass_samples=8, max_new_tokens=170, text_examples=64,
     format_docs=0.0,
 )
-QUICK = dict(FULL, pretrain_problems=1000, pretrain_warmup=10, pretrain_eval_every=30,
-             pretrain_patience=2, pretrain_max_steps=90, sft_examples=32, sft_epochs=2,
+QUICK = dict(FULL, pretrain_problems=1000, pretrain_warmup=10, pretrain_eval_every=20,
+             pretrain_patience=2, pretrain_max_steps=60, sft_examples=32, sft_epochs=2,
              val_questions=8, rl_steps=2, rl_prompts=4, rl_group=4, rl_lr=5e-4, eval_questions=16,
              pass_questions=4, pass_samples=4, max_new_tokens=100, text_examples=8)
 PAPER = dict(  # the paper regime's changes to FULL
@@ -104,9 +104,9 @@ VALIDATION_SEED = 30_000    # the validation questions: drawn like the held-out 
 PRETRAIN_SEED = 123_456     # the prose corpus: a seed no other set uses
 RL_SEED = 200_000           # RL questions of seed s: data.synthetic_problems(2000, seed=RL_SEED + s)
 SFT_MAX_NUMBER = 40         # paper regime: every number in an SFT example is <= 40, every held-out answer > 40
-# seconds per unit of work for one process with one torch thread on this project's 2-core machine
-# (AMD EPYC), from the stage times the lab logged in the paper regime (9 processes on 2 cores,
-# divided by 4.5) and this version's --quick; another CPU may be slower (one was 2.5x): plan_seconds
+# seconds per unit of work for one process with one torch thread, from the stage times the lab
+# logged on 2 cores of an AMD EPYC (9 processes sharing them: divided by 4.5); --quick on a 2-core
+# Intel Xeon took about half of what they plan for it, and one reader's CPU was 2.5x slower
 COST = dict(pretrain_step=0.3,    # 8 x 256 tokens, forward and backward
             sft_example=0.1,      # one training example, one epoch (EKSFT: with the reference pass)
             eval_token=0.0004,    # one greedy or sampled token of one sequence, in batches of 16-128
