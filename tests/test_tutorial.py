@@ -155,6 +155,8 @@ def test_quick_run_selects_the_best_validation_score(quick_run):
         rl_args = json.loads((out / "seed0" / f"{method}-rl" / "args.json").read_text())
         assert rl_args["model"] == chosen["path"]
         assert f"selected: {name} lr {chosen['lr']:g} step {chosen['step']}" in stdout
+        edge = " (an edge of the grid)" if chosen["lr"] in (min(cfg["sft_lrs"]), max(cfg["sft_lrs"])) else ""
+        assert f"- seed 0, {name}: lr {chosen['lr']:g}{edge}, step {chosen['step']}, " in stdout
 
 
 def test_quick_run_without_matplotlib_says_so(quick_run):

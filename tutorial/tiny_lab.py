@@ -961,7 +961,10 @@ def write_report(args, cfg, out, methods, outcomes, problems, val_problems, star
         + ", ".join(f"{e['step']}: {100 * e['prose_accuracy']:.1f}" for e in o.pretraining["curve"]["evals"])
         for s, o in enumerate(outcomes))
     selection = "\n".join(
-        f"- seed {s}, {name}: lr {o.selection[name]['lr']:g}, step {o.selection[name]['step']}, "
+        f"- seed {s}, {name}: lr {o.selection[name]['lr']:g}"
+        + (" (an edge of the grid)" if len(cfg["sft_lrs"]) > 1 and o.selection[name]["lr"] in
+           (min(cfg["sft_lrs"]), max(cfg["sft_lrs"])) else "")
+        + f", step {o.selection[name]['step']}, "
         f"{o.selection[name]['val_correct']} of {len(val_problems)}; grid (lr: validation right at each "
         f"checkpoint) " + "; ".join(
             f"{lr:g}: " + ", ".join(str(c["val_correct"]) for c in o.grid[name] if c["lr"] == lr)
