@@ -62,18 +62,18 @@ from eksft import (RESUME_MAY_CHANGE, StopOnCtrlC, append_jsonl, check_output_di
 # ----------------------------------------------------------------------------
 # 1. The answer checker
 #
-# extract_answer(text) finds the final answer of a completion; is_equiv(pred, gold, checker) decides
+# extract_answer(text) finds the final answer of a completion; is_equiv(pred, gold, checker) says
 # whether two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. The checkers:
-#   builtin      the normalisation rules (tables below, one comment per rule) and a small parser
-#                that evaluates numbers exactly (fractions: integers of any length) and expressions
-#                in one-letter variables at sample points;
+#   builtin      normalisation rules (tables below, one comment per rule) and a small parser that
+#                evaluates numbers exactly (integers of any length) and expressions in one-letter
+#                variables at sample points;
 #   math-verify  the math-verify package (sympy), in a worker process under a hard time limit;
-#   auto         a builtin "equal" is final, and so is its "not equal" on numbers, tuples, intervals,
-#                matrices and choices (math-verify rounds: 70001 = 70000 there); anything else it
-#                rejects (\arcsin 1, 2x+4y=3) goes on to math-verify.
-# Under every checker a decimal never equals an irrational (3.14 is not \pi, 1.41 is not \sqrt{2}),
-# and one check takes at most _CHECK_LIMIT_S. Nothing is eval'ed; loops are linear, recursion and
-# exponents capped, errors caught: a 1 MB answer or 9^{9^{9^9}} takes milliseconds.
+#   auto         a builtin "equal" is final, and so is its "not equal" on numbers, tuples,
+#                intervals, matrices and choices (math-verify rounds: 70001 = 70000 there);
+#                anything else it rejects (\arcsin 1, \log_2 8, 2x+4y=3) goes on to math-verify.
+# Under every checker a decimal never equals an irrational (3.14 is not \pi), and a check takes at
+# most _CHECK_LIMIT_S. Nothing is eval'ed; loops are linear, recursion and exponents capped, errors
+# caught: a 1 MB answer or 9^{9^{9^9}} takes milliseconds.
 
 CHECKERS = ("builtin", "math-verify", "auto")
 _CHECK_LIMIT_S = 0.8       # hard limit on one check (math-verify and a worker start included)
@@ -92,23 +92,21 @@ def default_checker():
 def checker_description(checker=None):
     """For args.json: 'builtin', 'auto (builtin + math-verify 0.9.0)' or 'math-verify 0.9.0'."""
     checker = checker or default_checker()
-    if checker == "builtin":
-        return checker
-    try:
-        version = importlib.metadata.version("math-verify")
-    except importlib.metadata.PackageNotFoundError:
-        version = "(not installed)"
-    return f"auto (builtin + math-verify {version})" if checker == "auto" else f"math-verify {version}"
+    installed = default_checker() == "auto"
+    version = importlib.metadata.version("math-verify") if installed else "(not installed)"
+    if checker == "auto":
+        return f"auto (builtin + math-verify {version})"
+    return checker if checker == "builtin" else f"math-verify {version}"
 
 
 def extract_answer(text, *, last_number=False):
     """The final answer of a completion as a string, or None (also for an empty answer).
 
-    Only the text after a closing </think> counts, only the inside of the last <answer>...</answer>.
-    The last stated answer wins: the last \\boxed{...} (also \\fbox, `\\boxed 5`, and boxes joined by
-    "and" or commas) or a later "The (final) answer is X" / "Answer: X" that states a value (not
-    "the answer is correct"); else the last GSM8K-style "#### X"; else, with last_number=True (the
-    Qwen2.5-Math harness's fallback; off for RL), the last number in the text.
+    Only the text after </think> counts, only the inside of the last <answer>...</answer>. The last
+    stated answer wins: the last \\boxed{...} (also \\fbox, `\\boxed 5`, boxes joined by "and" or
+    commas) or a later "The (final) answer is X" / "Answer: X" that states a value (not "the answer
+    is correct"); else the last "#### X" (GSM8K); else, with last_number=True (the Qwen2.5-Math
+    harness's fallback; off for RL), the last number in the text.
     """
     if not isinstance(text, str):
         return None
@@ -129,16 +127,15 @@ def extract_answer(text, *, last_number=False):
 def is_equiv(pred, gold, checker=None):
     """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
 
-    checker: "builtin", "math-verify" or "auto" (default: default_checker()). Builtin normalises both
-    (the rule tables below), drops names and glosses (x = 7, f^{-1}(x) = 2x+3, x \\in [1,2], \\approx
-    0.58), then compares numbers exactly (a decimal with 3+ significant digits also matches a
-    rational that rounds to it: 0.333 = 1/3; never an irrational), expressions in one-letter
-    variables by value ((x+1)^2 = x^2+2x+1), tuples, intervals and matrices element by element,
-    sets, lists and interval unions in any order, words ignoring case. Auto: see the section's top.
-    Raises only on an unknown checker (ValueError) or a missing math-verify (ImportError).
+    checker: "builtin", "math-verify" or "auto" (default: default_checker()). Builtin normalises
+    both (the rule tables below), drops names and glosses (x = 7, f^{-1}(x) = 2x+3, x \\in [1,2],
+    \\approx 0.58), then compares numbers exactly (a decimal of 3+ significant digits also matches a
+    rational that rounds to it: 0.333 = 1/3), expressions in one-letter variables by value,
+    tuples, intervals and matrices element by element, sets, lists and interval unions in any
+    order, words ignoring case. Raises only on an unknown checker or a missing math-verify.
     """
     started, checker = time.monotonic(), _resolve_checker(checker)
-    if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
+    if not (isinstance(pred, str) and isinstance(gold, str) and pred.strip() and gold.strip()):
         return False
     if checker == "math-verify":
         return bool(_math_verify(pred, gold, started))
@@ -147,7 +144,8 @@ def is_equiv(pred, gold, checker=None):
             return pred.strip() == gold.strip()
         a, b = _normalise(pred), _normalise(gold)
         # x = 7 and |AB| = 7 match 7 but not y = 7; an equation's left side (2x+y = 0) must match
-        equation = any(re.search("[-+]", n) and not _NAME_RE.fullmatch(n) for n in a.names + b.names)
+        equation = any(re.search("[-+]", n) and not _NAME_RE.fullmatch(n)
+                       for n in a.names + b.names)
         # x = 3, y = -2 is the point (3,-2) next to a point, and the list 3, -2 next to a list
         x = a.components if a.components and (b.components or b.text[:1] == "(") else a.text
         y = b.components if b.components and (a.components or a.text[:1] == "(") else b.text
@@ -157,7 +155,7 @@ def is_equiv(pred, gold, checker=None):
         if checker == "builtin" or re.fullmatch("[A-Z]", a.text) or (
                 _is_numeric(a.text) and _is_numeric(b.text) and not equation):
             return False                                   # auto: exact verdicts stay final
-    except Exception:                                      # a checker bug must not crash a training run
+    except Exception:                                      # a checker bug must not stop training
         return False
     return bool(_math_verify(pred, gold, started))
 
@@ -167,10 +165,9 @@ def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_numbe
     default: what a wrong answer that is at least \\boxed earns).
 
     The answer is the one the completion states (extract_answer). One that states none is read as
-    the Qwen2.5-Math harness and math-verify read it: its last formula ($...$, \\(...\\)) or last
-    number, whichever comes last, and with auto or math-verify by math-verify's own reading too.
-    This is on by default (last_number=True), so that the reward scores what evaluate.py's default
-    protocol scores; last_number=False is the strict reward (evaluate.py --protocol strict).
+    the Qwen2.5-Math harness and math-verify read it (its last formula or number, and with auto or
+    math-verify by math-verify too), so that the reward scores what evaluate.py's default protocol
+    scores; last_number=False is the strict reward (evaluate.py --protocol strict).
     """
     started, checker = time.monotonic(), _resolve_checker(checker)
     pred = extract_answer(completion)
@@ -245,9 +242,9 @@ def _closing_brace(text, j):
 
 
 def _boxed_answer(text):
-    """(start, answer) of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, joined with the
-    boxes just before it that form one answer with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'), or
-    None. An unclosed \\boxed{ (a truncated answer) is skipped; only the last 20 boxes are read."""
+    """(start, answer) of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, joined with
+    the boxes just before it that form one answer with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'),
+    or None. An unclosed \\boxed{ (a truncated answer) is skipped; only the last 20 are read."""
     found, before = [], {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
     for _ in range(20):                                    # from the last box backwards
         name = max(before, key=before.get)
@@ -288,7 +285,7 @@ def _clean_sentence_answer(s):
     s = s.strip().strip("*").strip()
     for opening, closing in (("$$", r"\$\$"), ("$", r"(?<!\\)\$"), ("\\(", r"\\\)"),
                              ("\\[", r"\\\]")):
-        if s.startswith(opening):
+        if s.startswith(opening):                          # a formula, perhaps unclosed
             end = re.compile(closing).search(s, len(opening))
             s = s[len(opening):end.start() if end else None]
             break
@@ -319,8 +316,8 @@ def _marked_answer(text):
 
 # Normalisation, step 1: LaTeX and notation, (pattern, replacement) applied in this order.
 def _repeating_decimal(m):
-    """0.1\\overline{6} -> \\frac{15}{90}: (all digits - the digits before the repeat) / (10^k (10^n - 1))
-    for k digits before the repeating n."""
+    """0.1\\overline{6} -> \\frac{15}{90}: (all the digits - those before the repeating n) over
+    10^k (10^n - 1), for k digits after the point before the repeating ones."""
     whole, fixed, repeat = m[1] or "0", m[2], m[3]
     return (f"\\frac{{{int(whole + fixed + repeat) - int(whole + fixed)}}}"
             f"{{{10 ** len(fixed) * (10 ** len(repeat) - 1)}}}")
@@ -331,7 +328,7 @@ _LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
     (r"[−–]", "-"),                                             # unicode minus and dash
     (r"×", r"\\times "), (r"·", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "),
     (r"∞", r"\\infty "), (r"∪", r"\\cup "), (r"²", "^2"), (r"³", "^3"), (r"≈", r"\\approx "),
-    (r"(\d*)\.(\d{0,50})\\(?:overline|bar)\s*\{(\d{1,50})\}", _repeating_decimal),   # 0.\overline{3}
+    (r"(\d*)\.(\d{0,50})\\(?:overline|bar)\s*\{(\d{1,50})\}", _repeating_decimal),  # 0.\bar{3}
     (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),                     # \dfrac, \tfrac, \cfrac are \frac
     (r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![A-Za-z])", ""),   # sizing commands
     (r"(?<=\d)(?:\{,\}|,\\!\s?|\\[,!])(?=\d{3}(?!\d))", ","),    # 14{,}916, 2,\!500, 1\,234
@@ -356,13 +353,15 @@ _NUMBER_WORDS = {w: i for i, w in enumerate(
 _NUMBER_WORDS.update((w, 10 * i) for i, w in enumerate("thirty forty fifty sixty seventy eighty"
                                                        " ninety".split(), 3))
 _TENS, _ONES = "|".join(list(_NUMBER_WORDS)[20:]), "|".join(list(_NUMBER_WORDS)[1:10])
+_NUMBER_WORDS_RE = (rf"(?i)^(?:({_TENS})(?:[\s-]({_ONES}))?|({'|'.join(_NUMBER_WORDS)}))\b"
+                    r"(?![\s-]*(?:hundred|thousand|million))")
 # Step 4, once \text, names and glosses are gone: one spelling for one value.
 _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
-    (rf"(?i)^(?:({_TENS})(?:[\s-]({_ONES}))?|({'|'.join(_NUMBER_WORDS)}))\b(?![\s-]*(?:hundred|thousand|million))",   # twenty-one -> 21
-     lambda m: str(_NUMBER_WORDS[(m[1] or m[3]).lower()] + _NUMBER_WORDS.get(str(m[2]).lower(), 0))),
+    (_NUMBER_WORDS_RE, lambda m: str(_NUMBER_WORDS[(m[1] or m[3]).lower()]   # twenty-one -> 21
+                                     + _NUMBER_WORDS.get(str(m[2]).lower(), 0))),
     (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*"
      r"(?:\^\{?[23]\}?)?\.?\s*$", r"\1"),                        # 10cm^2, 10 weeks -> 10 (not 6xy)
-    (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234 (not 1,23)
+    (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234
     (r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", ""),                 # spaces, but one between letters
     (r"\\frac(\d)(\d)", r"\\frac{\1}{\2}"),                      # \frac12 -> \frac{1}{2}
     (r"\\frac(\d)\{", r"\\frac{\1}{"),
@@ -392,7 +391,7 @@ _NAME = (r"(?:\\angle\s*|\\overline\{)?\\?[A-Za-z]+\}?'*(?:[_^](?:\{[^{}=]{1,12}
          r"(?:\([^()=]{0,20}\))?")
 _NAME_RE = re.compile(rf"\s*(?:{_NAME}|\(\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\))\s*")   # or (a, b)
 _NAME_IN_RE = re.compile(rf"^\s*{_NAME}\s*\\(?:in|approx)(?![A-Za-z])\s*")   # x \in [-2, 7]
-_GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)     # \frac{\sqrt3}{3} \approx 0.577
+_GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)     # \sqrt{3} \approx 1.73
 _EQUALS_RE = re.compile(r"(?<![<>!=])=(?!=)")
 
 
@@ -434,8 +433,9 @@ def _strip_text_commands(s):
         if end is None:                                   # unbalanced: drop the command name only
             return s[:m.start()] + s[m.end() - 1:]
         before, inner, after = s[:m.start()], s[m.end():end], s[end + 1:]
-        is_unit = (re.search(r"[\d}]\s*$", before) and re.fullmatch(r"\s*[A-Za-z][A-Za-z ./]*", inner)
-                   and re.fullmatch(r"\s*(?:\^\s*\{?\d\}?)?\s*", after))   # "5 \text{cm}^2"
+        is_unit = (re.search(r"[\d}]\s*$", before)                    # "5 \text{cm}^2"
+                   and re.fullmatch(r"\s*[A-Za-z][A-Za-z ./]*", inner)
+                   and re.fullmatch(r"\s*(?:\^\s*\{?\d\}?)?\s*", after))
         s = before if is_unit else before + inner + after
     return s
 
@@ -486,9 +486,9 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
         return _same_elements(a.split("\\cup"), b.split("\\cup"), depth)
     pa, pb = _bracketed(a), _bracketed(b)
     sets = [p is not None and p[:2] == ("{", "}") for p in (pa, pb)]
-    if any(sets):                                          # a set: an unordered list of its elements
+    if any(sets):                                          # a set: an unordered list
         return _equiv(pa[2] if sets[0] else a, a_pct, pb[2] if sets[1] else b, b_pct, depth + 1)
-    if pa and pb:                                          # tuples, intervals, matrices: element-wise
+    if pa and pb:                                          # tuples, intervals, matrices
         ea, eb = _split_top_level(pa[2]), _split_top_level(pb[2])
         return (pa[:2] == pb[:2] and len(ea) == len(eb)
                 and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
@@ -514,7 +514,7 @@ def _close(u, v):
     return u == v if isinstance(u, Fraction) else math.isclose(u, v, rel_tol=1e-12, abs_tol=1e-12)
 
 
-_DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)(?:\\(?:times|cdot)10\^\{?(-?\d{1,3})\}?)?")   # 2.5\times10^{-3}
+_DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)(?:\\(?:times|cdot)10\^\{?(-?\d{1,3})\}?)?")  # 2.5\cdot10^k
 
 
 def _numbers_equal(a, x, a_pct, b, y, b_pct):
@@ -543,7 +543,7 @@ def _same_function(a, b):
                    for s in (a, b))):
         return False
     for point in (1, 2):                                   # values no simple answer is built around
-        variables = {name: point + Fraction(2 * i + 3, 13) for i, name in enumerate(sorted(names[0]))}
+        variables = {x: point + Fraction(2 * i + 3, 13) for i, x in enumerate(sorted(names[0]))}
         x, y = _to_number(a, variables), _to_number(b, variables)
         if x is None or y is None or not _close(x, y):
             return False
@@ -586,7 +586,9 @@ _TOKEN_RE = re.compile(r"\d+(?:\.\d+)?|\\[A-Za-z]+|\S")
 _FUNCTIONS = {"\\sin": math.sin, "\\cos": math.cos, "\\tan": math.tan, "\\ln": math.log,
               "\\sec": lambda t: 1 / math.cos(t), "\\csc": lambda t: 1 / math.sin(t),
               "\\cot": lambda t: 1 / math.tan(t), "\\exp": math.exp}
-_PRODUCT_STARTS = ("(", "{", "\\frac", "\\sqrt", "\\pi", *_FUNCTIONS)   # 2\pi, 3\sqrt{2}, 2x
+# what may follow a factor: an operator or a product without one (2\pi, 3\sqrt{2}, 2x)
+_TERM_CONTINUES = ("*", "\\cdot", "\\times", "/", "\\div", "(", "{", "\\frac", "\\sqrt", "\\pi",
+                   *_FUNCTIONS)
 _MAX_DEPTH = 40            # nesting depth the parser accepts
 _MAX_EXPONENT = 1000       # |exponent| it evaluates (2^{1000} is fine, 9^{9^9} is not)
 
@@ -623,7 +625,7 @@ def _to_number(s, variables=None):
 
     def term(depth):
         value = unary(depth)
-        while peek() in ("*", "\\cdot", "\\times", "/", "\\div", *_PRODUCT_STARTS) or peek() in variables:
+        while peek() in _TERM_CONTINUES or peek() in variables:
             if peek() in ("/", "\\div"):
                 take()
                 value /= unary(depth)                      # ZeroDivisionError is caught below
@@ -703,12 +705,11 @@ out, sys.stdout = sys.stdout, sys.stderr       # only verdicts go to the parent
 from math_verify import parse, verify
 from sympy import Basic, Float, Rational, preorder_traversal
 
-def floats(answers):
-    return any(isinstance(a, Basic) and a.has(Float) for a in answers)
-
-def irrational(answers):
-    return any(isinstance(a, Basic) and any(n.is_number and n.is_rational is not True
-                                            for n in preorder_traversal(a)) for a in answers)
+def approximates_an_irrational(answers):       # a decimal (a Float) with pi, sqrt(2), ...
+    values = [a for a in answers if isinstance(a, Basic)]
+    return any(a.has(Float) for a in values) and any(
+        n.is_number and n.is_rational is not True and not n.has(Float)
+        for a in values for n in preorder_traversal(a))
 
 def exact(answers):                            # 3.14 -> 157/50
     return [a.xreplace({f: Rational(str(f)) for f in a.atoms(Float)}) if isinstance(a, Basic)
@@ -719,7 +720,7 @@ print("ready", file=out, flush=True)
 for line in sys.stdin:
     gold, pred = map(parse, json.loads(line))
     ok = verify(gold, pred)
-    if ok and floats(gold) != floats(pred) and irrational(pred if floats(gold) else gold):
+    if ok and approximates_an_irrational(gold + pred):
         ok = verify(exact(gold), exact(pred))  # math-verify rounds: 3.1415927 is not pi
     print("yes" if ok else "no", file=out, flush=True)
 """
@@ -751,17 +752,18 @@ def _math_verify(pred, gold, started, completion=False):
     completion=True a completion's end, which math-verify reads on its own."""
     deadline = started + _CHECK_LIMIT_S
     pred = pred[-2 * _MAX_ANSWER_CHARS:] if completion else f"\\boxed{{{pred}}}"
-    if len(pred) > 2 * _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS or _pool.failed_starts >= 3:
-        return None
-    if not _pool.lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
-        return None                                       # other threads' checks took the time
+    if (len(pred) > 2 * _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS
+            or _pool.failed_starts >= 3
+            or not _pool.lock.acquire(timeout=max(deadline - time.monotonic(), 0))):
+        return None                                       # (or other threads took the time)
     worker = verdict = None
     try:
         _start_workers(1)
         worker = _pool.workers[0]
         worker.ready = worker.ready or _read_line(worker, deadline) == "ready"
         if not worker.ready:                              # still starting: no verdict this time
-            if worker.process.poll() is not None or time.monotonic() - worker.started > _MV_START_LIMIT_S:
+            if (worker.process.poll() is not None
+                    or time.monotonic() - worker.started > _MV_START_LIMIT_S):
                 _pool.failed_starts += 1
                 _stop_workers([worker])
             return None

@@ -347,6 +347,7 @@ DECIMAL_VS_IRRATIONAL_CASES = [   # a decimal is never an exact irrational, howe
     ("0.8660254", "\\frac{\\sqrt{3}}{2}", False),
     ("1.26", "\\sqrt[3]{2}", False),
     ("3.1415927x", "\\pi x", False),                                  # inside an expression too
+    ("1.5707963", "0.5\\pi", False),
     ("0.5\\pi", "\\frac{\\pi}{2}", True),                             # an exact decimal times pi
     ("0.5x + \\sqrt{2}", "\\frac{x}{2} + \\sqrt{2}", True),
     ("0.3333333", "\\frac{1}{3}", True),                              # a rational still rounds
