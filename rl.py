@@ -514,7 +514,8 @@ def _close(u, v):
     return u == v if isinstance(u, Fraction) else math.isclose(u, v, rel_tol=1e-12, abs_tol=1e-12)
 
 
-_DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)(?:\\(?:times|cdot)10\^\{?(-?\d{1,3})\}?)?")  # 2.5\cdot10^k
+# a decimal, perhaps in scientific notation: 2.5, 2.5\times10^{-3}
+_DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)(?:\\(?:times|cdot)10\^\{?(-?\d{1,3})\}?)?")
 
 
 def _numbers_equal(a, x, a_pct, b, y, b_pct):
@@ -698,7 +699,7 @@ def _integer_root(n, q):
 # The math-verify worker: math-verify's own timeouts use signals, which work only in a main thread,
 # and a sympy call that never returns can only be stopped by killing its process. So it runs in a
 # worker process, one request at a time; a worker late with its verdict is killed, and a spare
-# (started when the first one is up) takes over.
+# (started after the first verdict) takes over.
 _WORKER_SCRIPT = r"""
 import json, sys
 out, sys.stdout = sys.stdout, sys.stderr       # only verdicts go to the parent
@@ -715,7 +716,8 @@ def exact(answers):                            # 3.14 -> 157/50
     return [a.xreplace({f: Rational(str(f)) for f in a.atoms(Float)}) if isinstance(a, Basic)
             else a for a in answers]
 
-verify(parse("$x$"), parse("$x$"))            # warm up: the first call is the slowest
+verify(parse("\\boxed{y = \\sum_{k=1}^{n} \\frac{\\sqrt{k}}{2} x^2}"),   # warm up: a first call
+       parse("\\boxed{y = \\sum_{k=1}^{n} \\frac{x^2 \\sqrt{k}}{2}}"))  # of each kind is slow
 print("ready", file=out, flush=True)
 for line in sys.stdin:
     gold, pred = map(parse, json.loads(line))
@@ -767,10 +769,10 @@ def _math_verify(pred, gold, started, completion=False):
                 _pool.failed_starts += 1
                 _stop_workers([worker])
             return None
-        _start_workers(2)                                 # the spare, once the first one is up
         worker.process.stdin.write((json.dumps([f"\\boxed{{{gold}}}", pred]) + "\n").encode())
         worker.process.stdin.flush()                      # gold first: the order matters
         verdict = _read_line(worker, deadline)
+        _start_workers(2)                                 # a spare, once this one has answered
         return None if verdict is None else verdict == "yes"
     except Exception:                                      # e.g. a broken pipe
         return None
