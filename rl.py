@@ -716,8 +716,10 @@ def exact(answers):                            # 3.14 -> 157/50
     return [a.xreplace({f: Rational(str(f)) for f in a.atoms(Float)}) if isinstance(a, Basic)
             else a for a in answers]
 
-verify(parse("\\boxed{y = \\sum_{k=1}^{n} \\frac{\\sqrt{k}}{2} x^2}"),   # warm up: a first call
-       parse("\\boxed{y = \\sum_{k=1}^{n} \\frac{x^2 \\sqrt{k}}{2}}"))  # of each kind is slow
+verify(parse("$x$"), parse("$x$"))            # warm up: a first call of each kind is slow, and
+if sys.argv[1:] == ["spare"]:                 # a spare has the time to warm up on more kinds
+    verify(parse("\\boxed{y = \\sum_{k=1}^{n} \\frac{\\sqrt{k}}{2} x^2}"),
+           parse("\\boxed{y = \\sum_{k=1}^{n} \\frac{x^2 \\sqrt{k}}{2}}"))
 print("ready", file=out, flush=True)
 for line in sys.stdin:
     gold, pred = map(parse, json.loads(line))
@@ -799,8 +801,10 @@ def _start_workers(count):
     """Keep `count` workers: drop dead ones, start new ones without waiting for them."""
     _stop_workers([w for w in _pool.workers if w.process.poll() is not None])
     while len(_pool.workers) < count:
-        process = subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        spare = ["spare"] if _pool.workers else []
+        process = subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, *spare],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
         _pool.workers.append(_Worker(process, time.monotonic()))
 
 
