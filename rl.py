@@ -544,7 +544,7 @@ def _same_function(a, b):
                    for s in (a, b))):
         return False
     for point in (1, 2):                                   # values no simple answer is built around
-        variables = {x: point + Fraction(2 * i + 3, 13) for i, x in enumerate(sorted(names[0]))}
+        variables = {v: point + Fraction(2 * i + 3, 13) for i, v in enumerate(sorted(names[0]))}
         x, y = _to_number(a, variables), _to_number(b, variables)
         if x is None or y is None or not _close(x, y):
             return False
