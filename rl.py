@@ -30,15 +30,23 @@ Simplifications (choices, not accidents):
   8. --model tiny is a random network that never answers a maths question: its sanity run learns
      a toy reward instead (--reward digits: the fraction of digits it writes).
 """
+import atexit
+import dataclasses
+import functools
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
 import random
+import re
+import select
+import subprocess
+import sys
+import threading
 import time
+from fractions import Fraction
 from typing import NamedTuple
-# the answer checker at the end of the file also needs these:
-import atexit, functools, importlib.metadata, importlib.util, re  # noqa: E401
-import select, subprocess, sys, threading  # noqa: E401
 
 import torch
 
@@ -622,38 +630,172 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# 1. The answer checker
+# 5. The answer checker
 #
-# extract_answer(text) finds the final answer in a completion; is_equiv(pred, gold, checker) decides
+# extract_answer(text) finds the final answer of a completion; is_equiv(pred, gold, checker) says
 # whether two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. The checkers:
-#   builtin      the normalisation rules below (tables, one comment per rule) and a small parser that
-#                evaluates numbers exactly and expressions in one-letter variables at sample points;
+#   builtin      normalisation rules (tables below, one comment per rule) and a small parser that
+#                evaluates numbers exactly (integers of any length) and expressions in one-letter
+#                variables at sample points;
 #   math-verify  the math-verify package (sympy), in a worker process under a hard time limit;
-#   auto         a builtin "equal" is final, and so is its "not equal" on numbers, tuples, intervals,
-#                matrices and choices (exact: math-verify rounds floats); anything else it rejects
-#                (\sqrt[3]{8}, 2x+4y=3) goes on to math-verify.
-# This process never calls eval/exec/sympify; loops are linear, recursion and exponents capped, errors
-# caught: a hostile string (1 MB, unbalanced braces, 9^{9^{9^9}}) returns in well under a second.
+#   auto         a builtin "equal" is final, and so is its "not equal" on numbers, tuples,
+#                intervals, matrices and choices (math-verify rounds: 70001 = 70000 there);
+#                anything else it rejects (\arcsin 1, \log_2 8, 2x+4y=3) goes on to math-verify.
+# Under every checker a decimal never equals an irrational (3.14 is not \pi), and a check takes at
+# most _CHECK_LIMIT_S. Nothing is eval'ed; loops are linear, recursion and exponents capped, errors
+# caught: a 1 MB answer or 9^{9^{9^9}} takes milliseconds.
 
-_MAX_ANSWER_CHARS = 1000   # an "answer" longer than this is compared as a plain string
-_MAX_DEPTH = 40            # nesting depth the numeric parser accepts
-_MAX_EXPONENT = 1000       # |exponent| the numeric parser evaluates (2^{1000} is fine, 9^{9^9} is not)
-_MAX_BOXES = 20            # only the last 20 \boxed of a completion are looked at
-_MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
-_TAIL_CHARS = 20_000       # answer phrases and the last number are looked for in this many last characters
-_MV_LIMIT_S = 1.5          # hard limit on one math-verify verdict, a worker's start included
+CHECKERS = ("builtin", "math-verify", "auto")
+_CHECK_LIMIT_S = 0.8       # hard limit on one check (math-verify and a worker start included)
 _MV_START_LIMIT_S = 30.0   # a worker not up after this is broken (it imports sympy: ~1.2 s of CPU)
-_MV_STUCK_S = 10.0         # a worker this long on one request did not stop at its own limits: kill it
+_MAX_ANSWER_CHARS = 1000   # an "answer" longer than this is compared as a plain string
+_MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
+_TAIL_CHARS = 20_000       # answer phrases and the last number are looked for in the last 20,000
 
+
+@functools.lru_cache(maxsize=None)
+def default_checker():
+    """"auto" when math-verify is installed, else "builtin": the default of --checker and below."""
+    return "auto" if importlib.util.find_spec("math_verify") else "builtin"
+
+
+def checker_description(checker=None):
+    """For args.json: 'builtin', 'auto (builtin + math-verify 0.9.0)' or 'math-verify 0.9.0'."""
+    checker = checker or default_checker()
+    installed = default_checker() == "auto"
+    version = importlib.metadata.version("math-verify") if installed else "(not installed)"
+    if checker == "auto":
+        return f"auto (builtin + math-verify {version})"
+    return checker if checker == "builtin" else f"math-verify {version}"
+
+
+def extract_answer(text, *, last_number=False):
+    """The final answer of a completion as a string, or None (also for an empty answer).
+
+    Only the text after </think> counts, only the inside of the last <answer>...</answer>. The last
+    stated answer wins: the last \\boxed{...} (also \\fbox, `\\boxed 5`, boxes joined by "and" or
+    commas) or a later "The (final) answer is X" / "Answer: X" that states a value (not "the answer
+    is correct"); else the last "#### X" (GSM8K); else, with last_number=True (the Qwen2.5-Math
+    harness's fallback; off for RL), the last number in the text.
+    """
+    if not isinstance(text, str):
+        return None
+    text = text[text.rfind("</think>") + len("</think>"):] if "</think>" in text else text
+    close = text.rfind("</answer>")
+    if (opening := text.rfind("<answer>", 0, max(close, 0))) >= 0:
+        inner = text[opening + len("<answer>"):close]
+        return _marked_answer(inner) or inner.strip() or None
+    answer = _marked_answer(text)
+    if not answer and (last := _HASHES_RE.match(text, max(text.rfind("####"), 0))):
+        answer = _clean_sentence_answer(last.group(1))
+    if not answer and last_number:
+        numbers = _LAST_NUMBER_RE.findall(text[-_TAIL_CHARS:].replace(",", ""))
+        answer = numbers[-1] if numbers else None
+    return answer or None
+
+
+def is_equiv(pred, gold, checker=None):
+    """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
+
+    checker: "builtin", "math-verify" or "auto" (default: default_checker()). Builtin normalises
+    both (the rule tables below), drops names and glosses (x = 7, f^{-1}(x) = 2x+3, x \\in [1,2],
+    \\approx 0.58), then compares numbers exactly (a decimal of 3+ significant digits also matches a
+    rational that rounds to it: 0.333 = 1/3), expressions in one-letter variables by value,
+    tuples, intervals and matrices element by element, sets, lists and interval unions in any
+    order, words ignoring case. Raises only on an unknown checker or a missing math-verify.
+    """
+    started, checker = time.monotonic(), _resolve_checker(checker)
+    if not (isinstance(pred, str) and isinstance(gold, str) and pred.strip() and gold.strip()):
+        return False
+    if checker == "math-verify":
+        return bool(_math_verify(pred, gold, started))
+    try:
+        if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
+            return pred.strip() == gold.strip()
+        a, b = _normalise(pred), _normalise(gold)
+        # x = 7 and |AB| = 7 match 7 but not y = 7; an equation's left side (2x+y = 0) must match
+        equation = any(re.search("[-+]", n) and not _NAME_RE.fullmatch(n)
+                       for n in a.names + b.names)
+        # x = 3, y = -2 is the point (3,-2) next to a point, and the list 3, -2 next to a list
+        x = a.components if a.components and (b.components or b.text[:1] == "(") else a.text
+        y = b.components if b.components and (a.components or a.text[:1] == "(") else b.text
+        if (a.names == b.names or not (a.names and b.names or equation)) and _equiv(
+                x, a.percent, y, b.percent):
+            return True
+        if checker == "builtin" or re.fullmatch("[A-Z]", a.text) or (
+                _is_numeric(a.text) and _is_numeric(b.text) and not equation):
+            return False                                   # auto: exact verdicts stay final
+    except Exception:                                      # a checker bug must not stop training
+        return False
+    return bool(_math_verify(pred, gold, started))
+
+
+def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=True):
+    """1.0 when the completion's answer is equivalent to gold, else 0.0 (or format_reward, off by
+    default: what a wrong answer that is at least \\boxed earns).
+
+    The answer is the one the completion states (extract_answer). One that states none is read as
+    the Qwen2.5-Math harness and math-verify read it (its last formula or number, and with auto or
+    math-verify by math-verify too), so that the reward scores what evaluate.py's default protocol
+    scores; last_number=False is the strict reward (evaluate.py --protocol strict).
+    """
+    started, checker = time.monotonic(), _resolve_checker(checker)
+    pred = extract_answer(completion)
+    if pred is not None:
+        correct = is_equiv(pred, gold, checker)
+    elif last_number and isinstance(completion, str) and isinstance(gold, str):
+        text = completion.rpartition("</think>")[2][-_TAIL_CHARS:]
+        answer = _last_formula_or_number(text)
+        correct = (answer is not None and checker != "math-verify"
+                   and is_equiv(answer, gold, "builtin")
+                   or checker != "builtin" and bool(_math_verify(text, gold, started, True)))
+    else:
+        correct = False
+    if correct:
+        return 1.0
+    if format_reward and isinstance(completion, str) and _boxed_answer(completion):
+        return float(format_reward)
+    return 0.0
+
+
+def grpo_reward_fn(completions, answer, **kwargs):
+    """Drop-in reward function for TRL's GRPOTrainer (dataset column "answer"):
+    GRPOTrainer(..., reward_funcs=[grpo_reward_fn]). Completions may be strings or chat messages."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [math_reward(t, a) for t, a in zip(texts, answer)]
+
+
+def _resolve_checker(checker):
+    """The checker to use. The first check that may need math-verify starts its worker, without
+    waiting for it: it imports sympy while builtin decides the first answers."""
+    checker = checker or default_checker()
+    if checker not in CHECKERS:
+        raise ValueError(f"unknown checker {checker!r}; choose one of {CHECKERS}")
+    if checker != "builtin" and default_checker() == "builtin":
+        raise ImportError(f"--checker {checker} needs the math-verify package: "
+                          "pip install 'math-verify[antlr4_13_2]'")
+    if (checker != "builtin" and not _pool.workers and _pool.failed_starts < 3
+            and _pool.lock.acquire(False)):
+        try:
+            _start_workers(1)
+        finally:
+            _pool.lock.release()
+    return checker
+
+
+# Finding the answer: the last \boxed{...}, else a stated "answer is X", else "#### X".
 _BRACE_RE = re.compile(r"[{}]")
 _SPACES_RE = re.compile(r"[ \t]*")
 _TOKEN_AFTER_BOX_RE = re.compile(r"[^\s$]+")
 # "The (final) answer is X", "Final answer: X", "**Answer:** X", "Answer: X", "Answer $X$"
-_ANSWER_PHRASE_RE = re.compile(r"(?i)\banswer(?:\s+is\b\s*:?|\s*\**\s*[:：]\s*\**|(?=\s*(?:\$|\\\(|\\\[)))")
+_ANSWER_PHRASE_RE = re.compile(
+    r"(?i)\banswer(?:\s+is\b\s*:?|\s*\**\s*[:：]\s*\**|(?=\s*(?:\$|\\\(|\\\[)))")
+_STATES_A_VALUE_RE = re.compile(r"\s*\**\s*[-$\\\d(\[{]")   # "is 72", "is $x$", not "is correct"
 _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 # what may separate boxes that form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
-_BOX_GAP_RE = re.compile(r"(?:\s|[$,;.]|\\[\[\]()]|\\q?quad|\\[,;: ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|and|or)*")
-_LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")   # the Qwen2.5-Math harness's, on the text without commas
+_BOX_GAP_RE = re.compile(
+    r"(?:\s|[$,;.]|\\[\[\]()]|\\q?quad|\\[,;: ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|and|or)*")
+_LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")   # the Qwen2.5-Math harness's, on text without commas
 # $$x$$, $x$, \(x\), \[x\]: the formulas of a text (math-verify reads the last one)
 _MATH_SPAN_RE = re.compile(r"\$\$(.{1,1000}?)\$\$|(?<!\\)\$(.{1,1000}?)(?<!\\)\$"
                            r"|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\]", re.S)
@@ -670,11 +812,11 @@ def _closing_brace(text, j):
 
 
 def _boxed_answer(text):
-    """(start, answer) of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, joined with the
-    boxes just before it that form one answer with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'), or
-    None. An unclosed \\boxed{ (a truncated answer) is skipped."""
+    """(start, answer) of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, joined with
+    the boxes just before it that form one answer with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'),
+    or None. An unclosed \\boxed{ (a truncated answer) is skipped; only the last 20 are read."""
     found, before = [], {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
-    for _ in range(_MAX_BOXES):                            # from the last box backwards
+    for _ in range(20):                                    # from the last box backwards
         name = max(before, key=before.get)
         start = before[name]
         if start < 0:
@@ -697,13 +839,13 @@ def _boxed_answer(text):
 
 
 def _last_formula_or_number(text):
-    """The last $...$ / \\(...\\) of a text unless a number follows it, else its last number, or None."""
+    """The last $...$ / \\(...\\) of a text unless a number follows it, else its last number."""
     formula = None
     for formula in _MATH_SPAN_RE.finditer(text):
         pass
     if formula and not re.search(r"\d", text[formula.end():]):
         return next(filter(None, formula.groups())).strip() or None
-    numbers = re.findall(r"-?\d*\.?\d+(?:/\d+)?", text.replace(",", ""))   # 2/3 is one number here
+    numbers = re.findall(r"-?\d*\.?\d+(?:/\d+)?", text.replace(",", ""))   # 2/3 is one number
     return numbers[-1] if numbers else None
 
 
@@ -711,70 +853,55 @@ def _clean_sentence_answer(s):
     """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42';  '\\[ 9 \\]' -> '9';
     a sentence in words ('The volume of $V$ is 120') -> its last formula or number ('120')."""
     s = s.strip().strip("*").strip()
-    for opening, closing in (("$$", r"\$\$"), ("$", r"(?<!\\)\$"), ("\\(", r"\\\)"), ("\\[", r"\\\]")):
-        if s.startswith(opening):
+    for opening, closing in (("$$", r"\$\$"), ("$", r"(?<!\\)\$"), ("\\(", r"\\\)"),
+                             ("\\[", r"\\\]")):
+        if s.startswith(opening):                          # a formula, perhaps unclosed
             end = re.compile(closing).search(s, len(opening))
             s = s[len(opening):end.start() if end else None]
             break
     else:
         s = re.split(r"\.(?:\s|$)|\n", s, maxsplit=1)[0]   # cut at the end of the sentence
-        words = re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}\b", _MATH_SPAN_RE.sub("", s[:_MAX_ANSWER_CHARS]))
+        words = re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}\b",
+                           _MATH_SPAN_RE.sub("", s[:_MAX_ANSWER_CHARS]))
         if len(s) <= _MAX_ANSWER_CHARS and len(words) >= 2:        # a sentence, not "5 apples"
             s = _last_formula_or_number(s) or s
     return re.sub(r"^[\s*]+|[\s*.]+$", "", s)              # markdown bold, the final full stop
 
 
 def _marked_answer(text):
-    """The last box (with the boxes forming one answer with it), unless a final answer phrase comes
-    later ("The final answer is $X$" after an intermediate box, but not "the answer is correct");
-    else the last answer phrase; None without either."""
+    """The last box, unless a later answer phrase states a value or says "final" (then the phrase's
+    answer); else the last answer phrase; None without either."""
     phrase = None
     for phrase in _ANSWER_PHRASE_RE.finditer(text, max(0, len(text) - _TAIL_CHARS)):
         pass
     boxed = _boxed_answer(text)
     if phrase and (boxed is None or boxed[0] < phrase.start() and (
             "final" in text[max(0, phrase.start() - 8):phrase.start()].lower()
-            or text[phrase.end():phrase.end() + 9].lstrip()[:1] in ("$", "\\"))):
+            or _STATES_A_VALUE_RE.match(text, phrase.end()))):
         answer = _clean_sentence_answer(text[phrase.end():phrase.end() + _MAX_BOXED_CHARS])
         if answer:
             return answer
     return boxed[1] if boxed else None
 
 
-def extract_answer(text, *, last_number=False):
-    """The final answer of a completion as a string, or None (also for an empty answer).
-
-    Only the text after a closing </think> counts, only the inside of the last <answer>...</answer>.
-    Priority: the last \\boxed{...} (braces matched; also \\fbox, `\\boxed 5`, and boxes joined by
-    "and" or commas) unless a later "the (final) answer is X" / "Final answer: X" / "Answer: X";
-    else the last GSM8K-style "#### X"; else, with last_number=True (the Qwen2.5-Math harness's
-    fallback; off for RL), the last number in the text.
-    """
-    if not isinstance(text, str):
-        return None
-    text = text[text.rfind("</think>") + len("</think>"):] if "</think>" in text else text
-    close = text.rfind("</answer>")
-    if (opening := text.rfind("<answer>", 0, max(close, 0))) >= 0:
-        inner = text[opening + len("<answer>"):close]
-        return _marked_answer(inner) or inner.strip() or None
-    answer = _marked_answer(text)
-    if not answer and (last := _HASHES_RE.match(text, max(text.rfind("####"), 0))):
-        answer = _clean_sentence_answer(last.group(1))
-    if not answer and last_number:
-        numbers = _LAST_NUMBER_RE.findall(text[-_TAIL_CHARS:].replace(",", ""))
-        answer = numbers[-1] if numbers else None
-    return answer or None
-
-
 # Normalisation, step 1: LaTeX and notation, (pattern, replacement) applied in this order.
+def _repeating_decimal(m):
+    """0.1\\overline{6} -> \\frac{15}{90}: (all the digits - those before the repeating n) over
+    10^k (10^n - 1), for k digits after the point before the repeating ones."""
+    whole, fixed, repeat = m[1] or "0", m[2], m[3]
+    return (f"\\frac{{{int(whole + fixed + repeat) - int(whole + fixed)}}}"
+            f"{{{10 ** len(fixed) * (10 ** len(repeat) - 1)}}}")
+
+
 _LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
     (r"\\\\(?=[A-Za-z])", r"\\"),                               # \\frac: a backslash escaped twice
     (r"[−–]", "-"),                                             # unicode minus and dash
-    (r"×", r"\\times "), (r"·", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "), (r"∞", r"\\infty "),
-    (r"²", "^2"), (r"³", "^3"), (r"≈", r"\\approx "),
+    (r"×", r"\\times "), (r"·", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "),
+    (r"∞", r"\\infty "), (r"∪", r"\\cup "), (r"²", "^2"), (r"³", "^3"), (r"≈", r"\\approx "),
+    (r"(\d*)\.(\d{0,50})\\(?:overline|bar)\s*\{(\d{1,50})\}", _repeating_decimal),  # 0.\bar{3}
     (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),                     # \dfrac, \tfrac, \cfrac are \frac
     (r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![A-Za-z])", ""),   # sizing commands
-    (r"(?<=\d)(?:\{,\}|,\\!\s?|\\[,!])(?=\d{3}(?!\d))", ","),    # 14{,}916, 2,\!500, 1\,234: thousands
+    (r"(?<=\d)(?:\{,\}|,\\!\s?|\\[,!])(?=\d{3}(?!\d))", ","),    # 14{,}916, 2,\!500, 1\,234
     (r"\\[!,;: ]|\\q?quad(?![A-Za-z])|~", " "),                  # LaTeX spacing
     (r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])|°", ""),   # degrees
     (r"\\[()\[\]]|\\?\$", ""),                                   # math delimiters, dollar signs
@@ -782,20 +909,30 @@ _LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
     (r"\\(?:geq?|geqslant)(?![A-Za-z])|≥", ">="),
     (r"\\neq?(?![A-Za-z])|≠", "!="), (r"\\lt(?![A-Za-z])", "<"), (r"\\gt(?![A-Za-z])", ">"),
     (r"\+\s*\\infty|\\infin(?:ity)?(?![A-Za-z])", r"\\infty"),   # +\infty = \infty
-    (r",?\s*(?:\\(?:text\w*|mathrm)\s*\{\s*(?:and|or|,)\s*\}|\b(?:and|or)\b)|;", ","),   # 6 \text{ and } 8 = 6, 8
+    (r",?\s*(?:\\(?:text\w*|mathrm)\s*\{\s*(?:and|or|,)\s*\}|\b(?:and|or)\b)|;", ","),   # 6 and 8
     (r"(\^\{?\d+\}?)\s+(?=\d)", r"\1*"),                          # 2^6 3^5 is a product
     (r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2+\3/\4)"),            # mixed number "1 1/2" = 1 + 1/2
     (r"\\+\s*$", ""),                                           # a stray trailing backslash: "185\"
 ]]
-_UNITS = (r"(?:[kcm]m|kg|mg|ml|lbs?|oz|ft|in|yd|mi|mph|hrs?|hours?|mins?|minutes?|secs?|seconds?|days?|weeks?|"
-          r"months?|years?|dollars?|cents?|miles?|met(?:er|re)s?|inch(?:es)?|feet|foot|pounds?|lit(?:er|re)s?|"
-          r"gallons?|units?|degrees?)")
+_UNITS = (r"(?:[kcm]m|kg|mg|ml|lbs?|oz|ft|in|yd|mi|mph|hrs?|hours?|mins?|minutes?|secs?|seconds?"
+          r"|days?|weeks?|months?|years?|dollars?|cents?|miles?|met(?:er|re)s?|inch(?:es)?|feet"
+          r"|foot|pounds?|lit(?:er|re)s?|gallons?|units?|degrees?)")
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+    " sixteen seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update((w, 10 * i) for i, w in enumerate("thirty forty fifty sixty seventy eighty"
+                                                       " ninety".split(), 3))
+_TENS, _ONES = "|".join(list(_NUMBER_WORDS)[20:]), "|".join(list(_NUMBER_WORDS)[1:10])
+_NUMBER_WORDS_RE = (rf"(?i)^(?:({_TENS})(?:[\s-]({_ONES}))?|({'|'.join(_NUMBER_WORDS)}))\b"
+                    r"(?![\s-]*(?:hundred|thousand|million))")
 # Step 4, once \text, names and glosses are gone: one spelling for one value.
 _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
-    (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*(?:\^\{{?[23]\}}?)?\.?\s*$",
-     r"\1"),                                                     # 10cm^2, 10 weeks -> 10 (but 6xy stays)
-    (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234 (not 1,23 or 1, 234)
-    (r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", ""),                 # spaces, but one between letters: \cos x
+    (_NUMBER_WORDS_RE, lambda m: str(_NUMBER_WORDS[(m[1] or m[3]).lower()]   # twenty-one -> 21
+                                     + _NUMBER_WORDS.get(str(m[2]).lower(), 0))),
+    (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*"
+     r"(?:\^\{?[23]\}?)?\.?\s*$", r"\1"),                        # 10cm^2, 10 weeks -> 10 (not 6xy)
+    (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234
+    (r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", ""),                 # spaces, but one between letters
     (r"\\frac(\d)(\d)", r"\\frac{\1}{\2}"),                      # \frac12 -> \frac{1}{2}
     (r"\\frac(\d)\{", r"\\frac{\1}{"),
     (r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}"),
@@ -805,24 +942,55 @@ _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
     (r"(?<![\d}])\.(\d)", r"0.\1"),                              # .5 -> 0.5
     (r"(\d\.\d*?)0+(?!\d)", r"\1"),                              # 2.50 -> 2.5
     (r"(\d)\.(?!\d)", r"\1"),                                    # 3. -> 3
-    (r"^(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$", r"\1(\2+\3/\4)"),  # mixed number 7\frac{1}{2} = 7 + 1/2
+    (r"^(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$", r"\1(\2+\3/\4)"),  # mixed number 7\frac{1}{2} = 7.5
     (r"^\(([A-Z])\)?$|^([A-Z])\)$", r"\1\2"),                    # choices: (B), B) -> B
-    (r"^([^,]*?)\\pm([^,]*)$", r"\1+\2,\1-\2"),                     # 1\pm\sqrt{2} = 1+\sqrt{2}, 1-\sqrt{2}
+    (r"^([^,]*?)\\pm([^,]*)$", r"\1+\2,\1-\2"),                  # 1\pm\sqrt{2}: both signs
     (r"^([^<>=]+)(<=?)[A-Za-z](<=?)([^<>=]+)$",                   # -2 <= x < 7 -> [-2,7)
      lambda m: f"{'[' if m[2] == '<=' else '('}{m[1]},{m[4]}{']' if m[3] == '<=' else ')'}"),
     (r"^([^<>=A-Za-z]+)([<>])(=?)([A-Za-z])$",                      # 5 >= x -> x <= 5
      lambda m: f"{m[4]}{'<' if m[2] == '>' else '>'}{m[3]}{m[1]}"),
-    (r"^[A-Za-z]([<>])(=?)([^<>=]+)$",                            # x > 5 -> (5,\infty), x <= 5 -> (-\infty,5]
-     lambda m: f"{'[' if m[2] else '('}{m[3]},\\infty)" if m[1] == ">" else f"(-\\infty,{m[3]}{']' if m[2] else ')'}"),
+    (r"^[A-Za-z]([<>])(=?)([^<>=]+)$",                            # x > 5 -> (5,\infty)
+     lambda m: (f"{'[' if m[2] else '('}{m[3]},\\infty)" if m[1] == ">"
+                else f"(-\\infty,{m[3]}{']' if m[2] else ')'}")),
 ]]
 _TEXT_COMMAND_RE = re.compile(r"\\(?:text\w*|math(?:rm|bf|it|sf)|mbox|hbox|operatorname)\s*\{")
-_MATRIX_RE = re.compile(r"(?:\\left\s*[\[(]\s*)?\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}"
-                        r"(?:\s*\\right\s*[\])])?", re.S)
-_NAME = r"\\?[A-Za-z]+'?(?:_\{?\w+\}?)?(?:\^\{?\w+\}?)?(?:\([^()=]{0,20}\))?"   # x, a_1, \theta, f(x), P(A)
-_NAME_RE = re.compile(rf"\s*(?:{_NAME}|\(\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\))\s*")   # ... or (a, b)
-_NAME_IN_RE = re.compile(rf"^\s*{_NAME}\s*\\(?:in|approx)(?![A-Za-z])\s*")   # "x \in [-2, 7]", "x \approx 11"
-_GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)     # "\frac{\sqrt3}{3} \approx 0.577"
+_MATRIX_RE = re.compile(r"(?:\\left\s*[\[(]\s*)?\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?"
+                        r"(.*?)\\end\{\1\}(?:\s*\\right\s*[\])])?", re.S)
+# x, a_{n+1}, \theta, f^{-1}(x), f'(x), P(A), \angle ABC, \overline{AB}
+_NAME = (r"(?:\\angle\s*|\\overline\{)?\\?[A-Za-z]+\}?'*(?:[_^](?:\{[^{}=]{1,12}\}|\w))*"
+         r"(?:\([^()=]{0,20}\))?")
+_NAME_RE = re.compile(rf"\s*(?:{_NAME}|\(\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\))\s*")   # or (a, b)
+_NAME_IN_RE = re.compile(rf"^\s*{_NAME}\s*\\(?:in|approx)(?![A-Za-z])\s*")   # x \in [-2, 7]
+_GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)     # \sqrt{3} \approx 1.73
 _EQUALS_RE = re.compile(r"(?<![<>!=])=(?!=)")
+
+
+@dataclasses.dataclass
+class _Answer:
+    """One answer, normalised."""
+    text: str          # the canonical string
+    percent: bool      # it had a percent sign: 25% may mean 25 or 0.25
+    names: list        # the left sides dropped, sorted: x = 7 -> ['x']
+    components: str    # x = 3, y = -2 -> '(3,-2)': values in the order of their names, or None
+
+
+def _normalise(s):
+    """The _Answer of one answer string."""
+    if "\\boxed" in s or "\\fbox" in s:                  # a gold written as a completion
+        s = _marked_answer(s) or s
+    s = _MATRIX_RE.sub(_matrix_to_lists, s.strip())       # first: its \\ are not LaTeX spacing
+    for pattern, replacement in _LATEX_RULES:
+        s = pattern.sub(replacement, s)
+    had_percent = "%" in s
+    s = _strip_text_commands(s.replace("\\%", "").replace("%", ""))
+    text, names, components = _drop_names(s.rstrip(". ").strip())
+    return _Answer(_canonical(text), had_percent, names, components and _canonical(components))
+
+
+def _canonical(s):
+    for pattern, replacement in _CANONICAL_RULES:
+        s = pattern.sub(replacement, s)
+    return s
 
 
 def _strip_text_commands(s):
@@ -835,70 +1003,175 @@ def _strip_text_commands(s):
         if end is None:                                   # unbalanced: drop the command name only
             return s[:m.start()] + s[m.end() - 1:]
         before, inner, after = s[:m.start()], s[m.end():end], s[end + 1:]
-        is_unit = (re.search(r"[\d}]\s*$", before) and re.fullmatch(r"\s*[A-Za-z][A-Za-z ./]*", inner)
-                   and re.fullmatch(r"\s*(?:\^\s*\{?\d\}?)?\s*", after))   # "5 \text{cm}^2" at the end
+        is_unit = (re.search(r"[\d}]\s*$", before)                    # "5 \text{cm}^2"
+                   and re.fullmatch(r"\s*[A-Za-z][A-Za-z ./]*", inner)
+                   and re.fullmatch(r"\s*(?:\^\s*\{?\d\}?)?\s*", after))
         s = before if is_unit else before + inner + after
     return s
 
 
 def _matrix_to_lists(m):
-    """\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix} -> [[1,2],[3,4]] (any matrix kind, spaces ignored)."""
+    """\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix} -> [[1,2],[3,4]] (any matrix kind)."""
     rows = [row for row in re.split(r"\\\\", m.group(2)) if row.strip()]
     return "[" + ",".join("[" + ",".join(row.split("&")) + "]" for row in rows) + "]"
 
 
 def _is_numeric(s):
     """No letters but those of \\frac, \\sqrt, \\pi, \\infty, \\cdot, \\times, \\div."""
-    return not re.search(r"[A-Za-z]", re.sub(r"\\(?:frac|sqrt|pi|infty|cdot|times|div)(?![A-Za-z])", "", s))
+    return not re.search(r"[A-Za-z]", re.sub(r"\\(?:frac|sqrt|pi|infty|cdot|times|div)(?![A-Za-z])",
+                                             "", s))
 
 
 def _drop_names(s):
-    """(answer, the left sides dropped): 'x = 7' -> '7', 'f(x) = 2x+3' -> '2x+3', '(a,b) = (2,7)' ->
-    '(2,7)', 'x = 1, y = 2' -> '1, 2', '|AB| = 1' -> '1', a chain '1/2 = 2/4 = 0.5' -> its last side,
-    'x \\in [1, 2]' -> '[1, 2]'. An equation ('2x + y = z', '7 = 11a + c') is kept whole."""
-    parts, names = [], []
+    """(answer, names, components): 'x = 7' -> '7', 'f(x) = 2x+3' -> '2x+3', '(a,b) = (2,7)' ->
+    '(2,7)', '|AB| = 1' -> '1', a chain '1/2 = 2/4 = 0.5' -> its last side, 'x \\in [1, 2]' ->
+    '[1, 2]', 'x = 1, y = 2' -> '1, 2' with components '(1,2)'. An equation ('2x + y = z',
+    '7 = 11a + c') is kept whole."""
+    parts, names, named = [], [], []
     for part in _split_top_level(_GLOSS_RE.sub("", _NAME_IN_RE.sub("", s, count=1))):
         *left, right = _EQUALS_RE.split(part)
         if left and (all(_NAME_RE.fullmatch(x) for x in left) or _is_numeric(right)):
-            part = right
-            names += [re.sub(r"\s+", "", x) for x in left if not _is_numeric(x)]
+            part, new = right, [re.sub(r"\s+", "", x) for x in left if not _is_numeric(x)]
+            if len(left) == 1 == len(new) and new[0][0] != "(":
+                named.append((new[0], right))
+            names += [n for x in new for n in (x[1:-1].split(",") if x[0] == "(" else [x])]
         parts.append(part)
-    return ",".join(parts), sorted(names)
+    components = len(named) == len(parts) > 1 and f"({','.join(v for _, v in sorted(named))})"
+    return ",".join(parts), sorted(names), components or None
 
 
-def _normalise(s):
-    """(canonical string, had a percent sign, names dropped) for one answer."""
-    if "\\boxed" in s or "\\fbox" in s:                  # a gold written as a completion
-        s = _marked_answer(s) or s
-    s = _MATRIX_RE.sub(_matrix_to_lists, s.strip())       # first: its \\ are not LaTeX spacing
-    for pattern, replacement in _LATEX_RULES:
-        s = pattern.sub(replacement, s)
-    had_percent = "%" in s
-    s = _strip_text_commands(s.replace("\\%", "").replace("%", ""))
-    s, names = _drop_names(s.rstrip(". ").strip())
-    for pattern, replacement in _CANONICAL_RULES:
-        s = pattern.sub(replacement, s)
-    return s, had_percent, names
+# Comparing normalised answers: numbers exactly, expressions at sample points, then structure.
+def _equiv(a, a_pct, b, b_pct, depth=0):
+    """Equivalence of two normalised answers (see is_equiv)."""
+    if a == b:
+        return True
+    if depth > 4:
+        return False
+    x, y = _to_number(a), _to_number(b)
+    if x is not None and y is not None:
+        return _numbers_equal(a, x, a_pct, b, y, b_pct)
+    if _same_function(a, b):
+        return True
+    if "\\cup" in a + b:                                   # a union of intervals, in any order
+        return _same_elements(a.split("\\cup"), b.split("\\cup"), depth)
+    pa, pb = _bracketed(a), _bracketed(b)
+    sets = [p is not None and p[:2] == ("{", "}") for p in (pa, pb)]
+    if any(sets):                                          # a set: an unordered list
+        return _equiv(pa[2] if sets[0] else a, a_pct, pb[2] if sets[1] else b, b_pct, depth + 1)
+    if pa and pb:                                          # tuples, intervals, matrices
+        ea, eb = _split_top_level(pa[2]), _split_top_level(pb[2])
+        return (pa[:2] == pb[:2] and len(ea) == len(eb)
+                and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
+    if not pa and not pb and ("," in a or "," in b):       # "1, 2" vs "2,1,1": sets of solutions
+        return _same_elements(_split_top_level(a), _split_top_level(b), depth)
+    words = r"[A-Za-z]{2,}(?: [A-Za-z]+)*"                  # a text answer: Yes = yes
+    return bool(re.fullmatch(words, a) and re.fullmatch(words, b)) and a.lower() == b.lower()
 
 
+def _same_elements(ea, eb, depth):
+    """Every element of each list equals one of the other's (at most 50 each, not both single)."""
+    if max(len(ea), len(eb)) > 50 or len(ea) == 1 == len(eb):
+        return False
+    return all(any(_equiv(u, False, v, False, depth + 1) for v in other)
+               for one, other in ((ea, eb), (eb, ea)) for u in one)
+
+
+def _close(u, v):
+    """Exact values (Fraction) are equal or not; an irrational (a float here) equals only another
+    one, to 1e-12 relative: a rational such as 3.14 or 3.141592653589793 is never \\pi."""
+    if isinstance(u, Fraction) != isinstance(v, Fraction):
+        return False
+    return u == v if isinstance(u, Fraction) else math.isclose(u, v, rel_tol=1e-12, abs_tol=1e-12)
+
+
+# a decimal, perhaps in scientific notation: 2.5, 2.5\times10^{-3}
+_DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)(?:\\(?:times|cdot)10\^\{?(-?\d{1,3})\}?)?")
+
+
+def _numbers_equal(a, x, a_pct, b, y, b_pct):
+    """Numbers x, y (values of the normalised answers a, b) are equal when _close, or when one is
+    a decimal written with 3+ significant digits and the other a rational, not a literal, that
+    rounds to it: 0.333 = 1/3, but 0.33 != 1/3 (two digits say too little), 70001 != 70000."""
+    def forms(s, v, pct):   # [(value, decimal places if a rounding)]: 25% may mean 25 or 0.25
+        m = _DECIMAL_RE.fullmatch(s)
+        places = len(m[2]) - int(m[3] or 0) if m and len((m[1] + m[2]).lstrip("0")) >= 3 else 0
+        return [(v, places)] + ([(v / 100, places and places + 2)] if pct else [])
+    literal = [bool(re.fullmatch(r"-?\d+(?:\.\d+)?", s)) for s in (a, b)]
+    return any(_close(u, v) or isinstance(u, Fraction) and isinstance(v, Fraction) and any(
+                   places and not other_literal and 2 * abs(u - v) * Fraction(10) ** places <= 1
+                   for places, other_literal in ((u_places, literal[1]), (v_places, literal[0])))
+               for u, u_places in forms(a, x, a_pct) for v, v_places in forms(b, y, b_pct))
+
+
+def _same_function(a, b):
+    """Two expressions in the same one-letter variables (3x+3, (x+1)*3) with _close values at two
+    sample points: an identity with near certainty (two different polynomials or rational
+    functions agree only on a set of measure zero). Words (3+ letters), and text without an
+    operator or a digit ('no', 'on'), are not expressions."""
+    names = [{t for t in _TOKEN_RE.findall(s) if len(t) == 1 and t.isalpha()} for s in (a, b)]
+    if (not names[0] or names[0] != names[1] or len(names[0]) > 5
+            or any(re.search(r"(?<![\\A-Za-z])[A-Za-z]{3,}", s) or not re.search(r"[\d+\-*/^\\]", s)
+                   for s in (a, b))):
+        return False
+    for point in (1, 2):                                   # values no simple answer is built around
+        variables = {v: point + Fraction(2 * i + 3, 13) for i, v in enumerate(sorted(names[0]))}
+        x, y = _to_number(a, variables), _to_number(b, variables)
+        if x is None or y is None or not _close(x, y):
+            return False
+    return True
+
+
+def _split_top_level(s):
+    """Split at commas outside any bracket. '(1,(2,3))' inner -> ['1', '(2,3)']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(s):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    return parts + [s[start:]]
+
+
+def _bracketed(s):
+    """'(1,2]' -> ('(', ']', '1,2') when one bracket pair encloses the whole string, else None."""
+    s = s.replace("\\{", "{").replace("\\}", "}")
+    if len(s) < 2 or s[0] not in "([{" or s[-1] not in ")]}":
+        return None
+    depth = 0
+    for ch in s[:-1]:
+        depth += (ch in "([{") - (ch in ")]}")
+        if depth == 0:                                     # closed before the end: "(1)+(2)"
+            return None
+    return s[0], s[-1], s[1:-1]
+
+
+# The parser: exact rationals (Fraction) where it can, floats for irrationals, None otherwise.
 class _NotANumber(Exception):
     pass
 
 
-_TOKEN_RE = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|\\[A-Za-z]+|\S")
-_FUNCTIONS = {"\\sin": math.sin, "\\cos": math.cos, "\\tan": math.tan, "\\sec": lambda t: 1 / math.cos(t),
-              "\\csc": lambda t: 1 / math.sin(t), "\\cot": lambda t: 1 / math.tan(t), "\\ln": math.log,
-              "\\exp": math.exp}
-_PRODUCT_STARTS = ("(", "{", "\\frac", "\\sqrt", "\\pi", *_FUNCTIONS)   # 2\pi, 3\sqrt{2}, 2x, x\sin x
+_TOKEN_RE = re.compile(r"\d+(?:\.\d+)?|\\[A-Za-z]+|\S")
+_FUNCTIONS = {"\\sin": math.sin, "\\cos": math.cos, "\\tan": math.tan, "\\ln": math.log,
+              "\\sec": lambda t: 1 / math.cos(t), "\\csc": lambda t: 1 / math.sin(t),
+              "\\cot": lambda t: 1 / math.tan(t), "\\exp": math.exp}
+# what may follow a factor: an operator or a product without one (2\pi, 3\sqrt{2}, 2x)
+_TERM_CONTINUES = ("*", "\\cdot", "\\times", "/", "\\div", "(", "{", "\\frac", "\\sqrt", "\\pi",
+                   *_FUNCTIONS)
+_MAX_DEPTH = 40            # nesting depth the parser accepts
+_MAX_EXPONENT = 1000       # |exponent| it evaluates (2^{1000} is fine, 9^{9^9} is not)
 
 
 def _to_number(s, variables=None):
-    r"""Value of a simple expression, or None. A recursive-descent parser, no eval():
+    r"""Value of a simple expression (a Fraction when rational, else a float), or None.
+    A recursive-descent parser, no eval():
         expr  := term (('+' | '-') term)*
         term  := unary (('*' | '/' | \cdot | \times | \div) unary | implicit product: 2\pi, 3x)*
         unary := ('-' | '+') unary | atom ('^' unary)?
-        atom  := number | (expr) | {expr} | \frac{expr}{expr} | \sqrt{expr} | \pi
-                 | \sin unary (also \cos ... \exp, and \sin^2 x) | a letter, with its value in `variables`
+        atom  := number | (expr) | {expr} | \frac{expr}{expr} | \sqrt{expr} | \sqrt[expr]{expr}
+                 | \pi | \sin unary (also \cos ... \exp, and \sin^2 x) | a letter in `variables`
     """
     tokens, pos = _TOKEN_RE.findall(s) if len(s) <= 200 else [], 0
     variables = variables or {}
@@ -923,7 +1196,7 @@ def _to_number(s, variables=None):
 
     def term(depth):
         value = unary(depth)
-        while peek() in ("*", "\\cdot", "\\times", "/", "\\div", *_PRODUCT_STARTS) or peek() in variables:
+        while peek() in _TERM_CONTINUES or peek() in variables:
             if peek() in ("/", "\\div"):
                 take()
                 value /= unary(depth)                      # ZeroDivisionError is caught below
@@ -937,343 +1210,185 @@ def _to_number(s, variables=None):
         if peek() in ("-", "+"):
             return (-1 if take() == "-" else 1) * unary(depth + 1)
         base = atom(depth)
-        if peek() != "^":
-            return base
-        take()
-        exponent = unary(depth + 1)
-        if abs(exponent) > _MAX_EXPONENT or (base < 0 and exponent != int(exponent)):
-            raise _NotANumber                              # 9^{9^9}, or a complex root
-        return base ** exponent                            # floats: overflow raises, never hangs
+        return _power(base, (take(), unary(depth + 1))[1]) if peek() == "^" else base
 
     def atom(depth, brace=False):
         tok = take("{" if brace else None)
         if tok[0].isdigit():
-            return float(tok)
+            return Fraction(tok)
         if tok in ("(", "{"):
             value = expr(depth + 1)
             take(")" if tok == "(" else "}")
             return value
         if tok == "\\frac":
             return atom(depth + 1, brace=True) / atom(depth + 1, brace=True)
-        if tok == "\\sqrt":
-            return math.sqrt(atom(depth + 1, brace=True))  # ValueError below zero is caught below
+        if tok == "\\sqrt":                                # \sqrt[3]{8} = 2
+            n = (take(), expr(depth + 1), take("]"))[1] if peek() == "[" else Fraction(2)
+            return _power(atom(depth + 1, brace=True), 1 / n)
         if tok == "\\pi":
             return math.pi
         if tok in _FUNCTIONS:                              # \sin^2 x = (\sin x)^2
             exponent = tokens[pos:pos + 1] == ["^"] and (take(), unary(depth + 1))[1]
             value = _FUNCTIONS[tok](unary(depth + 1))
-            return value ** exponent if exponent else value
+            return _power(value, exponent) if exponent else value
         if tok in variables:
             return variables[tok]
         raise _NotANumber
 
     try:
         value = expr(0)
-        return value if pos == len(tokens) and math.isfinite(value) else None
-    except (_NotANumber, ArithmeticError, ValueError, RecursionError):
+        return value if pos == len(tokens) and (
+            isinstance(value, Fraction) or math.isfinite(value)) else None
+    except (_NotANumber, ArithmeticError, ValueError, TypeError, RecursionError):
         return None
 
 
-def _same_function(a, b):
-    """Two expressions in the same one-letter variables (3x+3, (x+1)*3) that agree at two sample
-    points, to 1e-9 relative: an identity with near certainty (two different polynomials or rational
-    functions agree only on a set of measure zero). Words (3+ letters), and text without an operator
-    or a digit ('no', 'on'), are not expressions."""
-    names = [{t for t in _TOKEN_RE.findall(s) if len(t) == 1 and t.isalpha()} for s in (a, b)]
-    if (not names[0] or names[0] != names[1] or len(names[0]) > 5
-            or any(re.search(r"(?<![\\A-Za-z])[A-Za-z]{3,}", s) or not re.search(r"[\d+\-*/^\\]", s)
-                   for s in (a, b))):
-        return False
-    for point in (1, 2):                                   # values no simple answer is built around
-        variables = {name: point + math.sqrt(2 + ord(name) % 7) / 3 for name in names[0]}
-        x, y = _to_number(a, variables), _to_number(b, variables)
-        if x is None or y is None or not math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12):
-            return False
-    return True
+def _power(base, exponent):
+    """base^exponent: exact when rational (8^{2/3} = 4, \\sqrt{1/4} = 1/2, \\sqrt[3]{-8} = -2),
+    else a float; _NotANumber for 9^{9^9}, a complex root or a result over 100,000 bits."""
+    if abs(exponent) > _MAX_EXPONENT:
+        raise _NotANumber
+    if isinstance(base, Fraction) and isinstance(exponent, Fraction) and exponent.denominator <= 64:
+        p, q = exponent.numerator, exponent.denominator
+        num, den = (_integer_root(abs(n), q) for n in (base.numerator, base.denominator))
+        if num is not None and den is not None and (base >= 0 or q % 2):
+            if max(num.bit_length(), den.bit_length()) * abs(p) > 100_000:
+                raise _NotANumber
+            return (Fraction(num, den) if base >= 0 else -Fraction(num, den)) ** p
+    if base < 0 and exponent != int(exponent):
+        raise _NotANumber
+    return float(base) ** float(exponent)                 # floats: overflow raises, never hangs
 
 
-_DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)")
+def _integer_root(n, q):
+    """r with r^q = n for an integer n >= 0, else None."""
+    r = n if q == 1 else math.isqrt(n) if q == 2 else round(n ** (1 / q))
+    return next((c for c in (r - 1, r, r + 1) if c >= 0 and c ** q == n), None)
 
 
-def _numbers_equal(a, x, a_pct, b, y, b_pct):
-    """Numbers x, y (values of the normalised answers a, b) are equal when they agree to float
-    rounding (relative 1e-14: 70001 != 70000, 18.0009 != 18), or when one is a decimal written with
-    3+ significant digits and the other an exact form (not a literal) that rounds to it: 0.333 = 1/3,
-    6.28 = 2\\pi, but 0.33 != 1/3 (two digits say too little). 25% may mean 25 or 0.25."""
-    def forms(s, v, pct):   # [(value, decimal places if a rounding, is a literal)]
-        m = _DECIMAL_RE.fullmatch(s)
-        places = len(m[2]) if m and len((m[1] + m[2]).lstrip("0")) >= 3 else 0
-        literal = bool(m or re.fullmatch(r"-?\d+", s))
-        return [(v, places, literal)] + ([(v / 100, places and places + 2, literal)] if pct else [])
-    for u, u_places, u_literal in forms(a, x, a_pct):
-        for v, v_places, v_literal in forms(b, y, b_pct):
-            if (math.isclose(u, v, rel_tol=1e-14, abs_tol=1e-14)
-                    or any(places and not literal and abs(u - v) <= 0.5 * 10 ** -places * (1 + 1e-9)
-                           for places, literal in ((u_places, v_literal), (v_places, u_literal)))):
-                return True
-    return False
-
-
-def _split_top_level(s):
-    """Split at commas outside any bracket. '(1,(2,3))' inner -> ['1', '(2,3)']."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(s):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(s[start:i])
-            start = i + 1
-    parts.append(s[start:])
-    return parts
-
-
-def _bracketed(s):
-    """'(1,2]' -> ('(', ']', '1,2') when one bracket pair encloses the whole string, else None."""
-    s = s.replace("\\{", "{").replace("\\}", "}")
-    if len(s) < 2 or s[0] not in "([{" or s[-1] not in ")]}":
-        return None
-    depth = 0
-    for i, ch in enumerate(s[:-1]):
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if depth == 0:                                     # closed before the end: "(1)+(2)"
-            return None
-    return s[0], s[-1], s[1:-1]
-
-
-def _equiv(a, a_pct, b, b_pct, depth=0):
-    """Equivalence of two normalised answers (see is_equiv)."""
-    if a == b:
-        return True
-    if depth > 4:
-        return False
-    x, y = _to_number(a), _to_number(b)
-    if x is not None and y is not None:
-        return _numbers_equal(a, x, a_pct, b, y, b_pct)
-    if _same_function(a, b):
-        return True
-    pa, pb = _bracketed(a), _bracketed(b)
-    sets = [p is not None and p[:2] == ("{", "}") for p in (pa, pb)]
-    if any(sets):                                          # a set: an unordered list of its elements
-        return _equiv(pa[2] if sets[0] else a, a_pct, pb[2] if sets[1] else b, b_pct, depth + 1)
-    if pa and pb:                                          # tuples, intervals, matrices: element-wise
-        ea, eb = _split_top_level(pa[2]), _split_top_level(pb[2])
-        return (pa[:2] == pb[:2] and len(ea) == len(eb)
-                and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
-    if not pa and not pb and ("," in a or "," in b):       # "1, 2" vs "2,1,1": sets of solutions
-        ea, eb = _split_top_level(a), _split_top_level(b)
-        if max(len(ea), len(eb)) > 50 or min(len(ea), len(eb)) == 1 == max(len(ea), len(eb)):
-            return a == b
-        return all(any(_equiv(u, False, v, False, depth + 1) for v in other)
-                   for one, other in ((ea, eb), (eb, ea)) for u in one)
-    return False
-
-
-# math-verify runs in worker processes: its own timeouts use signals, which work only in the main
-# thread, and a sympy call that never returns can only be stopped by killing its process.
-_MV_WORKER = r"""
+# The math-verify worker: math-verify's own timeouts use signals, which work only in a main thread,
+# and a sympy call that never returns can only be stopped by killing its process. So it runs in a
+# worker process, one request at a time; a worker late with its verdict is killed, and a spare
+# (started after the first verdict) takes over.
+_WORKER_SCRIPT = r"""
 import json, sys
 out, sys.stdout = sys.stdout, sys.stderr       # only verdicts go to the parent
 from math_verify import parse, verify
-verify(parse("$x$"), parse("$x$"))            # warm up: the first call is the slowest
-print(json.dumps(["ready", True]), file=out, flush=True)
-for line in sys.stdin:                         # its own time limits (signals: this is a main thread)
-    number, gold, pred = json.loads(line)
-    ok = verify(parse(gold, parsing_timeout=1), parse(pred, parsing_timeout=1), timeout_seconds=1)
-    print(json.dumps([number, bool(ok)]), file=out, flush=True)
+from sympy import Basic, Float, Rational, preorder_traversal
+
+def approximates_an_irrational(answers):       # a decimal (a Float) with pi, sqrt(2), ...
+    values = [a for a in answers if isinstance(a, Basic)]
+    return any(a.has(Float) for a in values) and any(
+        n.is_number and n.is_rational is not True and not n.has(Float)
+        for a in values for n in preorder_traversal(a))
+
+def exact(answers):                            # 3.14 -> 157/50
+    return [a.xreplace({f: Rational(str(f)) for f in a.atoms(Float)}) if isinstance(a, Basic)
+            else a for a in answers]
+
+verify(parse("$x$"), parse("$x$"))            # warm up: a first call of each kind is slow, and
+if sys.argv[1:] == ["spare"]:                 # a spare has the time to warm up on more kinds
+    verify(parse("\\boxed{y = \\sum_{k=1}^{n} \\frac{\\sqrt{k}}{2} x^2}"),
+           parse("\\boxed{y = \\sum_{k=1}^{n} \\frac{x^2 \\sqrt{k}}{2}}"))
+print("ready", file=out, flush=True)
+for line in sys.stdin:
+    gold, pred = map(parse, json.loads(line))
+    ok = verify(gold, pred)
+    if ok and approximates_an_irrational(gold + pred):
+        ok = verify(exact(gold), exact(pred))  # math-verify rounds: 3.1415927 is not pi
+    print("yes" if ok else "no", file=out, flush=True)
 """
-_mv = {"workers": [], "failed_starts": 0, "requests": 0}
-_mv_lock = threading.Lock()
 
 
-def _read_reply(worker, number, deadline):
-    """The worker's verdict on request `number` by time.monotonic() `deadline` (replies to requests
-    whose caller was interrupted are skipped), else None (also when it died)."""
-    while True:
-        while b"\n" not in worker[2]:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([worker[0].stdout], [], [], left)[0]:
-                return None
-            if not (chunk := os.read(worker[0].stdout.fileno(), 4096)):
-                return None
-            worker[2] += chunk
-        line, _, worker[2] = worker[2].partition(b"\n")
-        if (reply := json.loads(line))[0] == number:
-            return reply[1]
+@dataclasses.dataclass
+class _Worker:
+    """A math-verify worker process and what has been read from it."""
+    process: subprocess.Popen
+    started: float                 # time.monotonic() at its start
+    ready: bool = False            # it imported math-verify and said "ready"
+    unread: bytes = b""            # what it wrote after its last complete line
 
 
-def _stop_math_verify(worker=None):
-    """Kill one worker (default: all of them)."""
-    for process, *_ in [worker] if worker else _mv["workers"]:
-        process.kill()
-        process.wait()
-        process.stdin.close()
-        process.stdout.close()
-    _mv["workers"] = [w for w in _mv["workers"] if w is not worker] if worker else []
+@dataclasses.dataclass
+class _WorkerPool:
+    """The worker in use and a spare, shared by all threads under the lock."""
+    workers: list = dataclasses.field(default_factory=list)
+    failed_starts: int = 0         # workers that died or hung while starting; at 3, no math-verify
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
-def _start_math_verify(count):
-    """Keep `count` workers (the one in use, and a spare already importing sympy, 1-3 s, to replace
-    one killed for taking too long). Does not wait for them."""
-    for worker in [w for w in _mv["workers"] if w[0].poll() is not None]:
-        _stop_math_verify(worker)                          # it died
-    while len(_mv["workers"]) < count:
-        _mv["workers"].append([subprocess.Popen([sys.executable, "-c", _MV_WORKER], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL),
-                                False, b"", time.monotonic(), None])   # ready, bytes read, started, busy since
+_pool = _WorkerPool()
 
 
-atexit.register(_stop_math_verify)
-
-
-def _math_verify(pred, gold, completion=False):
-    """math-verify's verdict, or None when it has none within _MV_LIMIT_S (in any thread), the wait
-    for a worker that is still starting included. pred is an answer, or with completion=True a
-    completion's end that math-verify reads on its own."""
-    pred = pred[-2 * _MAX_ANSWER_CHARS:] if completion else pred
-    if len(pred) > 2 * _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS or _mv["failed_starts"] >= 3:
-        return None
-    if not _mv_lock.acquire(timeout=4 * _MV_LIMIT_S):     # other threads' calls take too long
-        return None
+def _math_verify(pred, gold, started, completion=False):
+    """math-verify's verdict, or None when it has none by `started` + _CHECK_LIMIT_S (in any thread;
+    waits for the lock and for a starting worker included). pred is an answer, or with
+    completion=True a completion's end, which math-verify reads on its own."""
+    deadline = started + _CHECK_LIMIT_S
+    pred = pred[-2 * _MAX_ANSWER_CHARS:] if completion else f"\\boxed{{{pred}}}"
+    if (len(pred) > 2 * _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS
+            or _pool.failed_starts >= 3
+            or not _pool.lock.acquire(timeout=max(deadline - time.monotonic(), 0))):
+        return None                                       # (or other threads took the time)
+    worker = verdict = None
     try:
-        deadline = time.monotonic() + _MV_LIMIT_S
-        for worker in [w for w in _mv["workers"] if w[4] and deadline - w[4] > _MV_STUCK_S]:
-            _stop_math_verify(worker)                      # the spare takes over
-        _start_math_verify(1)
-        worker = _mv["workers"][0]
-        worker[1] = worker[1] or _read_reply(worker, "ready", deadline)
-        if not worker[1]:                                  # still starting: no verdict this time
-            if worker[0].poll() is not None or time.monotonic() - worker[3] > _MV_START_LIMIT_S:
-                _mv["failed_starts"] += 1
-                _stop_math_verify(worker)
+        _start_workers(1)
+        worker = _pool.workers[0]
+        worker.ready = worker.ready or _read_line(worker, deadline) == "ready"
+        if not worker.ready:                              # still starting: no verdict this time
+            if (worker.process.poll() is not None
+                    or time.monotonic() - worker.started > _MV_START_LIMIT_S):
+                _pool.failed_starts += 1
+                _stop_workers([worker])
             return None
-        _start_math_verify(2)                              # the spare, once the first one is up
-        _mv["requests"] = number = _mv["requests"] + 1    # gold first (the order matters); boxed,
-        request = [number, f"\\boxed{{{gold}}}", pred if completion else f"\\boxed{{{pred}}}"]   # taken whole
-        worker[0].stdin.write((json.dumps(request) + "\n").encode())
-        worker[0].stdin.flush()
-        worker[4] = worker[4] or time.monotonic()
-        verdict = _read_reply(worker, number, deadline)   # None: out of time; it stops on its own
-        if verdict is not None:
-            worker[4] = None                               # every earlier request is answered too
-        return verdict
+        worker.process.stdin.write((json.dumps([f"\\boxed{{{gold}}}", pred]) + "\n").encode())
+        worker.process.stdin.flush()                      # gold first: the order matters
+        verdict = _read_line(worker, deadline)
+        _start_workers(2)                                 # a spare, once this one has answered
+        return None if verdict is None else verdict == "yes"
     except Exception:                                      # e.g. a broken pipe
         return None
     finally:
-        _mv_lock.release()
+        if worker is not None and worker.ready and verdict is None:
+            _stop_workers([worker])                       # late, broken or interrupted: the spare
+        _pool.lock.release()                              # takes over
 
 
-CHECKERS = ("builtin", "math-verify", "auto")
+def _read_line(worker, deadline):
+    """The worker's next line by time.monotonic() `deadline`, else None (also when it died)."""
+    while b"\n" not in worker.unread:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([worker.process.stdout], [], [], left)[0]:
+            return None
+        if not (chunk := os.read(worker.process.stdout.fileno(), 4096)):
+            return None
+        worker.unread += chunk
+    line, _, worker.unread = worker.unread.partition(b"\n")
+    return line.decode()
 
 
-@functools.lru_cache(maxsize=None)
-def _math_verify_installed():
-    return importlib.util.find_spec("math_verify") is not None
+def _start_workers(count):
+    """Keep `count` workers: drop dead ones, start new ones without waiting for them."""
+    _stop_workers([w for w in _pool.workers if w.process.poll() is not None])
+    while len(_pool.workers) < count:
+        spare = ["spare"] if _pool.workers else []
+        process = subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, *spare],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
+        _pool.workers.append(_Worker(process, time.monotonic()))
 
 
-def default_checker():
-    """"auto" when math-verify is installed, else "builtin": the default of --checker and of the
-    functions below. The environment variable EKSFT_CHECKER overrides it (e.g. for a script that
-    calls is_equiv(pred, gold) without naming a checker)."""
-    return os.environ.get("EKSFT_CHECKER") or ("auto" if _math_verify_installed() else "builtin")
+def _stop_workers(workers=None):
+    """Kill these workers (default: all of them)."""
+    for worker in list(_pool.workers if workers is None else workers):
+        worker.process.kill()
+        worker.process.wait()
+        worker.process.stdin.close()
+        worker.process.stdout.close()
+        _pool.workers.remove(worker)
 
 
-def checker_description(checker=None):
-    """For args.json / summary.json: 'builtin', 'auto (builtin + math-verify 0.9.0)', 'math-verify 0.9.0'."""
-    checker = checker or default_checker()
-    if checker == "builtin":
-        return checker
-    try:
-        version = importlib.metadata.version("math-verify")
-    except importlib.metadata.PackageNotFoundError:
-        version = "(not installed)"
-    return f"auto (builtin + math-verify {version})" if checker == "auto" else f"math-verify {version}"
-
-
-def _resolve_checker(checker):
-    """The checker to use (an unknown one is a ValueError, a missing math-verify an ImportError)."""
-    checker = checker or default_checker()
-    if checker not in CHECKERS:
-        raise ValueError(f"unknown checker {checker!r}; choose one of {CHECKERS}")
-    if checker != "builtin" and not _math_verify_installed():
-        raise ImportError(f"--checker {checker} needs the math-verify package: "
-                          "pip install 'math-verify[antlr4_13_2]'")
-    if checker != "builtin" and not _mv["workers"] and _mv["failed_starts"] < 3 and _mv_lock.acquire(False):
-        try:                                               # the first check starts a worker, without
-            _start_math_verify(1)                          # waiting: it imports sympy while builtin
-        finally:                                           # decides the first answers (never at import)
-            _mv_lock.release()
-    return checker
-
-
-def is_equiv(pred, gold, checker=None):
-    """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
-
-    checker: "builtin", "math-verify" or "auto" (default: default_checker()). Builtin normalises both
-    (the rule tables above), drops names and glosses (x = 7, f(x) = 2x+3, x \\in [1,2], chains, \\approx
-    0.58), then compares numbers exactly (a decimal with 3+ significant digits also matches an exact
-    form that rounds to it: 0.333 = 1/3), expressions in one-letter variables by value ((x+1)^2 =
-    x^2+2x+1), tuples, intervals and matrices element by element, sets and unbracketed lists in any
-    order, anything else as normalised strings. Auto: see the top of this section. Never raises:
-    only on an unknown checker (ValueError) or a missing math-verify (ImportError).
-    """
-    checker = _resolve_checker(checker)
-    if not isinstance(pred, str) or not isinstance(gold, str) or not pred.strip() or not gold.strip():
-        return False
-    if checker == "math-verify":
-        return bool(_math_verify(pred, gold))
-    try:
-        if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
-            return pred.strip() == gold.strip()
-        (a, a_pct, a_names), (b, b_pct, b_names) = _normalise(pred), _normalise(gold)
-        # x = 7 and |AB| = 7 match 7 but not y = 7; an equation's left side (2x+y = 0) must match
-        equation = re.search("[-+]", "".join(a_names + b_names))
-        if (a_names == b_names or not (a_names and b_names or equation)) and _equiv(a, a_pct, b, b_pct):
-            return True
-        if checker == "builtin" or re.fullmatch("[A-Z]", a) or (_is_numeric(a) and _is_numeric(b) and not equation):
-            return False                                   # auto: exact verdicts stay final
-    except Exception:                                      # a checker bug must not crash a training run
-        return False
-    return bool(_math_verify(pred, gold))
-
-
-def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=True):
-    """1.0 when the completion's answer is equivalent to gold, else 0.0 (or format_reward, off by
-    default: what a wrong answer that is at least \\boxed earns).
-
-    The answer is the one the completion states (extract_answer). One that states none is read as
-    the Qwen2.5-Math harness and math-verify read it: its last formula ($...$, \\(...\\)) or last
-    number, whichever comes last (one reading: "$5$ or 7" is not two answers), and with auto or
-    math-verify by math-verify's own parser too. This is on by default (last_number=True) so that
-    the reward scores what evaluate.py's default protocol scores, and because a correct answer is
-    correct unboxed: rewarding the format is format_reward's job. last_number=False is the strict
-    reward (a stated answer or 0), as evaluate.py --protocol strict scores.
-    """
-    checker = _resolve_checker(checker)
-    pred = extract_answer(completion)
-    if pred is not None:
-        correct = is_equiv(pred, gold, checker)
-    elif last_number and isinstance(completion, str) and isinstance(gold, str):
-        text = completion.rpartition("</think>")[2][-_TAIL_CHARS:]
-        answer = _last_formula_or_number(text)
-        correct = (answer is not None and checker != "math-verify" and is_equiv(answer, gold, "builtin")
-                   or checker != "builtin" and bool(_math_verify(text, gold, completion=True)))
-    else:
-        correct = False
-    if correct:
-        return 1.0
-    if format_reward and isinstance(completion, str) and _boxed_answer(completion):
-        return float(format_reward)
-    return 0.0
-
-
-def grpo_reward_fn(completions, answer, **kwargs):
-    """Drop-in reward function for TRL's GRPOTrainer (dataset column "answer"):
-    GRPOTrainer(..., reward_funcs=[grpo_reward_fn]). Completions may be strings or chat messages."""
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [math_reward(t, a) for t, a in zip(texts, answer)]
+atexit.register(_stop_workers)
 
 
 if __name__ == "__main__":   # below the checker, so that every name in the file is defined

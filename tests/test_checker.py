@@ -140,11 +140,11 @@ EQUIV_CASES = [
     ("0.333", "\\frac{1}{3}", True),
     ("0.33", "\\frac{1}{3}", False),              # two significant digits say too little
     ("0.334", "\\frac{1}{3}", False),             # not the rounding of 1/3
-    ("3.14", "\\pi", True),
+    ("3.14", "\\pi", False),                   # a decimal is never an irrational
     ("3.1", "\\pi", False),
-    ("6.28", "2\\pi", True),
+    ("6.28", "2\\pi", False),
     ("12.5", "12.54", False),                     # two written decimals compare exactly
-    ("1.41", "\\sqrt{2}", True),
+    ("1.41", "\\sqrt{2}", False),
     ("1.42", "\\sqrt{2}", False),
     # percent
     ("25\\%", "0.25", True),
@@ -323,6 +323,127 @@ def test_table_sizes():
 
 
 # ----------------------------------------------------------------------------
+# Classes of answers a held-out check got wrong, one table each (checker modes as stated)
+
+INTEGER_CASES = [   # integers of any length, exactly
+    ("100000000000001", "100000000000000", False),
+    ("12345678901234567891", "12345678901234567890", False),           # 20 digits, off by one
+    ("12345678901234567890", "12345678901234567890", True),
+    ("12,345,678,901,234,567,890", "12345678901234567890", True),
+    ("10^{15}+1", "1000000000000001", True),
+    ("10^{15}", "1000000000000001", False),
+    ("2^{64}", "18446744073709551616", True),
+    ("2^{64}", "18446744073709551615", False),
+    ("10^{400}", "10^{400}+1", False),                                 # past float's range
+]
+
+DECIMAL_VS_IRRATIONAL_CASES = [   # a decimal is never an exact irrational, however many digits
+    ("3.14", "\\pi", False),
+    ("3.1415927", "\\pi", False),                                     # math-verify would round it
+    ("3.141592653589793", "\\pi", False),
+    ("1.41", "\\sqrt{2}", False),
+    ("1.4142136", "\\sqrt{2}", False),
+    ("6.2831853", "2\\pi", False),
+    ("0.8660254", "\\frac{\\sqrt{3}}{2}", False),
+    ("1.26", "\\sqrt[3]{2}", False),
+    ("3.1415927x", "\\pi x", False),                                  # inside an expression too
+    ("1.5707963", "0.5\\pi", False),
+    ("0.5\\pi", "\\frac{\\pi}{2}", True),                             # an exact decimal times pi
+    ("0.5x + \\sqrt{2}", "\\frac{x}{2} + \\sqrt{2}", True),
+    ("0.3333333", "\\frac{1}{3}", True),                              # a rational still rounds
+    ("\\sqrt{8}", "2\\sqrt{2}", True),
+]
+
+NOTATION_CASES = [
+    # repeating decimals
+    ("0.\\overline{3}", "\\frac{1}{3}", True),
+    ("0.1\\overline{6}", "\\frac{1}{6}", True),
+    ("1.\\overline{142857}", "\\frac{8}{7}", True),
+    ("0.\\overline{3}", "\\frac{1}{4}", False),
+    ("0.1\\overline{6}", "0.16", False),
+    # named components against a tuple, in the order of their names
+    ("x = 3, y = -2", "(3,-2)", True),
+    ("y = -2, x = 3", "(3, -2)", True),
+    ("x = 3, y = -2", "(-2,3)", False),
+    ("x=3, y=-2", "x = -2, y = 3", False),
+    ("(x, y) = (3, -2)", "x = 3, y = -2", True),
+    ("a = 1, b = 2, c = 3", "(1, 2, 3)", True),
+    # left-hand sides dropped
+    ("f^{-1}(x) = \\frac{x-3}{2}", "\\frac{x-3}{2}", True),
+    ("f^{-1}(x) = \\frac{x-3}{2}", "\\frac{x+3}{2}", False),
+    ("a_{n+1} = 7", "7", True),
+    ("f'(x) = 2x", "2x", True),
+    ("\\angle ABC = 30^\\circ", "30", True),
+    ("\\overline{AB} = 5", "5", True),
+    # interval unions in any order
+    ("(-\\infty, 1) \\cup (2, \\infty)", "(2,\\infty)\\cup(-\\infty,1)", True),
+    ("[0,1] ∪ [2,3]", "[2, 3] \\cup [0, 1]", True),
+    ("(-\\infty, 1) \\cup (2, \\infty)", "(-\\infty,1]\\cup(2,\\infty)", False),
+    ("(-\\infty, 1) \\cup (2, \\infty)", "(-\\infty, 1)", False),
+    # a text answer's letter case
+    ("\\text{Yes}", "yes", True),
+    ("EVEN", "even", True),
+    ("Monday", "Tuesday", False),
+    ("x", "X", False),                                                 # single letters: variables
+    # small numbers in words (GSM8K)
+    ("five", "5", True),
+    ("Twelve", "12", True),
+    ("twenty-one", "21", True),
+    ("five apples", "5", True),
+    ("five", "6", False),
+    ("seven hundred", "7", False),
+]
+
+
+@pytest.mark.parametrize("checker", ["builtin", "auto"])
+@pytest.mark.parametrize("pred,gold,expected", INTEGER_CASES)
+def test_integers_of_any_length_are_exact(pred, gold, expected, checker):
+    if checker == "auto" and not HAVE_MATH_VERIFY:
+        pytest.skip("math-verify is not installed")
+    assert is_equiv(pred, gold, checker=checker) is expected
+    assert is_equiv(gold, pred, checker=checker) is expected
+
+
+@pytest.mark.parametrize("checker", ["builtin", "auto", "math-verify"])
+@pytest.mark.parametrize("pred,gold,expected", DECIMAL_VS_IRRATIONAL_CASES)
+def test_a_decimal_never_equals_an_irrational(monkeypatch, pred, gold, expected, checker):
+    if checker != "builtin" and not HAVE_MATH_VERIFY:
+        pytest.skip("math-verify is not installed")
+    monkeypatch.setattr(rl, "_CHECK_LIMIT_S", 60.0)                  # verdicts, not speed
+    assert is_equiv(pred, gold, checker=checker) is expected
+
+
+@needs_math_verify
+def test_math_verify_alone_would_round_a_decimal_to_pi():
+    """The guard in the worker is needed: math-verify itself calls 3.1415927 and pi equal."""
+    from math_verify import parse, verify
+    assert verify(parse("$\\pi$"), parse("$3.1415927$"))
+    assert is_equiv("3.1415927", "\\pi", checker="math-verify") is False
+
+
+@pytest.mark.parametrize("pred,gold,expected", NOTATION_CASES)
+def test_notations(pred, gold, expected):
+    assert is_equiv(pred, gold, checker="builtin") is expected
+
+
+LAST_STATED_CASES = [   # the last stated answer wins, a box or a phrase
+    ("So the area is \\boxed{12}. Wait, I forgot the other faces: 6 \\cdot 12 = 72. "
+     "The answer is 72.", "72"),
+    ("The answer is 12. Wait, six faces: the total is \\boxed{72}.", "72"),
+    ("\\boxed{12}\n\nHmm, recheck: Answer: 72", "72"),
+    ("\\boxed{12}. Actually the answer is $\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("\\boxed{12}. I double-checked and the answer is correct.", "12"),   # a remark, not a value
+    ("\\boxed{12}. Let me verify the answer: it satisfies both equations.", "12"),
+]
+
+
+@pytest.mark.parametrize("text,expected", LAST_STATED_CASES)
+def test_the_last_stated_answer_wins(text, expected):
+    assert extract_answer(text) == expected
+    assert math_reward(text, expected, checker="builtin") == 1.0
+
+
+# ----------------------------------------------------------------------------
 # math_reward and the TRL reward function
 
 def test_math_reward():
@@ -365,12 +486,9 @@ def test_unknown_checker_is_a_clear_error():
         is_equiv("1", "1", checker="sympy")
 
 
-def test_default_checker_and_its_description(monkeypatch):
-    monkeypatch.delenv("EKSFT_CHECKER", raising=False)
+def test_default_checker_and_its_description():
     assert default_checker() == ("auto" if HAVE_MATH_VERIFY else "builtin")
-    monkeypatch.setenv("EKSFT_CHECKER", "builtin")
-    assert default_checker() == "builtin"
-    assert is_equiv("\\arcsin 1", "\\frac{\\pi}{2}") is False       # builtin: no arcsin
+    assert is_equiv("\\arcsin 1", "\\frac{\\pi}{2}", checker="builtin") is False   # no arcsin
     assert checker_description("builtin") == "builtin"
     if HAVE_MATH_VERIFY:
         import importlib.metadata
@@ -405,7 +523,7 @@ AUTO_CASES = [
 
 @needs_math_verify
 def test_auto_checker(monkeypatch):
-    monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)                   # verdicts, not speed, on a busy machine
+    monkeypatch.setattr(rl, "_CHECK_LIMIT_S", 60.0)                   # verdicts, not speed, on a busy machine
     for pred, gold, expected in AUTO_CASES:
         assert is_equiv(pred, gold, checker="auto") is expected, (pred, gold)
     assert is_equiv("0.5", "\\frac{1}{2}", checker="math-verify")
@@ -414,30 +532,44 @@ def test_auto_checker(monkeypatch):
 
 @needs_math_verify
 def test_auto_reads_a_completion_that_states_no_answer_as_math_verify_does(monkeypatch):
-    monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
-    cube = "The side is the cube root of the volume 8, so it is $\\sqrt[3]{8}$."
-    assert math_reward(cube, "2", checker="auto") == 1.0             # math-verify's reading and verdict
-    assert math_reward(cube.replace("{8}", "{9}"), "2", checker="auto") == 0.0
-    assert math_reward(cube, "2", checker="builtin") == 0.0          # no cube roots in builtin
-    assert math_reward(cube, "2", checker="auto", last_number=False) == 0.0
+    monkeypatch.setattr(rl, "_CHECK_LIMIT_S", 60.0)
+    log = "The exponent is the base-2 logarithm of 8, so it is $\\log_2 8$."
+    assert math_reward(log, "3", checker="auto") == 1.0              # math-verify's reading and verdict
+    assert math_reward(log.replace("8$", "9$"), "3", checker="auto") == 0.0
+    assert math_reward(log, "3", checker="builtin") == 0.0           # no logarithms in builtin
+    assert math_reward(log, "3", checker="auto", last_number=False) == 0.0
     assert math_reward("<think>it is $x+1$</think> so $2x$", "2x", checker="auto") == 1.0
     assert math_reward("<think>it is $2x$</think> so $x+1$", "2x", checker="auto") == 0.0
 
 
 @needs_math_verify
-def test_math_verify_time_limit_holds_outside_the_main_thread(monkeypatch):
-    """sympy takes too long on the hard pair: the call returns after the limit, the worker gives up
-    on its own time limits and answers the next call, all from a thread that is not the main one."""
+def test_auto_sends_what_builtin_cannot_read_to_math_verify(monkeypatch):
+    """\\sqrt[3]{8} builtin computes itself (exactly); \\arcsin and \\log go on to math-verify."""
+    sent = []
+    monkeypatch.setattr(rl, "_math_verify", lambda *args, **kw: sent.append(args[:2]) or True)
+    assert is_equiv("\\sqrt[3]{8}", "2", checker="auto") and sent == []
+    assert is_equiv("\\sqrt[3]{9}", "2", checker="auto") is False and sent == []   # exact: final
+    assert is_equiv("\\arcsin 1", "\\frac{\\pi}{2}", checker="auto")
+    assert sent == [("\\arcsin 1", "\\frac{\\pi}{2}")]
+
+
+@needs_math_verify
+@pytest.mark.parametrize("checker", ["auto", "math-verify"])
+def test_a_slow_check_takes_under_a_second(monkeypatch, checker):
+    """sympy takes seconds on the hard pair: the check returns within the limit (1 s with the kill
+    of the late worker included), from a thread that is not the main one, and the spare worker
+    answers the next check."""
     results = {}
 
     def judge():
-        monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
+        monkeypatch.setattr(rl, "_CHECK_LIMIT_S", 60.0)
         results["warm"] = is_equiv("x + 1", "1 + x", checker="math-verify")
-        monkeypatch.setattr(rl, "_MV_LIMIT_S", 1.0)
+        is_equiv("2x", "x + x", checker="math-verify")               # the spare is up too
+        monkeypatch.setattr(rl, "_CHECK_LIMIT_S", 0.8)
         start = time.perf_counter()
-        results["hard"] = is_equiv("\\sin(x)^{10000} + \\cos(x)^{10000}", "1", checker="auto")
+        results["hard"] = is_equiv("\\sin(x)^{10000} + \\cos(x)^{10000}", "1", checker=checker)
         results["seconds"] = time.perf_counter() - start
-        monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
+        monkeypatch.setattr(rl, "_CHECK_LIMIT_S", 60.0)
         results["next"] = is_equiv("2(x+1)", "2x+2", checker="math-verify")
 
     thread = threading.Thread(target=judge)
@@ -445,42 +577,40 @@ def test_math_verify_time_limit_holds_outside_the_main_thread(monkeypatch):
     thread.join(timeout=300)
     assert not thread.is_alive()
     assert results["warm"] is True
-    assert results["hard"] is False and 1.0 <= results["seconds"] < 3.0
+    assert results["hard"] is False and 0.8 <= results["seconds"] < 1.0
     assert results["next"] is True
 
 
 @needs_math_verify
 def test_the_worker_starts_at_the_first_check_not_at_import():
-    code = ("import time, rl; print(len(rl._mv['workers'])); start = time.perf_counter(); "
-            "print(rl.is_equiv('0.5', '\\\\frac12', 'auto'), time.perf_counter() - start < 0.5, len(rl._mv['workers']))")
+    code = ("import time, rl; print(len(rl._pool.workers)); start = time.perf_counter(); "
+            "print(rl.is_equiv('0.5', '\\\\frac12', 'auto'), time.perf_counter() - start < 0.5, "
+            "len(rl._pool.workers))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.split() == ["0", "True", "True", "1"], out.stderr   # started, not waited for
 
 
-def test_a_worker_stuck_past_its_own_limits_is_killed(monkeypatch):
-    """A worker that never answers (a stand-in for sympy stuck where no signal reaches it): each
-    call gets no verdict within the limit, and once it has been busy past _MV_STUCK_S it is killed."""
-    stuck = "import json, sys, time\nprint(json.dumps(['ready', True]), flush=True)\nfor line in sys.stdin: time.sleep(1000)\n"
-    rl._stop_math_verify()
-    monkeypatch.setattr(rl, "_MV_WORKER", stuck)
-    monkeypatch.setattr(rl, "_MV_LIMIT_S", 1.0)
-    monkeypatch.setattr(rl, "_MV_STUCK_S", 0.5)
+def test_a_worker_late_with_its_verdict_is_killed(monkeypatch):
+    """A worker that never answers (a stand-in for sympy stuck where no signal reaches it): the
+    call gets no verdict within the limit, and the worker is killed (the spare takes over)."""
+    stuck = "import sys, time\nprint('ready', flush=True)\nfor line in sys.stdin: time.sleep(1000)\n"
+    rl._stop_workers()
+    monkeypatch.setattr(rl, "_WORKER_SCRIPT", stuck)
+    monkeypatch.setattr(rl, "_CHECK_LIMIT_S", 2.0)
     try:
-        assert rl._math_verify("x", "y") is None
-        first = rl._mv["workers"][0][0]
-        assert first.poll() is None                                   # still there: it may yet answer
-        time.sleep(0.6)
-        assert rl._math_verify("x", "y") is None
-        assert first.poll() is not None                               # busy too long: killed
+        assert rl._math_verify("x", "x", time.monotonic()) is None      # waits for "ready" ...
+        first = rl._pool.workers[0].process
+        assert rl._math_verify("x", "x", time.monotonic()) is None      # ... then it is late:
+        assert first.poll() is not None and first not in [w.process for w in rl._pool.workers]
     finally:
-        rl._stop_math_verify()
+        rl._stop_workers()
 
 
 @needs_math_verify
 def test_auto_from_several_threads_at_once(monkeypatch):
     """The workers are shared under a lock: concurrent callers each get their own verdict."""
-    monkeypatch.setattr(rl, "_MV_LIMIT_S", 60.0)
+    monkeypatch.setattr(rl, "_CHECK_LIMIT_S", 60.0)
     cases = [("(x+1)^2", "x^2+2x+1", True), ("(x+1)^2", "x^2+1", False),
              ("\\frac{x}{7}+\\frac{2}{7}", "\\frac{x+2}{7}", True), ("2y", "y+y+1", False)] * 2
     results = [None] * len(cases)
@@ -498,12 +628,11 @@ def test_auto_from_several_threads_at_once(monkeypatch):
 
 @needs_math_verify
 def test_hostile_symbolic_inputs_with_auto_never_raise_or_hang():
-    """At most one math-verify limit per call, plus a worker's start when the previous call's
-    worker was killed and its spare has not finished starting."""
+    """Each returns within the 1 s limit, whatever state the workers are in."""
     for pred in ("x^{9^{9^{9}}}", "\\sin(x)^{10000}+\\cos(x)^{10000}", "x" * 900, "\\frac{" * 200 + "x"):
         start = time.perf_counter()
         assert isinstance(is_equiv(pred, "y^2", checker="auto"), bool)
-        assert time.perf_counter() - start < rl._MV_LIMIT_S + rl._MV_START_LIMIT_S
+        assert time.perf_counter() - start < 1.0
 
 
 # ----------------------------------------------------------------------------
