@@ -79,10 +79,12 @@ import rl  # noqa: E402
 FULL = dict(
     hidden_size=128, num_layers=4,                       # 0.82M parameters
     # pre-training: warmup, a constant learning rate until the validation prose skill has
-    # converged (or pretrain_max_steps), then a linear cooldown of pretrain_cooldown x the steps so far
+    # converged (or pretrain_max_steps), then a linear cooldown of pretrain_cooldown x the steps so far.
+    # The rule may fire only from pretrain_min_steps on: early on the skill sits at 0% for several
+    # evaluations, a plateau that is the start of learning, not its end
     pretrain_problems=8000, pretrain_batch=8, block_size=256, pretrain_lr=3e-3, pretrain_warmup=100,
-    pretrain_eval_every=250, pretrain_patience=4, pretrain_tolerance=0.04, pretrain_max_steps=5000,
-    pretrain_cooldown=0.2,
+    pretrain_eval_every=250, pretrain_patience=4, pretrain_tolerance=0.04, pretrain_min_steps=2000,
+    pretrain_max_steps=5000, pretrain_cooldown=0.2,
     # tuning: every method at every learning rate, a checkpoint per epoch, chosen on validation
     sft_examples=64, sft_epochs=4, sft_batch=16, sft_lrs=(5e-5, 2e-4, 1e-3), val_questions=64,
     rl_steps=20, rl_prompts=16, rl_group=8, rl_lr=2e-4, temperature=1.0,
@@ -90,7 +92,7 @@ FULL = dict(
     format_docs=0.0,
 )
 QUICK = dict(FULL, pretrain_problems=1000, pretrain_warmup=10, pretrain_eval_every=20,
-             pretrain_patience=2, pretrain_max_steps=60, sft_examples=32, sft_epochs=2,
+             pretrain_patience=2, pretrain_min_steps=0, pretrain_max_steps=60, sft_examples=32, sft_epochs=2,
              val_questions=8, rl_steps=2, rl_prompts=4, rl_group=4, rl_lr=5e-4, eval_questions=16,
              pass_questions=4, pass_samples=4, max_new_tokens=100, text_examples=8)
 PAPER = dict(  # the paper regime's changes to FULL
@@ -265,7 +267,8 @@ def pretrain(cfg, tokenizer, device, seed, val_problems, log=print):
                 f"prose skill {100 * score:.1f}%" + (" (after the cooldown)" if in_cooldown else ""))
             stable = [e["prose_accuracy"] for e in evals if not e["cooldown"]]
             if not in_cooldown:
-                is_converged = converged(stable, cfg["pretrain_patience"], cfg["pretrain_tolerance"])
+                is_converged = step >= cfg["pretrain_min_steps"] and converged(
+                    stable, cfg["pretrain_patience"], cfg["pretrain_tolerance"])
                 if is_converged or step == total:   # the cap: cool down anyway, and say so
                     cooldown_start, cooldown_steps = step, max(1, round(cfg["pretrain_cooldown"] * step))
                     total = step + cooldown_steps
@@ -279,7 +282,7 @@ def base_settings(cfg, seed):
     """What a base depends on: a saved base is reused only if these match."""
     keys = ("hidden_size", "num_layers", "pretrain_problems", "pretrain_batch", "block_size",
             "pretrain_lr", "pretrain_warmup", "pretrain_eval_every", "pretrain_patience",
-            "pretrain_tolerance", "pretrain_max_steps", "pretrain_cooldown", "format_docs",
+            "pretrain_tolerance", "pretrain_min_steps", "pretrain_max_steps", "pretrain_cooldown", "format_docs",
             "val_questions", "max_new_tokens")
     return {k: cfg[k] for k in keys} | {"pretrain_seed": PRETRAIN_SEED, "held_out": cfg["eval_questions"],
                                         "regime": cfg["regime"], "seed": seed}
