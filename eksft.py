@@ -4,6 +4,7 @@ eksft.py: Entropy-KL Selective Fine-Tuning (EKSFT, arXiv 2605.29303), the loss a
     python eksft.py --model tiny                       # offline sanity run on CPU, ~30 s
     python eksft.py --model Qwen2.5-0.5B               # EKSFT on openr1-3k, one GPU
     python eksft.py --model Qwen2.5-0.5B --method sft  # the plain SFT baseline, same loop
+    python eksft.py --model Qwen2.5-0.5B --method dft  # DFT baseline: CE_t weighted by p(target)
     python eksft.py --model tiny --max-steps 0 --show-mask 2   # see which tokens are trained
 
 EKSFT leaves out of the imitation loss the response tokens where the policy is most uncertain
@@ -155,7 +156,7 @@ def selection_slots(labels, ratio, scope="sequence", ignore_index=IGNORE_INDEX):
 def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                lambda_entropy=0.05, lambda_kl=0.05, scope="sequence",
                select_largest_entropy=True, select_largest_kl=True, kl_threshold=1e-3,
-               entropy_threshold=None, ignore_index=IGNORE_INDEX, chunk_size=1024,
+               entropy_threshold=None, dft=False, ignore_index=IGNORE_INDEX, chunk_size=1024,
                ce_normalizer=None, reg_normalizer=None, return_masks=False, compiled=False):
     """The EKSFT loss. Returns (loss, stats).
 
@@ -168,6 +169,8 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                      "batch": top-k over all response tokens of this call
       kl_threshold   a token is selected by KL only if KL > kl_threshold (nats)
       entropy_threshold  likewise for entropy (None: no threshold; inf: E is empty, KL-only ablation)
+      dft            weight each kept token's CE by its own probability p(target), detached (DFT,
+                     arXiv 2508.05629): CE_t becomes p_t * CE_t, gradient p_t * dCE_t/dz
       ce_normalizer  divide the kept-token CE sum by this (e.g. response tokens of an accumulated
                      batch); None: the number of kept tokens here (mean over kept tokens)
       reg_normalizer divide both regulariser sums by this (e.g. selection_slots of the accumulated
@@ -208,9 +211,12 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     # 3. the loss, from the per-token statistics of step 1 (the CE needs no pass of its own):
     #    CE over the kept tokens, entropy bonus H_t / log V over E, KL penalty over K
     n_kept = int(kept.sum())
-    # F.nll_loss on one column only adds the kept CE_t up, in the order F.cross_entropy does:
-    # with ratio 0 the loss is F.cross_entropy's to the last bit
-    ce_sum = F.nll_loss(-token_ce.reshape(-1, 1), torch.where(kept, 0, ignore_index).flatten(),
+    # DFT: w_t = p(target) = exp(-CE_t), a constant (no gradient through it); otherwise w_t = 1
+    weight = torch.exp(-token_ce) if dft else torch.ones_like(token_ce)    # (B, T-1)
+    # F.nll_loss on one column only adds the kept w_t CE_t up, in the order F.cross_entropy does:
+    # with ratio 0 (and no dft) the loss is F.cross_entropy's to the last bit
+    ce_sum = F.nll_loss(-(weight * token_ce).reshape(-1, 1),
+                        torch.where(kept, 0, ignore_index).flatten(),
                         ignore_index=ignore_index, reduction="sum")
     ce_norm = ce_normalizer if ce_normalizer is not None else max(n_kept, 1)
     ce = ce_sum / ce_norm
@@ -229,7 +235,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
 
     # 4. its gradient: loss = sum_t a_t CE_t + b_t H_t + c_t KL_t, with these per-token weights;
     #    LossGradient (below) writes d loss / d logits out, chunk by chunk
-    a = kept / ce_norm
+    a = kept * weight / ce_norm                            # d loss / d CE_t = w_t / normaliser
     b, c = by_entropy * ent_weight, by_kl * kl_weight
     loss = LossGradient.apply(loss, logits, ref_logits, targets, a, b, c, entropy,
                               kl if kl is not None else torch.zeros_like(entropy), chunk_size,
@@ -745,9 +751,11 @@ def lr_at(step, total_steps, base_lr, warmup_frac, schedule="cosine"):
 
 
 def loss_options(args):
-    """eksft_loss keyword arguments from the command line; --method sft turns selection off."""
-    if args.method == "sft":
-        return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, compiled=args.compile_loss)
+    """eksft_loss keyword arguments from the command line; --method sft and dft turn selection
+    and the regularisers off (ratio 0, lambdas 0), and dft weights each token's CE by p(target)."""
+    if args.method in ("sft", "dft"):
+        return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=args.method == "dft",
+                    compiled=args.compile_loss)
     return dict(compiled=args.compile_loss, ratio=args.ratio, combine=args.combine,
                 lambda_entropy=args.lambda_entropy, lambda_kl=args.lambda_kl, scope=args.scope, kl_threshold=args.kl_threshold,
                 select_largest_entropy=not args.smallest_entropy,
@@ -1038,7 +1046,9 @@ def parse_args(argv=None):
     p = ArgumentParser(description="EKSFT (or plain SFT) on a chat-format data set.",
                        formatter_class=HelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
-    p.add_argument("--method", default="eksft", choices=["eksft", "sft"], help="sft: ratio 0, lambdas 0")
+    p.add_argument("--method", default="eksft", choices=["eksft", "sft", "dft"],
+                   help="sft: ratio 0, lambdas 0; dft: the same, each token's CE weighted by its "
+                   "probability p(target), detached (arXiv 2508.05629)")
     p.add_argument("--data", default=None, help="openr1-3k | gsm8k | math500 | synthetic | hub dataset "
                    "| local .jsonl/.json/.parquet (default: synthetic for tiny, openr1-3k otherwise)")
     p.add_argument("--num-samples", type=int, default=None, help="keep this many examples that fit "

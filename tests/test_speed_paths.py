@@ -23,7 +23,7 @@ import evaluate
 import rl
 from data import encode_prompt, load_qa
 from eksft import eksft_loss, fused_gradient, fused_statistics, load_model_and_tokenizer
-from test_loss import check_stats, make_batch, reference_loss
+from test_loss import check_stats, make_batch, naive_dft, reference_loss
 
 # ----------------------------------------------------------------------------
 # 1. the loss: fused kernels (uncompiled, then compiled) against the plain path
@@ -92,6 +92,28 @@ def test_fused_kernels_with_bf16_logits(options, monkeypatch):
     fast = run_loss(logits, labels, ref, options, compiled=True)
     assert fast[1].dtype == torch.bfloat16
     assert_same_result(fast, run_loss(logits, labels, ref, options, compiled=False), rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_with_dft(dtype, monkeypatch):
+    """--method dft on the fused path: DFT changes only the per-token CE weights the kernels are
+    given, so the fused gradient equals the plain path's and the naive computation's."""
+    uncompiled(monkeypatch)
+    logits, labels, _ = make_batch(seed=25, B=4, T=20, V=17, dtype=dtype)
+    results = []
+    for compiled in (True, False):
+        x = logits.clone().requires_grad_(True)
+        loss, _ = eksft_loss(x, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0,
+                             dft=True, chunk_size=5, compiled=compiled)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (loss0, grad0) = results
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss, loss0, rtol=rtol, atol=1e-7)
+    torch.testing.assert_close(grad.float(), grad0.float(), rtol=rtol, atol=1e-7)
+    y = logits.double().requires_grad_(True)
+    naive_dft(y, labels).backward()
+    torch.testing.assert_close(grad.double(), y.grad, rtol=rtol, atol=1e-6 if rtol < 1e-2 else 1e-3)
 
 
 def test_compiled_loss_equals_the_plain_path():

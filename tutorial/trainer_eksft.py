@@ -8,9 +8,10 @@ EKSFT with Hugging Face's Trainer (or TRL's SFTTrainer), for many GPUs with acce
         --per-device-batch-size 1 --grad-accum 8 --max-len 20000 --bf16 --gradient-checkpointing
 
 The data and the loss are eksft.py's (data.load_conversations, data.build_sft_examples,
-eksft.eksft_trainer_class wrapping eksft_loss): only the engine changes. Defaults follow the
-released recipe: ratio 0.2, union, lambdas 0.05, lr 1e-5 cosine, 1% warmup, AdamW (0.9, 0.95),
-weight decay 0.1, clip 1.0, 8 epochs. The per-step log (loss, grad_norm, eksft/masked_frac, ...)
+eksft.eksft_trainer_class wrapping eksft_loss): only the engine changes. --method sft and
+--method dft are the baselines, as in eksft.py. Defaults follow the released recipe: ratio 0.2,
+union, lambdas 0.05, lr 1e-5 cosine, 1% warmup, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0,
+8 epochs. The per-step log (loss, grad_norm, eksft/masked_frac, ...)
 is printed and saved to --output-dir/trainer_state.json; with N processes it covers all of them.
 """
 import argparse
@@ -44,8 +45,7 @@ def main(args):
     trainer = EKSFTTrainer(
         model=model, args=training_args, train_dataset=examples, processing_class=tokenizer,
         data_collator=lambda rows: collate(rows, tokenizer.pad_token_id),
-        eksft_options=dict(ratio=args.ratio, combine=args.combine, lambda_entropy=args.lambda_entropy,
-                           lambda_kl=args.lambda_kl))
+        eksft_options=loss_options(args))
     trainer.train()
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():  # one process writes; losses are averaged over processes
@@ -56,6 +56,16 @@ def main(args):
               f"(per-step log in trainer_state.json)")
 
 
+def loss_options(args):
+    """eksft_loss's keyword arguments: --method sft and dft turn selection and the regularisers
+    off (ratio 0, lambdas 0: no reference model is built); dft weights each token's CE by
+    p(target)."""
+    if args.method in ("sft", "dft"):
+        return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=args.method == "dft")
+    return dict(ratio=args.ratio, combine=args.combine, lambda_entropy=args.lambda_entropy,
+                lambda_kl=args.lambda_kl)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="EKSFT through transformers.Trainer (accelerate-ready).")
     p.add_argument("--model", default="tiny", help="tiny | short name | hub id | local dir")
@@ -63,6 +73,8 @@ def parse_args(argv=None):
                    "openr1-3k otherwise)")
     p.add_argument("--num-samples", type=int, default=3000, help="examples that fit --max-len")
     p.add_argument("--max-len", type=int, default=4096, help="drop longer examples")
+    p.add_argument("--method", default="eksft", choices=["eksft", "sft", "dft"],
+                   help="as eksft.py --method: sft and dft ignore the four options below")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction selected by entropy and by KL")
     p.add_argument("--combine", default="union", choices=["union", "intersection"], help="E and K")
     p.add_argument("--lambda-entropy", type=float, default=0.05, help="entropy bonus weight")
