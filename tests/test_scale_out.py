@@ -39,7 +39,7 @@ def test_trainer_adapter_matches_the_loop(tmp_path, method):
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=args.beta1, adam_beta2=args.beta2, max_grad_norm=args.grad_clip,
+        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=args.grad_clip,
         max_steps=args.max_steps, logging_steps=1, report_to="none", use_cpu=True,
         save_strategy="no", seed=args.seed, optim="adamw_torch", dataloader_num_workers=0)
     from data import collate
