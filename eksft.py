@@ -52,6 +52,8 @@ import tempfile
 import time
 from typing import NamedTuple
 
+from tqdm import tqdm
+
 from data import (CHATML_TEMPLATE, SFT_ALIASES, ArgumentParser, HelpFormatter, UserError,
                   build_sft_examples, collate, end_of_turn_ids, first_line, load_conversations,
                   require, run_cli, source_kind, step_batches)
@@ -74,8 +76,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                ce_normalizer=None, reg_normalizer=None, return_masks=False, compiled=None):
     """The EKSFT loss: returns (loss, stats), stats detached 0-dim tensors (ce, entropy, kl,
     masked fractions, iou, counts). logits, ref_logits: (B, T, V), any float dtype (statistics in
-    fp32); labels: (B, T) unshifted, ignore_index off the response. ref_logits may be None when
-    ratio == 0 and lambda_kl == 0.
+    fp32; ref_logits None when ratio == 0 == lambda_kl); labels: (B, T) unshifted.
       ratio, combine   k = floor(ratio * n) selected by entropy (E) and by KL (K); M = E union K
                        (the released recipe) or E intersection K
       scope            "sequence": k per sequence (released recipe); "batch": over this call
@@ -92,7 +93,6 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     if ref_logits is None and (ratio > 0 or lambda_kl != 0):
         raise ValueError("ref_logits is required when ratio > 0 or lambda_kl != 0")
     # the causal shift, once: logits[:, t] predicts labels[:, t+1]
-    V = logits.shape[-1]
     labels = labels.long()
     targets = labels[:, 1:]                                        # (B, T-1)
     response = targets != ignore_index                             # (B, T-1)
@@ -125,7 +125,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                         ignore_index=ignore_index, reduction="sum")
     ce_norm = ce_normalizer if ce_normalizer is not None else max(n_kept, 1)
     ce = ce_sum / ce_norm                                          # sum_kept w_t CE_t / norm
-    vocab_log = math.log(V)
+    vocab_log = math.log(logits.shape[-1])                         # log V
     ent_reg = kl_reg = torch.zeros((), dtype=torch.float32, device=logits.device)
     ent_weight = kl_weight = 0.0                            # d loss / d H_t on E, d KL_t on K
     if by_entropy.any():  # the values are logged even when their lambda is 0
@@ -167,22 +167,19 @@ def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX,
     without gradient: each (B, T-1), aligned with the targets labels[:, 1:], 0 where ignored (kl
     None without ref_logits). logits, ref_logits: (B, T, V); labels: (B, T), unshifted. In fp32,
     chunk_size rows at a time: a few (chunk_size, V) fp32 temporaries whatever the length."""
-    V = logits.shape[-1]
     response = labels[:, 1:] != ignore_index                           # (B, T-1)
-    targets = labels[:, 1:].clamp(0, V - 1)                            # ignored ones: masked below
+    targets = labels[:, 1:].clamp(0, logits.shape[-1] - 1)             # ignored: masked below
     statistics = compiled.statistics if compiled else chunk_statistics
-    entropy = torch.zeros(response.shape, dtype=torch.float32, device=logits.device)  # (B, T-1)
-    ce = torch.zeros_like(entropy)
-    kl = torch.zeros_like(entropy) if ref_logits is not None else None
+    zeros = lambda: torch.zeros(response.shape, dtype=torch.float32, device=logits.device)
+    entropy, ce, kl = zeros(), zeros(), zeros()                        # each (B, T-1)
     with torch.no_grad():
         for seq, start, stop in response_spans(response, chunk_size):
             rows = (seq, slice(start, stop))          # logits[seq, t] predicts labels[seq, t+1]
             ref = ref_logits[rows] if ref_logits is not None else None
             entropy[rows], ce[rows], kl_rows = statistics(logits[rows], targets[rows], ref)
-            if ref is not None:
-                kl[rows] = kl_rows
+            kl[rows] = kl_rows if ref is not None else 0.0
     entropy, ce = torch.where(response, entropy, 0.0), torch.where(response, ce, 0.0)
-    kl = torch.where(response, kl, 0.0) if kl is not None else None
+    kl = torch.where(response, kl, 0.0) if ref_logits is not None else None
     return (entropy, kl, ce) if return_ce else (entropy, kl)
 
 
@@ -204,8 +201,7 @@ def top_k_mask(scores, response, ratio, scope="sequence", largest=True, candidat
     """Boolean (B, T) mask of the top k = floor(ratio * n) positions by score, n the response
     positions of each sequence ("sequence") or of the batch ("batch"). Only candidates (default:
     the response) can be chosen, so fewer than k may be. Ties go to the earlier position."""
-    if candidates is None:
-        candidates = response
+    candidates = response if candidates is None else candidates
     if scope == "batch":
         flat = top_k_mask(scores.reshape(1, -1), response.reshape(1, -1), ratio, "sequence",
                           largest, candidates.reshape(1, -1))
@@ -231,18 +227,16 @@ def selection_slots(labels, ratio, scope="sequence", ignore_index=IGNORE_INDEX):
 
 
 class LossGradient(torch.autograd.Function):
-    """The loss value with its gradient d loss / d logits attached. loss = sum_t a_t CE_t +
-    b_t H_t + c_t KL_t (weights (B, T-1), 0 off the response); for a row z, p = softmax(z):
+    """The loss value with d loss / d logits attached: loss = sum_t a_t CE_t + b_t H_t + c_t KL_t
+    (weights (B, T-1)) and, for a row z with p = softmax(z), q the reference's:
         dCE/dz = p - onehot(target),   dH/dz = -p (log p + H),   dKL/dz = p (log p - log q - KL)
-    so  d loss/dz_t = p * (a - b H - c KL + (c - b) log p - c log q) - a onehot(target),
-    recomputed chunk by chunk in backward (autograd through log_softmax would keep a (tokens x
-    vocab) fp32 tensor from forward to backward). First derivatives only."""
+    so  d loss/dz_t = p * (a - b H - c KL + (c - b) log p - c log q) - a onehot(target), computed
+    chunk by chunk in backward (autograd would keep a (tokens x vocab) fp32 tensor alive)."""
 
     @staticmethod
-    def forward(ctx, value, logits, ref_logits, targets, a, b, c, entropy, kl, chunk_size,
-                compiled):
+    def forward(ctx, value, logits, ref_logits, targets, a, b, c, entropy, kl, chunk_size, kernels):
         ctx.save_for_backward(logits, ref_logits, targets, a, b, c, entropy, kl)  # no copies
-        ctx.chunk_size, ctx.compiled = chunk_size, compiled
+        ctx.chunk_size, ctx.kernels = chunk_size, kernels
         return value.clone()
 
     @staticmethod
@@ -251,7 +245,7 @@ class LossGradient(torch.autograd.Function):
         a, b, c = a * grad_loss, b * grad_loss, c * grad_loss           # (B, T-1)
         alpha, beta = a - b * entropy - c * kl, c - b                   # a - bH - cKL, c - b
         targets = targets.clamp(0, logits.shape[-1] - 1)
-        gradient = ctx.compiled.gradient if ctx.compiled else chunk_gradient
+        gradient = ctx.kernels.gradient if ctx.kernels else chunk_gradient
         grad = torch.zeros_like(logits)            # rows without weight: prompt, padding, last
         use_ref = ref_logits is not None and bool((c != 0).any())       # any K row at all
         for seq, start, stop in response_spans((a != 0) | (b != 0) | (c != 0), ctx.chunk_size):
@@ -278,15 +272,13 @@ def chunk_gradient(logits, targets, a, alpha, beta, c, ref_logits=None):
 
 
 def finite(logp):
-    """log p with -inf (a logit of -inf: a masked vocabulary entry) raised to the lowest float, so
-    that p log p is 0 * (-3.4e38) = 0 there and not 0 * -inf = NaN."""
+    """log p with -inf (a masked vocabulary entry) raised to the lowest float: p log p is 0."""
     return logp.clamp_(min=torch.finfo(logp.dtype).min)
 
 
 def response_spans(rows, chunk_size):
-    """(seq, start, stop): runs of at most chunk_size rows of sequence seq, from its first to its
-    last row marked in rows (B, T-1). Prompt and padding are skipped; a run is a view (rows in
-    between, such as a user turn, come along and are masked by the caller)."""
+    """(seq, start, stop): runs of at most chunk_size rows of sequence seq from its first to its
+    last row marked in rows (B, T-1); rows in between (a user turn) are masked by the caller."""
     for seq in range(rows.shape[0]):
         marked = rows[seq].nonzero()
         if marked.numel():
@@ -301,10 +293,8 @@ def response_spans(rows, chunk_size):
 
 def lr_at(step, total_steps, base_lr, warmup_frac, schedule="cosine"):
     """Linear warmup over ceil(warmup_frac * total) steps, then cosine decay to 0 (or constant).
-
     >>> [round(lr_at(step, 10, 1.0, 0.2), 3) for step in range(10)]
-    [0.5, 1.0, 1.0, 0.962, 0.854, 0.691, 0.5, 0.309, 0.146, 0.038]
-    """
+    [0.5, 1.0, 1.0, 0.962, 0.854, 0.691, 0.5, 0.309, 0.146, 0.038]"""
     warmup = math.ceil(warmup_frac * total_steps)
     if step < warmup:
         return base_lr * (step + 1) / warmup
@@ -331,35 +321,18 @@ def train_step(model, ref_model, step_examples, micro_batch_size, pad_id, loss_k
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         with autocast():
             logits = model(**inputs).logits                                     # (B, T, V)
-        ref_logits = None
-        if ref_model is not None:
-            with torch.no_grad(), autocast():
-                ref_logits = ref_model(**inputs).logits                         # (B, T, V)
+        with torch.no_grad(), autocast():                                       # (B, T, V)
+            ref_logits = ref_model(**inputs).logits if ref_model is not None else None
         loss, stats = eksft_loss(logits, batch["labels"], ref_logits, **loss_kwargs,
                                  ce_normalizer=ce_normalizer, reg_normalizer=reg_normalizer)
         loss.backward()
-        n = float(stats["n_response"])   # each micro-batch adds its share of the step's values
-        for key, value in {"loss": float(loss.detach()), "ce": float(stats["ce"]),
-                           "ent_reg": float(stats["ent_reg"]), "kl_reg": float(stats["kl_reg"]),
-                           "entropy_sum": float(stats["entropy"]) * n,
-                           "kl_sum": float(stats["kl"]) * n,
-                           "tokens": int(batch["attention_mask"].sum()),
-                           **{k: int(stats[k]) for k in ("n_response", "n_masked", "n_entropy",
-                                                         "n_kl", "n_both", "n_either")}}.items():
-            sums[key] = sums.get(key, 0) + value
-    n = max(sums["n_response"], 1)
-    return {"loss": sums["loss"], "ce": sums["ce"], "ent_reg": sums["ent_reg"],
-            "kl_reg": sums["kl_reg"], "entropy": sums["entropy_sum"] / n,
-            "kl": sums["kl_sum"] / n, "masked_frac": sums["n_masked"] / n,
-            "masked_entropy_frac": sums["n_entropy"] / n, "masked_kl_frac": sums["n_kl"] / n,
-            "iou": sums["n_both"] / max(sums["n_either"], 1), "tokens": sums["tokens"],
-            "response_tokens": sums["n_response"]}
+        add_micro_batch(sums, loss.detach(), stats, tokens=int(batch["attention_mask"].sum()))
+    return step_metrics(sums)
 
 
 def train(args):
     """Fine-tune with args (from parse_args); returns (model, tokenizer). Writes args.json,
     metrics.jsonl, checkpoint-N/ and the final model to args.output_dir."""
-    from tqdm import tqdm
     run_args = vars(args).copy()
     set_seed(args.seed)
     check_names_and_paths(args)   # a typo fails in a second, before any model is loaded
@@ -372,14 +345,13 @@ def train(args):
           f"{args.method} {loss_kwargs if ref_model is not None else '(no reference model)'}")
 
     # data: tokenised once; each epoch's steps are a seeded function of (seed, epoch)
-    conversations = load_conversations(args.data, seed=args.seed)
-    examples = build_sft_examples(tokenizer, conversations, args.max_len, args.num_samples)
+    examples = build_sft_examples(tokenizer, load_conversations(args.data, seed=args.seed),
+                                  args.max_len, args.num_samples)
     lengths = [len(e["input_ids"]) for e in examples]
     steps_per_epoch = len(step_batches(lengths, args.batch_size, args.seed))
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    print(f"training: {total_steps} steps of {args.batch_size} sequences "
-          f"({args.batch_size // args.micro_batch_size} micro-batches of {args.micro_batch_size}), "
-          f"{steps_per_epoch} steps per epoch")
+    print(f"training: {total_steps} steps of {args.batch_size} sequences in micro-batches of "
+          f"{args.micro_batch_size}, {steps_per_epoch} steps per epoch")
 
     # AdamW, betas (0.9, 0.95) as released; no weight decay on biases and norms (the usual practice)
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2]},
@@ -449,22 +421,19 @@ def parse_args(argv=None):
                        formatter_class=HelpFormatter)
     add = p.add_argument
     add("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
-    add("--method", default="eksft", choices=["eksft", "sft", "dft"],
-        help="sft: ratio 0, lambdas 0; dft: the same, each token's CE weighted by its "
-        "probability p(target), detached (arXiv 2508.05629)")
+    add("--method", default="eksft", choices=["eksft", "sft", "dft"], help="sft: ratio 0, "
+        "lambdas 0; dft: the same, each token's CE weighted by its detached p(target)")
     add("--data", default=None, help="openr1-3k | gsm8k | math500 | synthetic | hub dataset | "
         "local .jsonl/.json/.parquet (default: synthetic for tiny, openr1-3k otherwise)")
     add("--num-samples", type=int, default=None, help="keep this many examples that fit "
         "--max-len (default: 480 for tiny, 3000 otherwise)")
-    add("--max-len", type=int, default=None, help="drop longer examples (default: 512 for tiny, "
-        "4096 otherwise)")
+    add("--max-len", type=int, default=None, help="drop longer examples (default: 512; 4096 hub)")
     add("--output-dir", default=None, help="checkpoints, metrics.jsonl and the final model "
         "(default: runs/{method}-{model})")
     # EKSFT selection and regularisers
     add("--ratio", type=float, default=0.2, help="fraction selected by entropy and by KL")
     add("--combine", default="union", choices=["union", "intersection"], help="how E and K combine")
-    add("--scope", default="sequence", choices=["sequence", "batch"], help="top-k per sequence or "
-        "over the micro-batch")
+    add("--scope", default="sequence", choices=["sequence", "batch"], help="top-k per what")
     add("--lambda-entropy", type=float, default=0.05, help="weight of the entropy bonus on E")
     add("--lambda-kl", type=float, default=0.05, help="weight of the KL penalty on K")
     add("--kl-threshold", type=float, default=1e-3, help="select by KL only above this (nats)")
@@ -474,16 +443,14 @@ def parse_args(argv=None):
         "with --max-steps 0 --show-mask, the model before fine-tuning shows the K tokens")
     # optimisation
     add("--lr", type=float, default=None, help="peak learning rate (default: 1e-5; 3e-3 for tiny)")
-    add("--batch-size", type=int, default=None, help="sequences per optimizer step (default: 64; "
-        "16 for tiny)")
+    add("--batch-size", type=int, default=None, help="sequences per step (default: 64; 16 tiny)")
     add("--micro-batch-size", type=int, default=None, help="sequences per forward pass; the rest "
         "is gradient accumulation (default: 2; 8 for tiny)")
     add("--epochs", type=int, default=None, help="passes over the data (default: 8; 1 for tiny)")
     add("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
         "(default: all epochs; 0: train nothing, e.g. for --show-mask)")
     add("--schedule", default="cosine", choices=["cosine", "constant"], help="after warmup")
-    add("--warmup", type=float, default=None, help="warmup fraction of steps (default: 0.01; 0.1 "
-        "for tiny)")
+    add("--warmup", type=float, default=None, help="warmup fraction (default: 0.01; 0.1 tiny)")
     add("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     add("--gradient-checkpointing", action="store_true", help="trade compute for memory")
@@ -491,14 +458,12 @@ def parse_args(argv=None):
         "torch.compile (the same values to fp32 rounding; see the appendix)")
     # run
     add("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast or "
-        "fp32")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast or not")
     add("--seed", type=int, default=0, help="seed for weights of tiny, data order, sampling")
     add("--log-every", type=int, default=10, help="print a log line every N steps")
     add("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
     add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints (0: all)")
-    add("--resume", action="store_true", help="continue from the newest checkpoint in "
-        "--output-dir")
+    add("--resume", action="store_true", help="continue from --output-dir's newest checkpoint")
     add("--allow-changed-args", action="store_true", help="--resume even where settings differ "
         "from the checkpoint's args.json (refused otherwise; the differences are named)")
     add("--show-mask", type=int, default=0, metavar="N", help="after training, print N examples "
@@ -602,11 +567,9 @@ def model_kind(name):
 
 
 def char_tokenizer():
-    """A byte-level tokenizer with no merges (one token per ASCII character) and ChatML specials.
-
-    Built offline in code as a Qwen2Tokenizer, so a saved tiny model reloads with AutoTokenizer
-    as exactly the same tokenizer (transformers 5 rebuilds any qwen2 tokenizer as Qwen2's
-    byte-level pipeline; a tokenizer of another kind would silently tokenise differently)."""
+    """A byte-level tokenizer with no merges (a token per ASCII character) and ChatML specials,
+    built as a Qwen2Tokenizer so that a saved tiny model reloads with AutoTokenizer as exactly the
+    same tokenizer (transformers 5 rebuilds any qwen2 tokenizer as Qwen2's byte-level pipeline)."""
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     byte_symbol = bytes_to_unicode()  # byte -> printable symbol, as in every byte-level BPE
@@ -633,11 +596,9 @@ def tiny_model(tokenizer, seed=0, hidden_size=128, num_layers=4):
 
 
 def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
-    """(model, tokenizer) from "tiny", a short name, a hub id or a local directory.
-
-    A directory written by eksft.py or rl.py loads directly. Generation is set to stop at the
-    chat end-of-turn token as well as eos (base Qwen models end chat turns with <|im_end|> but
-    have eos = <|endoftext|>)."""
+    """(model, tokenizer) from "tiny", a short name, a hub id or a local directory (one written by
+    eksft.py or rl.py too). Generation stops at the chat end-of-turn token as well as at eos (base
+    Qwen models end chat turns with <|im_end|> but have eos = <|endoftext|>)."""
     if name == "tiny":
         tokenizer = char_tokenizer()
         model = tiny_model(tokenizer, seed=seed).to(dtype)
@@ -659,15 +620,9 @@ def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
     return model.to(device), tokenizer
 
 
-class Models(NamedTuple):
-    model: object        # the policy being trained
-    tokenizer: object
-    ref_model: object    # the frozen reference (EKSFT), or None (SFT, DFT)
-
-
 def load_models(args, resume_from, device, amp_dtype):
-    """The policy (from resume_from when resuming) and, for EKSFT, the frozen reference: a copy of
-    the starting weights (--ref-model, or the starting --model when resuming)."""
+    """(model, tokenizer, ref_model): the policy (from resume_from when resuming) and for EKSFT
+    the frozen reference, the starting weights (--ref-model, or --model when resuming)."""
     model, tokenizer = load_model_and_tokenizer(resume_from or args.model, device, seed=args.seed)
     ref_model = None
     if args.method == "eksft":
@@ -682,17 +637,11 @@ def load_models(args, resume_from, device, amp_dtype):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    return Models(model, tokenizer, ref_model)
-
-
-class DevicePick(NamedTuple):
-    device: torch.device
-    amp_dtype: object    # torch.bfloat16 for bf16 autocast, or None (fp32)
-    reason: str          # printed: why this device and precision
+    return model, tokenizer, ref_model
 
 
 def pick_device(requested="auto", precision="auto"):
-    """cuda > mps > cpu; bf16 autocast where supported."""
+    """(device, autocast dtype or None, reason): cuda > mps > cpu; bf16 autocast where supported."""
     if requested != "auto":
         device, why = checked_device(requested), "asked for with --device"
     elif torch.cuda.is_available():
@@ -703,9 +652,9 @@ def pick_device(requested="auto", precision="auto"):
         device, why = torch.device("cpu"), "no GPU found"
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "bf16" or (precision == "auto" and bf16_ok):
-        return DevicePick(device, torch.bfloat16, f"{why}; bf16 autocast (fp32 master weights)")
+        return device, torch.bfloat16, f"{why}; bf16 autocast (fp32 master weights)"
     used = "" if precision == "fp32" else " (bf16 autocast is used on GPUs that support it)"
-    return DevicePick(device, None, f"{why}; fp32{used}")
+    return device, None, f"{why}; fp32{used}"
 
 
 def checked_device(requested):
@@ -789,11 +738,9 @@ def check_output_dir(path):
 
 
 def save_checkpoint(output_dir, model, tokenizer, args, state, optimizer=None):
-    """Write output_dir/checkpoint-{step} atomically: a temporary directory renamed when complete.
-
-    Holds the model and tokenizer (save_pretrained), args.json, trainer_state.json and, when given,
-    the optimizer state and RNG states needed for an exact --resume. Returns the path. A failed
-    write (a full disk) is a UserError, and the checkpoints already there are left as they were."""
+    """Write output_dir/checkpoint-{step} (returned) atomically, a temporary directory renamed:
+    model, tokenizer, args.json, trainer_state.json and the optimizer and RNG states for an exact
+    --resume. A failed write (a full disk) is a UserError; the checkpoints there are kept."""
     final = os.path.join(output_dir, f"checkpoint-{state['step']}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{state['step']}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -840,7 +787,7 @@ def prune_checkpoints(output_dir, keep):
 
 def export_model(output_dir, model, tokenizer, args):
     """The final model at output_dir itself, so AutoModelForCausalLM.from_pretrained(output_dir)
-    works. Files are written to a temporary directory and moved in one rename each."""
+    works: written to a temporary directory, then moved in one rename per file."""
     tmp = os.path.join(output_dir, ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     quiet_hub_progress()
@@ -914,6 +861,29 @@ def start_run_files(output_dir, run_args, start_step):
     return path
 
 
+def add_micro_batch(sums, loss, stats, tokens):
+    """Adds a micro-batch's loss (its share of the step's) and eksft_loss stats to the sums."""
+    n = float(stats["n_response"])
+    values = {"loss": float(loss), "ce": float(stats["ce"]), "ent_reg": float(stats["ent_reg"]),
+              "kl_reg": float(stats["kl_reg"]), "entropy_sum": float(stats["entropy"]) * n,
+              "kl_sum": float(stats["kl"]) * n, "tokens": tokens}
+    for key in ("n_response", "n_masked", "n_entropy", "n_kl", "n_both", "n_either"):
+        values[key] = int(stats[key])
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0) + value
+
+
+def step_metrics(sums):
+    """A step's metrics (a metrics.jsonl row's fields) from its sums: token means over the step."""
+    n = max(sums["n_response"], 1)
+    return {"loss": sums["loss"], "ce": sums["ce"], "ent_reg": sums["ent_reg"],
+            "kl_reg": sums["kl_reg"], "entropy": sums["entropy_sum"] / n,
+            "kl": sums["kl_sum"] / n, "masked_frac": sums["n_masked"] / n,
+            "masked_entropy_frac": sums["n_entropy"] / n, "masked_kl_frac": sums["n_kl"] / n,
+            "iou": sums["n_both"] / max(sums["n_either"], 1), "tokens": sums["tokens"],
+            "response_tokens": sums["n_response"]}
+
+
 def write_json(path, obj):
     """path written whole or not at all (a temporary file renamed); a failed write: UserError."""
     tmp = path + ".tmp"
@@ -943,17 +913,10 @@ def append_jsonl(path, record):
 
 
 class StopOnCtrlC:
-    """Ctrl-C in a training loop. The first one only sets a flag: the step in progress finishes,
-    the loop's save check (stop_here) writes a checkpoint, and the loop ends with KeyboardInterrupt
-    saying where (a step cut short inside optimizer.step() would leave the weights half updated).
-    A second Ctrl-C stops at once, keeping the checkpoints already written.
-
-        ctrl_c = StopOnCtrlC(output_dir)
-        for step in ctrl_c.steps(range(start, total)):
-            ...
-            if done or ctrl_c.stop_here() or step_is_a_save_step:
-                save_checkpoint(...)
-    """
+    """Ctrl-C in a training loop (`for step in ctrl_c.steps(...)`). The first one only sets a
+    flag: the step in progress finishes, the loop's save check (stop_here) writes a checkpoint,
+    and the loop ends with KeyboardInterrupt saying where (a step cut short inside optimizer.step()
+    would leave the weights half updated). A second Ctrl-C stops at once."""
 
     def __init__(self, output_dir):
         self.output_dir, self.asked, self.stopping = output_dir, False, False
@@ -999,13 +962,10 @@ MARKS = {"prompt": ("<<", ">>"), "trained": ("", ""), "entropy": ("[E:", "]"), "
 
 
 def render_tokens(tokenizer, ids, labels, by_entropy=None, by_kl=None, color=True):
-    """One example as text, each run of tokens marked as prompt, trained, or masked.
-
-    by_entropy, by_kl: boolean lists aligned with ids (True where that token's loss was dropped).
-    color=False marks runs with <<prompt>>, [E:...], [K:...], [EK:...] instead of ANSI colours.
-    In byte-level BPE one character can span tokens of two runs (a Chinese character, an emoji):
-    it is shown whole, in the run holding its last byte (decoding each run alone would print
-    U+FFFD for the pieces), so the marks removed give back tokenizer.decode(ids)."""
+    """One example as text, each run of tokens marked as prompt, trained, or masked (by_entropy,
+    by_kl: booleans aligned with ids); color=False marks with <<prompt>>, [E:..], [K:..], [EK:..].
+    A character whose bytes span two runs (in byte-level BPE) is shown whole in the run holding
+    its last byte, so the marks removed give back tokenizer.decode(ids)."""
     def kind(j):
         e = bool(by_entropy[j]) if by_entropy is not None else False
         k = bool(by_kl[j]) if by_kl is not None else False
