@@ -4,7 +4,8 @@ EKSFT with Hugging Face's Trainer (or TRL's SFTTrainer), for many GPUs with acce
     python tutorial/trainer_eksft.py --model tiny --max-steps 2          # offline CPU check
     torchrun --standalone --nproc_per_node 2 tutorial/trainer_eksft.py --model tiny --max-steps 2 \
         --sampling random                                                # 2 CPU processes (DDP)
-    accelerate launch --config_file zero3.yaml tutorial/trainer_eksft.py --model Qwen/Qwen3-8B-Base \
+    accelerate launch --config_file zero3.yaml tutorial/trainer_eksft.py \
+        --model Qwen/Qwen3-8B-Base \
         --per-device-batch-size 1 --grad-accum 8 --max-len 20000 --bf16 --gradient-checkpointing
 
 The data and the loss are eksft.py's (data.load_conversations, data.build_sft_examples,
@@ -67,7 +68,7 @@ def loss_options(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="EKSFT through transformers.Trainer (accelerate-ready).")
+    p = argparse.ArgumentParser(description="EKSFT through transformers.Trainer (accelerate).")
     p.add_argument("--model", default="tiny", help="tiny | short name | hub id | local dir")
     p.add_argument("--data", default=None, help="as eksft.py --data (default: synthetic for tiny, "
                    "openr1-3k otherwise)")
@@ -75,20 +76,21 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=4096, help="drop longer examples")
     p.add_argument("--method", default="eksft", choices=["eksft", "sft", "dft"],
                    help="as eksft.py --method: sft and dft ignore the four options below")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction selected by entropy and by KL")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction selected by entropy, by KL")
     p.add_argument("--combine", default="union", choices=["union", "intersection"], help="E and K")
     p.add_argument("--lambda-entropy", type=float, default=0.05, help="entropy bonus weight")
     p.add_argument("--lambda-kl", type=float, default=0.05, help="KL penalty weight")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    p.add_argument("--per-device-batch-size", type=int, default=1, help="sequences per GPU per pass")
+    p.add_argument("--per-device-batch-size", type=int, default=1, help="sequences per GPU pass")
     p.add_argument("--grad-accum", type=int, default=8, help="gradient accumulation steps")
     p.add_argument("--epochs", type=float, default=8, help="passes over the data")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: use --epochs)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--sampling", default="group_by_length", choices=["group_by_length", "random"],
-                   help="group_by_length: little padding, but the grouping depends on the per-device "
-                   "batch and --grad-accum; random: the same steps for any number of processes")
+                   help="group_by_length: little padding, but the grouping depends on the "
+                   "per-device batch and --grad-accum; random: the same steps for any number of "
+                   "processes")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--output-dir", default="runs/trainer-eksft", help="where the model goes")
     return p.parse_args(argv)
