@@ -1082,6 +1082,7 @@ COMPILED_KERNELS = ChunkKernels(statistics=lambda *args: run_compiled(fused_stat
                                 gradient=lambda *args: run_compiled(fused_gradient, *args))
 
 
+# -----------------------------------------------------------------------------
 # Appendix F. The Trainer adapter: the same loss in transformers.Trainer / trl.SFTTrainer
 # (accelerate, DeepSpeed, FSDP: many GPUs)
 
