@@ -303,6 +303,71 @@ def test_alignment_with_prompt_boundary():
 
 
 # ----------------------------------------------------------------------------
+# 2b. DFT: each token's CE weighted by its own probability, the weight detached
+
+
+def naive_dft(logits, labels, normalizer=None):
+    """sum over response tokens of sg(p_t) * (-log p_t), p_t = softmax(logits[b, t])[labels[b, t+1]],
+    divided by the number of response tokens (or normalizer); float64, one row at a time."""
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1] - 1):
+            target = int(labels[b, t + 1])
+            if target == IGNORE:
+                continue
+            log_p = torch.log_softmax(logits[b, t].double(), dim=0)[target]
+            total = total + log_p.exp().detach() * -log_p      # the weight carries no gradient
+            n += 1
+    return total / (normalizer if normalizer is not None else max(n, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalizer,chunk_size", [(None, 1024), (40.0, 3)])
+def test_dft_matches_a_naive_computation(dtype, normalizer, chunk_size):
+    logits, labels, _ = make_batch(seed=7, dtype=dtype)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0,
+                             dft=True, ce_normalizer=normalizer, chunk_size=chunk_size)
+    loss.backward()
+    y = logits.clone().requires_grad_(True)
+    expected = naive_dft(y, labels, normalizer)
+    expected.backward()
+    assert math.isclose(float(loss.detach()), float(expected.detach()), rel_tol=1e-5, abs_tol=1e-7)
+    torch.testing.assert_close(x.grad.double(), y.grad.double(), rtol=1e-5, atol=1e-7)
+    # with teeth: the weights matter (plain CE differs), and a weight with gradient would differ
+    plain, _ = eksft_loss(logits, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
+    assert abs(float(plain) - float(loss.detach())) > 0.1
+    z = logits.clone().double().requires_grad_(True)
+    log_p = torch.log_softmax(z[:, :-1], -1).gather(2, labels[:, 1:].clamp(0)[..., None])[..., 0]
+    undetached = -(log_p.exp() * log_p)[labels[:, 1:] != IGNORE].sum() / (normalizer or 23)
+    undetached.backward()
+    assert (z.grad - y.grad.double()).abs().max() > 1e-3
+    assert int(stats["n_kept"]) == int(stats["n_response"]) == 23
+
+
+def test_dft_with_selection_weights_only_the_kept_tokens():
+    """dft combines with the EKSFT selection: the kept tokens' CE weighted by p, the regularisers
+    as before (the naive reference with each kept CE weighted by its detached probability)."""
+    logits, labels, ref = make_batch(seed=1)
+    opts = dict(ratio=0.3, lambda_entropy=0.2, lambda_kl=0.3)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = eksft_loss(x, labels, ref, dft=True, chunk_size=4, return_masks=True, **opts)
+    loss.backward()
+    y = logits.clone().requires_grad_(True)
+    plain_ref, ref_stats, E, K = reference_loss(y, labels, ref, **opts)
+    kept = ~(stats["by_entropy"] | stats["by_kl"]) & (labels[:, 1:] != IGNORE)
+    log_p = torch.log_softmax(y[:, :-1].double(), -1).gather(2, labels[:, 1:].clamp(0)[..., None])
+    log_p = log_p[..., 0][kept]                                        # (n_kept,)
+    ce_plain = -log_p.sum() / len(log_p)
+    ce_dft = -(log_p.exp().detach() * log_p).sum() / len(log_p)
+    expected = plain_ref - ce_plain + ce_dft                 # the same regularisers, DFT's CE term
+    expected.backward()
+    assert rows_of(stats["by_entropy"]) == E and rows_of(stats["by_kl"]) == K and E | K
+    assert math.isclose(float(loss.detach()), float(expected.detach()), rel_tol=1e-5, abs_tol=1e-7)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------
 # 3. ratio 0 and lambdas 0 is plain SFT
 
 

@@ -1,7 +1,7 @@
 """The fast paths against the plain ones they replace.
 
-1. The loss: eksft_loss(compiled=True) runs fused_statistics and fused_gradient (through
-   torch.compile) per chunk instead of the plain kernels. Both compute the same formulas in fp32 but
+1. The loss: eksft_loss(compiled=COMPILED_KERNELS) runs fused_statistics and fused_gradient
+   (through torch.compile) per chunk instead of the plain kernels. Both compute the same formulas in fp32 but
    in a different order (a fused row reduction instead of einsum, exp/log from the compiler's own
    vectorised code), so they agree to float32 rounding, not bit for bit: values and gradients to a
    relative 1e-5, masks exactly (the data has no near ties), and both match the naive float64
@@ -22,8 +22,9 @@ import eksft
 import evaluate
 import rl
 from data import encode_prompt, load_qa
-from eksft import eksft_loss, fused_gradient, fused_statistics, load_model_and_tokenizer
-from test_loss import check_stats, make_batch, reference_loss
+from eksft import (COMPILED_KERNELS, eksft_loss, fused_gradient, fused_statistics,
+                   load_model_and_tokenizer)
+from test_loss import check_stats, make_batch, naive_dft, reference_loss
 
 # ----------------------------------------------------------------------------
 # 1. the loss: fused kernels (uncompiled, then compiled) against the plain path
@@ -70,7 +71,7 @@ def test_fused_kernels_equal_the_plain_path(options, monkeypatch):
     plain path, and the naive float64 reference's values."""
     uncompiled(monkeypatch)
     logits, labels, ref = make_batch(seed=21, B=4, T=20, V=17, dtype=torch.float32)
-    fast = run_loss(logits, labels, ref, options, compiled=True)
+    fast = run_loss(logits, labels, ref, options, compiled=COMPILED_KERNELS)
     assert_same_result(fast, run_loss(logits, labels, ref, options, compiled=False), rtol=1e-5)
     ratio, combine, scope, (lam_e, lam_k), with_ref = options
     y = logits.double().requires_grad_(True)
@@ -89,9 +90,31 @@ def test_fused_kernels_with_bf16_logits(options, monkeypatch):
     one bf16 rounding step (the same fp32 value may round to neighbouring bf16 numbers)."""
     uncompiled(monkeypatch)
     logits, labels, ref = make_batch(seed=24, B=4, T=20, V=17, dtype=torch.bfloat16)
-    fast = run_loss(logits, labels, ref, options, compiled=True)
+    fast = run_loss(logits, labels, ref, options, compiled=COMPILED_KERNELS)
     assert fast[1].dtype == torch.bfloat16
     assert_same_result(fast, run_loss(logits, labels, ref, options, compiled=False), rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_with_dft(dtype, monkeypatch):
+    """--method dft on the fused path: DFT changes only the per-token CE weights the kernels are
+    given, so the fused gradient equals the plain path's and the naive computation's."""
+    uncompiled(monkeypatch)
+    logits, labels, _ = make_batch(seed=25, B=4, T=20, V=17, dtype=dtype)
+    results = []
+    for compiled in (COMPILED_KERNELS, None):
+        x = logits.clone().requires_grad_(True)
+        loss, _ = eksft_loss(x, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0,
+                             dft=True, chunk_size=5, compiled=compiled)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (loss0, grad0) = results
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss, loss0, rtol=rtol, atol=1e-7)
+    torch.testing.assert_close(grad.float(), grad0.float(), rtol=rtol, atol=1e-7)
+    y = logits.double().requires_grad_(True)
+    naive_dft(y, labels).backward()
+    torch.testing.assert_close(grad.double(), y.grad, rtol=rtol, atol=1e-6 if rtol < 1e-2 else 1e-3)
 
 
 def test_compiled_loss_equals_the_plain_path():
@@ -99,15 +122,17 @@ def test_compiled_loss_equals_the_plain_path():
     (dynamic shapes). One case only: on a 2-core CPU compiling takes ~40 s (bf16 logits and the
     reference-free variant are further compiles of ~20 s each; they run uncompiled above)."""
     logits, labels, ref = make_batch(seed=22, B=4, T=20, V=17, dtype=torch.float32)
-    fast = run_loss(logits, labels, ref, OPTIONS[0], compiled=True)
+    fast = run_loss(logits, labels, ref, OPTIONS[0], compiled=COMPILED_KERNELS)
     assert_same_result(fast, run_loss(logits, labels, ref, OPTIONS[0], compiled=False), rtol=1e-5)
     # the compiled kernels ran: run_compiled did not fall back to the plain Python kernels
     for kernel in (fused_statistics, fused_gradient):
         assert eksft._COMPILED[kernel] is not kernel, kernel.__name__
 
 
-def test_compiled_defaults_on_for_cuda_only():
-    """compiled=None is off for CPU logits: the default CPU path stays the plain one."""
+def test_compiled_is_off_by_default():
+    """eksft_loss's default (compiled=None) and the command line's default run the plain kernels."""
+    assert eksft.loss_options(eksft.parse_args([]))["compiled"] is None
+    assert eksft.loss_options(eksft.parse_args(["--compile-loss"]))["compiled"] is eksft.COMPILED_KERNELS
     eksft._COMPILED.clear()
     logits, labels, ref = make_batch(seed=23, dtype=torch.float32)
     eksft_loss(logits.requires_grad_(True), labels, ref)[0].backward()

@@ -111,3 +111,32 @@ def test_cli_errors_are_one_clear_line(tmp_path, argv, fragment):
     assert result.returncode == 2
     assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_method_dft_runs_without_a_reference_and_is_recorded(tmp_path):
+    """--method dft: selection and regularisers off like sft (no reference model), each token's CE
+    weighted by p(target); args.json says dft; the first step's loss is the DFT loss of the
+    starting model on the first step's batch (checked against an independent sum)."""
+    args = eksft.parse_args(["--model", "tiny", "--method", "dft", "--num-samples", "16",
+                             "--batch-size", "8", "--micro-batch-size", "4", "--max-len", "400",
+                             "--max-steps", "1", "--save-every", "0",
+                             "--output-dir", str(tmp_path / "dft")])
+    assert eksft.loss_options(args) == dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=True,
+                                            compiled=None)
+    start, tok = eksft.load_model_and_tokenizer("tiny", CPU, seed=args.seed)
+    eksft.train(args)
+    assert json.load(open(tmp_path / "dft" / "args.json"))["method"] == "dft"
+    row = json.loads(open(tmp_path / "dft" / "metrics.jsonl").readline())
+    assert row["masked_frac"] == 0.0 and row["kl"] is None     # no reference: KL is not computed
+    from data import collate, step_batches
+    examples = build_sft_examples(tok, load_conversations(args.data, seed=args.seed), args.max_len,
+                                  args.num_samples, log=lambda *_: None)
+    plan = step_batches([len(e["input_ids"]) for e in examples], args.batch_size, args.seed)
+    batch = collate([examples[i] for i in plan[0]], tok.pad_token_id)
+    with torch.no_grad():
+        logits = start(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_p = torch.log_softmax(logits[:, :-1].double(), -1)
+    log_p = log_p.gather(2, batch["labels"][:, 1:].clamp(0)[..., None])[..., 0]
+    response = batch["labels"][:, 1:] != eksft.IGNORE_INDEX
+    expected = float(-(log_p.exp() * log_p)[response].sum() / response.sum())
+    assert row["loss"] == pytest.approx(expected, rel=1e-4)

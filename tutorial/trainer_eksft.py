@@ -4,13 +4,15 @@ EKSFT with Hugging Face's Trainer (or TRL's SFTTrainer), for many GPUs with acce
     python tutorial/trainer_eksft.py --model tiny --max-steps 2          # offline CPU check
     torchrun --standalone --nproc_per_node 2 tutorial/trainer_eksft.py --model tiny --max-steps 2 \
         --sampling random                                                # 2 CPU processes (DDP)
-    accelerate launch --config_file zero3.yaml tutorial/trainer_eksft.py --model Qwen/Qwen3-8B-Base \
+    accelerate launch --config_file zero3.yaml tutorial/trainer_eksft.py \
+        --model Qwen/Qwen3-8B-Base \
         --per-device-batch-size 1 --grad-accum 8 --max-len 20000 --bf16 --gradient-checkpointing
 
 The data and the loss are eksft.py's (data.load_conversations, data.build_sft_examples,
-eksft.eksft_trainer_class wrapping eksft_loss): only the engine changes. Defaults follow the
-released recipe: ratio 0.2, union, lambdas 0.05, lr 1e-5 cosine, 1% warmup, AdamW (0.9, 0.95),
-weight decay 0.1, clip 1.0, 8 epochs. The per-step log (loss, grad_norm, eksft/masked_frac, ...)
+eksft.eksft_trainer_class wrapping eksft_loss): only the engine changes. --method sft and
+--method dft are the baselines, as in eksft.py. Defaults follow the released recipe: ratio 0.2,
+union, lambdas 0.05, lr 1e-5 cosine, 1% warmup, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0,
+8 epochs. The per-step log (loss, grad_norm, eksft/masked_frac, ...)
 is printed and saved to --output-dir/trainer_state.json; with N processes it covers all of them.
 """
 import argparse
@@ -44,8 +46,7 @@ def main(args):
     trainer = EKSFTTrainer(
         model=model, args=training_args, train_dataset=examples, processing_class=tokenizer,
         data_collator=lambda rows: collate(rows, tokenizer.pad_token_id),
-        eksft_options=dict(ratio=args.ratio, combine=args.combine, lambda_entropy=args.lambda_entropy,
-                           lambda_kl=args.lambda_kl))
+        eksft_options=loss_options(args))
     trainer.train()
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():  # one process writes; losses are averaged over processes
@@ -56,27 +57,40 @@ def main(args):
               f"(per-step log in trainer_state.json)")
 
 
+def loss_options(args):
+    """eksft_loss's keyword arguments: --method sft and dft turn selection and the regularisers
+    off (ratio 0, lambdas 0: no reference model is built); dft weights each token's CE by
+    p(target)."""
+    if args.method in ("sft", "dft"):
+        return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=args.method == "dft")
+    return dict(ratio=args.ratio, combine=args.combine, lambda_entropy=args.lambda_entropy,
+                lambda_kl=args.lambda_kl)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="EKSFT through transformers.Trainer (accelerate-ready).")
+    p = argparse.ArgumentParser(description="EKSFT through transformers.Trainer (accelerate).")
     p.add_argument("--model", default="tiny", help="tiny | short name | hub id | local dir")
     p.add_argument("--data", default=None, help="as eksft.py --data (default: synthetic for tiny, "
                    "openr1-3k otherwise)")
     p.add_argument("--num-samples", type=int, default=3000, help="examples that fit --max-len")
     p.add_argument("--max-len", type=int, default=4096, help="drop longer examples")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction selected by entropy and by KL")
+    p.add_argument("--method", default="eksft", choices=["eksft", "sft", "dft"],
+                   help="as eksft.py --method: sft and dft ignore the four options below")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction selected by entropy, by KL")
     p.add_argument("--combine", default="union", choices=["union", "intersection"], help="E and K")
     p.add_argument("--lambda-entropy", type=float, default=0.05, help="entropy bonus weight")
     p.add_argument("--lambda-kl", type=float, default=0.05, help="KL penalty weight")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    p.add_argument("--per-device-batch-size", type=int, default=1, help="sequences per GPU per pass")
+    p.add_argument("--per-device-batch-size", type=int, default=1, help="sequences per GPU pass")
     p.add_argument("--grad-accum", type=int, default=8, help="gradient accumulation steps")
     p.add_argument("--epochs", type=float, default=8, help="passes over the data")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: use --epochs)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--sampling", default="group_by_length", choices=["group_by_length", "random"],
-                   help="group_by_length: little padding, but the grouping depends on the per-device "
-                   "batch and --grad-accum; random: the same steps for any number of processes")
+                   help="group_by_length: little padding, but the grouping depends on the "
+                   "per-device batch and --grad-accum; random: the same steps for any number of "
+                   "processes")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--output-dir", default="runs/trainer-eksft", help="where the model goes")
     return p.parse_args(argv)

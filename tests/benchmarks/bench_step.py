@@ -14,9 +14,10 @@ each row is one whole optimizer step (forward passes, loss, backward, AdamW step
   sft       plain SFT as transformers does it: one forward with labels, the model's own loss
   sft-loop  what `eksft.py --method sft` runs: eksft_loss with ratio 0 and lambdas 0
   eksft     what `eksft.py` runs: policy forward with grad, reference forward without, eksft_loss
-  sft-loop-compiled, eksft-compiled   the same with eksft_loss(compiled=True): its per-chunk
-            kernels through torch.compile (the default for CUDA logits; rows added by --compile,
-            which --gpu implies; the first step of each includes compiling, so it is warmup)
+  sft-loop-compiled, eksft-compiled   the same with eksft_loss(compiled=COMPILED_KERNELS), as
+            `eksft.py --compile-loss` runs it: its per-chunk kernels through torch.compile (rows
+            added by --compile, which --gpu implies; the first step of each includes compiling,
+            so it is warmup)
   released  the released trainer's computation, re-created from its description (defects kept,
             because this row is a cost model): three forward passes, full-vocabulary fp32
             log-probs of both models, probs, their difference, a softmax with grad everywhere
@@ -57,7 +58,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from data import HelpFormatter  # noqa: E402
-from eksft import IGNORE_INDEX, eksft_loss, token_statistics  # noqa: E402
+from eksft import COMPILED_KERNELS, IGNORE_INDEX, eksft_loss, token_statistics  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings: one CPU and one GPU configuration
@@ -147,14 +148,14 @@ def sft_loss(model, ref_model, batch, autocast):
 CHUNK_SIZE = 1024  # eksft_loss's default; --chunk-size changes it for the rows below
 
 
-def sft_loop_loss(model, ref_model, batch, autocast, compiled=False):
+def sft_loop_loss(model, ref_model, batch, autocast, compiled=None):
     with autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return eksft_loss(logits, batch["labels"], None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0,
                       chunk_size=CHUNK_SIZE, compiled=compiled)[0]
 
 
-def eksft_step_loss(model, ref_model, batch, autocast, compiled=False):
+def eksft_step_loss(model, ref_model, batch, autocast, compiled=None):
     """As eksft.train_step: two forward passes, then eksft_loss with the released recipe."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with autocast():
@@ -208,8 +209,8 @@ def released_top_k(scores, response, ratio):
 
 VARIANTS = {"sft": sft_loss, "sft-loop": sft_loop_loss, "eksft": eksft_step_loss,
             "released": released_loss,
-            "sft-loop-compiled": functools.partial(sft_loop_loss, compiled=True),
-            "eksft-compiled": functools.partial(eksft_step_loss, compiled=True)}
+            "sft-loop-compiled": functools.partial(sft_loop_loss, compiled=COMPILED_KERNELS),
+            "eksft-compiled": functools.partial(eksft_step_loss, compiled=COMPILED_KERNELS)}
 
 # -----------------------------------------------------------------------------
 # Measuring: time and peak memory of one optimizer step
@@ -353,7 +354,7 @@ def bench_loss_memory(config, device, shapes, chunk_sizes, compiled_too=False, s
         unit = batch_size * seq_len * V * 4  # one (tokens x vocab) fp32 tensor
         for chunk in chunk_sizes:
             cases = {}
-            for c in (False, True) if compiled_too else (False,):
+            for c in (None, COMPILED_KERNELS) if compiled_too else (None,):
                 name = " (compiled)" if c else ""
                 cases["token_statistics" + name] = functools.partial(
                     lambda x, c: token_statistics(x, labels, ref, chunk_size=chunk, compiled=c), c=c)
