@@ -346,7 +346,7 @@ def train(args):
 
     # data: tokenised once; each epoch's steps are a seeded function of (seed, epoch)
     examples = build_sft_examples(tokenizer, load_conversations(args.data, seed=args.seed),
-                                  args.max_len, args.num_samples)
+                                  args.max_len, args.num_samples, too_long=args.too_long)
     lengths = [len(e["input_ids"]) for e in examples]
     steps_per_epoch = len(step_batches(lengths, args.batch_size, args.seed))
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
@@ -427,7 +427,10 @@ def parse_args(argv=None):
         "local .jsonl/.json/.parquet (default: synthetic for tiny, openr1-3k otherwise)")
     add("--num-samples", type=int, default=None, help="keep this many examples that fit "
         "--max-len (default: 480 for tiny, 3000 otherwise)")
-    add("--max-len", type=int, default=None, help="drop longer examples (default: 512; 4096 hub)")
+    add("--max-len", type=int, default=None, help="longest example in tokens (default: 512; "
+        "4096 hub)")
+    add("--too-long", default="drop", choices=["drop", "truncate"], help="an example over "
+        "--max-len: drop it, or cut it there (the released recipe cuts at 20,000)")
     add("--output-dir", default=None, help="checkpoints, metrics.jsonl and the final model "
         "(default: runs/{method}-{model})")
     # EKSFT selection and regularisers

@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -140,3 +141,19 @@ def test_method_dft_runs_without_a_reference_and_is_recorded(tmp_path):
     response = batch["labels"][:, 1:] != eksft.IGNORE_INDEX
     expected = float(-(log_p.exp() * log_p)[response].sum() / response.sum())
     assert row["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_too_long_truncate_cuts_instead_of_dropping_and_is_recorded(tmp_path, capsys):
+    """--too-long truncate (the released recipe's choice) cuts an example at --max-len instead of
+    dropping it: at 310 tokens, just over the shortest synthetic example (297), drop skips most
+    candidates and truncate none; args.json records the choice."""
+    argv = ["--model", "tiny", "--max-steps", "1", "--max-len", "310", "--num-samples", "16",
+            "--batch-size", "16", "--save-every", "0"]
+    eksft.train(eksft.parse_args(argv + ["--output-dir", str(tmp_path / "drop")]))
+    assert re.search(r"data: 16 examples, [1-9]\d* dropped as longer", capsys.readouterr().out)
+    eksft.train(eksft.parse_args(argv + ["--too-long", "truncate", "--output-dir",
+                                         str(tmp_path / "cut")]))
+    log = capsys.readouterr().out
+    assert re.search(r"data: 16 examples, [1-9]\d* truncated to --max-len 310, 0 dropped", log), log
+    assert json.load(open(tmp_path / "cut" / "args.json"))["too_long"] == "truncate"
+    assert json.load(open(tmp_path / "drop" / "args.json"))["too_long"] == "drop"
