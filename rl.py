@@ -14,15 +14,15 @@ answer checker that computes the reward (evaluate.py uses it too) closes the fil
 Simplifications (choices, not accidents):
   1. --ppo-epochs 1 (the default) makes the ratio exactly 1 and the gradient A * grad log pi:
      REINFORCE with a group-mean baseline. K > 1 reuses a batch for K steps with PPO's clip.
-  2. No value network, no GAE: every token of a completion gets that completion's advantage.
+  2. No value network, no GAE: every token of a completion gets that completion's advantage;
+     a constant learning rate, no weight decay, one optimiser step per PPO epoch.
   3. Generation is transformers' generate in the training process (no vLLM): simple, and most of
      a step's time (--static-cache lets transformers compile the decoding step on a GPU).
   4. No KL penalty by default (--kl-coef 0: no reference model is loaded). With one, k3 is added
      to the loss as GRPO does, not subtracted from the reward (kl_penalty: which KL it follows).
   5. Flat groups (all G rewards equal) are kept, not resampled as DAPO does: advantage 0, still in
      the denominator and the KL term; a step of only flat groups and no KL makes no update.
-  6. Constant learning rate, no weight decay, one optimiser step per PPO epoch.
-  7. --model tiny is a random network that never answers a maths question: its sanity run learns
+  6. --model tiny is a random network that never answers a maths question: its sanity run learns
      a toy reward instead (--reward digits: the fraction of digits it writes).
 """
 import json
@@ -75,7 +75,6 @@ def group_advantages(rewards, group_size, *, scale_by_std=True, eps=1e-4):
 
 def token_logprobs(logits, tokens, temperature=1.0):
     """log pi(token) under the SAMPLING distribution softmax(logits / temperature), and entropy.
-
     logits (B, T, V) are already aligned with tokens (B, T): logits[:, t] scores tokens[:, t].
     Returns logprobs (B, T) (with grad) and entropy (B, T) (detached, for logging)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)    # (B, T, V)
@@ -298,9 +297,8 @@ def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pa
     return sums
 
 
-def train(args, reward_fn=None):
-    """The RL loop. reward_fn(completion_text, gold) -> float overrides --reward.
-    Returns (model, tokenizer, list of per-step metric dicts)."""
+def train(args):
+    """The RL loop; returns (model, tokenizer, the list of per-step metric dicts)."""
     from tqdm import tqdm
     run_args = dict(vars(args), checker_description=checker_description(args.checker))
     eksft.set_seed(args.seed)
@@ -314,7 +312,7 @@ def train(args, reward_fn=None):
         is_equiv("1", "1", args.checker)     # a missing math-verify fails now, not mid-run
     except ImportError as e:
         raise UserError(str(e)) from None
-    reward_fn = reward_fn or reward_function(args)
+    reward_fn = reward_function(args)
 
     # data first: a bad file fails in a second, before any model is loaded
     train_rows, eval_rows = train_eval_sets(args.data, args.eval_size, args.seed)
