@@ -271,6 +271,33 @@ def load_qa(source, limit=None, seed=0, log=print):
     return rows[:limit] if limit else rows
 
 
+def train_eval_sets(data, eval_size, seed):
+    """(training questions, held-out questions) for RL. gsm8k and synthetic have their own test
+    splits; anything else (math500, a local file) is shuffled with the seed, eval_size held out."""
+    name = data.removesuffix("-train")
+    if name in ("gsm8k", "synthetic"):
+        held_out = load_qa(name, limit=eval_size, seed=seed) if eval_size else []
+        return load_qa(f"{name}-train", seed=seed), held_out
+    rows = load_qa(data, seed=seed)
+    random.Random(seed).shuffle(rows)
+    return rows[eval_size:], rows[:eval_size]
+
+
+# Evaluation protocols (evaluate.py --protocol, rl.py --eval-protocol): what changes a score besides
+# the model. Both are zero-shot, with the system prompt of the Qwen2.5-Math harness.
+PROTOCOLS = {
+    "qwen-math": dict(
+        system_prompt=SYSTEM_PROMPT, max_new_tokens=2048, last_number=True,
+        about="the Qwen2.5-Math harness behind published numbers (qwen25-math-cot)",
+        extraction="the stated answer (rl.extract_answer), else the last formula or number "
+                   "(the harness reads the last number only)"),
+    "strict": dict(
+        system_prompt=SYSTEM_PROMPT, max_new_tokens=1024, last_number=False,
+        about="an answer that is not stated (boxed, or after an answer phrase) scores 0",
+        extraction="the stated answer (rl.extract_answer), no last-number fallback"),
+}
+
+
 # -----------------------------------------------------------------------------
 # Tokenisation: ids and loss mask built together from one rendering of the chat template
 
@@ -293,6 +320,18 @@ def end_of_turn_ids(tokenizer):
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
+
+
+def stop_token_ids(model, tokenizer):
+    """Every id that ends a completion: end_of_turn_ids and the model's
+    generation_config.eos_token_id (an int or a list). Never the pad id."""
+    ids = set(end_of_turn_ids(tokenizer))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update([configured] if isinstance(configured, int) else configured)
+    if not ids:
+        raise ValueError("the tokenizer and the model define no end-of-sequence token")
+    return sorted(ids)
 
 
 def render(tokenizer, messages, add_generation_prompt=False):

@@ -11,7 +11,7 @@ Read it top to bottom: 1. metrics (pass@k), 2. evaluating a model (evaluate_mode
 plumbing: 3. backends, 4. resumable files, 5. tables, 6. the command line.
 
 Small models' scores move by 5-30 points with the prompt and the answer extraction, so a run is
-measured under a named protocol (rl.PROTOCOLS). --protocol qwen-math (the default) is the
+measured under a named protocol (data.PROTOCOLS). --protocol qwen-math (the default) is the
 Qwen2.5-Math harness whose numbers papers report: zero-shot, its system prompt (data.SYSTEM_PROMPT)
 and the question rendered by the model's chat template (for Qwen2.5 exactly the harness's string,
 tested), greedy, 2048 new tokens, the answer rl.extract_answer finds stated (the last \\boxed{},
@@ -51,10 +51,10 @@ import time
 import torch
 
 import eksft   # plumbing: device, model loading, output directory, JSON files
-from data import (SYSTEM_PROMPT, ArgumentParser, DataError, HelpFormatter, UserError,
+from data import (PROTOCOLS, SYSTEM_PROMPT, ArgumentParser, DataError, HelpFormatter, UserError,
                   end_of_turn_ids, encode_prompt, load_qa, prompt_messages, render, require,
                   run_cli)
-from rl import (CHECKERS, PROTOCOLS, checker_description, default_checker, extract_answer,
+from rl import (CHECKERS, checker_description, default_checker, extract_answer,
                 generate_completions, is_equiv, math_reward)
 
 
@@ -209,7 +209,7 @@ HARNESS_PROMPT = ("<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
 def protocol(tokenizer, name, *, max_new_tokens, temperature, top_p, samples, checker, seed,
              dtype):
     """Everything that changes a score besides the model: two runs compare only if these agree.
-    name is a key of rl.PROTOCOLS (prompt and answer extraction); the rest is as run."""
+    name is a key of data.PROTOCOLS (prompt and answer extraction); the rest is as run."""
     settings = PROTOCOLS[name]
     return {"name": name, "about": settings["about"], "system_prompt": settings["system_prompt"],
             "prompt": render(tokenizer, prompt_messages("{question}", settings["system_prompt"]),
@@ -554,8 +554,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.compare:
         return args
-    if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
-        p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
     args.model_kind = eksft.model_kind(args.model)   # tiny, or a directory trained from it
     tiny = args.model_kind == "tiny"
     if args.max_new_tokens is None:

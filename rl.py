@@ -8,26 +8,21 @@ both checkpoints with the same flags, then compare them with evaluate.py.
     python rl.py --model runs/sft-Qwen2.5-0.5B --data gsm8k    # the SFT baseline, same flags
     python rl.py --model Qwen2.5-0.5B --no-std --loss-agg dr-grpo   # Dr. GRPO's choices
 
-Start with the GRPO loss and read down: 1. the loss (torch only), 2. rollouts, 3. the loop,
-4. the command line (with the data splits and the held-out evaluation). The answer checker that
-computes the reward (extract_answer, is_equiv, math_reward; evaluate.py uses it too) closes the
-file: plumbing, to read last.
+Read down: 1. the GRPO loss (torch only), 2. rollouts, 3. the loop, 4. the command line. The
+answer checker that computes the reward (evaluate.py uses it too) closes the file, to read last.
 
 Simplifications (choices, not accidents):
   1. --ppo-epochs 1 (the default) makes the ratio exactly 1 and the gradient A * grad log pi:
      REINFORCE with a group-mean baseline. K > 1 reuses a batch for K steps with PPO's clip.
-  2. No value network, no GAE: every token of a completion gets that completion's advantage.
-  3. Generation is transformers' generate in the training process (no vLLM): simple, slow. On one
-     H100, 128 completions of 1024 tokens from a Qwen2.5-0.5B-sized model took ~90 s, the update
-     ~4 s (default KV cache; --static-cache lets transformers compile the decoding step).
+  2. No value network, no GAE: every token of a completion gets that completion's advantage;
+     a constant learning rate, no weight decay, one optimiser step per PPO epoch.
+  3. Generation is transformers' generate in the training process (no vLLM): simple, and most of
+     a step's time (--static-cache lets transformers compile the decoding step on a GPU).
   4. No KL penalty by default (--kl-coef 0: no reference model is loaded). With one, k3 is added
      to the loss as GRPO does, not subtracted from the reward (kl_penalty: which KL it follows).
   5. Flat groups (all G rewards equal) are kept, not resampled as DAPO does: advantage 0, still in
      the denominator and the KL term; a step of only flat groups and no KL makes no update.
-  6. Constant learning rate, one optimiser step per PPO epoch (no mini-batches inside a batch).
-  7. The checker is a normaliser plus a small parser, not a computer algebra system; --checker
-     auto sends what it cannot decide exactly to math-verify, under a hard time limit.
-  8. --model tiny is a random network that never answers a maths question: its sanity run learns
+  6. --model tiny is a random network that never answers a maths question: its sanity run learns
      a toy reward instead (--reward digits: the fraction of digits it writes).
 """
 import atexit
@@ -51,8 +46,9 @@ from typing import NamedTuple
 import torch
 
 import eksft   # plumbing: device, model loading, checkpoints, resume checks, Ctrl-C, JSON files
-from data import (SYSTEM_PROMPT, ArgumentParser, HelpFormatter, UserError, encode_prompt,
-                  end_of_turn_ids, load_qa, pad_left, pad_right, require, run_cli)
+from data import (PROTOCOLS, SYSTEM_PROMPT, ArgumentParser, HelpFormatter, UserError,
+                  encode_prompt, pad_left, pad_right, require, run_cli, stop_token_ids,
+                  train_eval_sets)
 
 # ----------------------------------------------------------------------------
 # 1. The GRPO loss: tensors in, tensors out (torch only), to be read and pasted. A completion's
@@ -87,7 +83,6 @@ def group_advantages(rewards, group_size, *, scale_by_std=True, eps=1e-4):
 
 def token_logprobs(logits, tokens, temperature=1.0):
     """log pi(token) under the SAMPLING distribution softmax(logits / temperature), and entropy.
-
     logits (B, T, V) are already aligned with tokens (B, T): logits[:, t] scores tokens[:, t].
     Returns logprobs (B, T) (with grad) and entropy (B, T) (detached, for logging)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)    # (B, T, V)
@@ -103,13 +98,11 @@ def loss_normaliser(mask, loss_agg, max_new_tokens):
         token-mean: the loss-masked tokens of all N (every token weighs the same; TRL's "dapo")
         seq-mean:   N, each completion's tokens averaged first (TRL's "grpo")
         dr-grpo:    N x max_new_tokens (a constant: no length bias, Dr. GRPO)"""
-    if loss_agg == "token-mean":
-        return max(mask.sum().item(), 1)
-    if loss_agg == "seq-mean":
-        return max(mask.shape[0], 1)
-    if loss_agg == "dr-grpo":
-        return max(mask.shape[0] * max_new_tokens, 1)
-    raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose one of {LOSS_AGGS}")
+    N = mask.shape[0]
+    sizes = {"token-mean": mask.sum().item(), "seq-mean": N, "dr-grpo": N * max_new_tokens}
+    if loss_agg not in sizes:
+        raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose one of {LOSS_AGGS}")
+    return max(sizes[loss_agg], 1)
 
 
 def kl_penalty(logprobs, ref_logprobs, ratio, estimator="k3"):
@@ -181,18 +174,6 @@ def completion_mask_from_eos(completion_ids, eos_ids):
     return mask, truncated
 
 
-def stop_token_ids(model, tokenizer):
-    """Every id that ends a completion: the tokenizer's eos and end-of-turn tokens, and the model's
-    generation_config.eos_token_id (an int or a list). Never the pad id."""
-    ids = set(end_of_turn_ids(tokenizer))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids.update([configured] if isinstance(configured, int) else configured)
-    if not ids:
-        raise ValueError("the tokenizer and the model define no end-of-sequence token")
-    return sorted(ids)
-
-
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=0.0,
                          top_p=1.0, batch_size=None, seed=None, static_cache=False):
@@ -201,30 +182,26 @@ def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temper
     special tokens), truncated (no EOS within max_new_tokens). With a seed, batch b is sampled
     after torch.manual_seed(seed + b). Sampling settings are explicit, so a checkpoint's
     generation_config (top_k=20 for Qwen chat models) cannot change what the policy samples.
-    static_cache: a KV cache of fixed size, which lets transformers compile the decoding step on
-    a GPU (on CPU greedy completions are the same as without, tests/test_speed_paths.py)."""
+    static_cache: a fixed-size KV cache, with which transformers compiles the decoding step."""
     eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    device = next(model.parameters()).device
     batch_size = batch_size or max(len(prompt_ids), 1)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     if temperature <= 0:   # greedy; None unsets the sampling settings of generation_config
-        sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    was_training = model.training
+        options = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    was_training, results = model.training, []
     model.eval()
-    results = []
     for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
         if seed is not None:
             torch.manual_seed(seed + b)
         input_ids, attention_mask = pad_left(prompt_ids[start:start + batch_size], pad_id)  # (b, P)
-        cache = {}
         if static_cache:   # its length rounded up to 256, so that few shapes are compiled
             length = 256 * math.ceil((input_ids.shape[1] + max_new_tokens) / 256)
-            cache = dict(cache_implementation="static", max_cache_len=length)
+            options.update(cache_implementation="static", max_cache_len=length)
         out = model.generate(                                               # (b, P + T)
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
             max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-            repetition_penalty=1.0, use_cache=True, **sampling, **cache)
+            repetition_penalty=1.0, use_cache=True, **options)
         completions = out[:, input_ids.shape[1]:].cpu()     # (b, T) T <= max_new_tokens
         mask, truncated = completion_mask_from_eos(completions, eos_ids)
         for row, n, cut in zip(completions, mask.sum(dim=1).tolist(), truncated.tolist()):
@@ -276,11 +253,10 @@ def sequence_logprobs(model, batch, temperature):
 
 def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pad_id, device,
             autocast):
-    """--ppo-epochs optimiser steps on ALL N completions sampled in one step; returns metric sums.
-    The loss is normalised over all N. A completion with advantage 0 (a flat group) adds nothing
-    to the policy term, so without KL it gets no backward pass, only a forward without grad for
-    the entropy; with KL it is trained like any other. Metric sums cover the loss-masked tokens
-    of all N."""
+    """--ppo-epochs optimiser steps on ALL N completions sampled in one step; returns metric sums
+    (over the loss-masked tokens of all N). The loss is normalised over all N. A completion with
+    advantage 0 (a flat group) adds nothing to the policy term, so without KL it gets no backward
+    pass, only a forward without grad for its entropy; with KL it is trained like any other."""
     batch = rollout_tensors(prompts, [r["completion_ids"] for r in rollouts], pad_id)
     mask = batch.loss_mask                                              # (N, T)
     if args.mask_truncated:              # still in their group's mean, but no loss of their own
@@ -288,45 +264,39 @@ def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pa
     normaliser = loss_normaliser(mask, args.loss_agg, args.max_new_tokens)   # once, for all N
     has_loss = mask.any(dim=1)                                          # (N,)
     needs_grad = has_loss & ((advantages != 0) | (args.kl_coef > 0))   # (N,)
-    size = args.micro_batch_size
-    chunks = lambda rows: [rows[s:s + size] for s in range(0, len(rows), size)]
-    micro = chunks(needs_grad.nonzero().flatten().tolist())            # row numbers per pass
-    watched = chunks((has_loss & ~needs_grad).nonzero().flatten().tolist())   # entropy only
+    size = args.micro_batch_size         # row numbers of the rows kept, size at a time
+    chunks = lambda keep: [rows for rows in keep.nonzero().flatten().split(size) if len(rows)]
+    micro = chunks(needs_grad)
     sums = dict(tokens=mask.sum().item(), clipped_tokens=0, kl_sum=0.0, entropy_sum=0.0,
                 loss=None, grad_norm=None, train_tokens=0)
-    # before any update: the entropy of the completions without a backward pass, the log-probs
-    # of the policy that sampled (only needed when the batch is reused) and of the start
-    old, ref = [None] * len(micro), [None] * len(micro)
-    with torch.no_grad(), autocast():
-        for rows in watched:
+    with torch.no_grad(), autocast():    # before any update
+        for rows in chunks(has_loss & ~needs_grad):                     # entropy only
             mb = batch.rows(rows, device)
             entropy = sequence_logprobs(model, mb, args.temperature)[1]        # (b, T)
             sums["entropy_sum"] += (entropy * mb.loss_mask).sum().item()
-        for i, rows in enumerate(micro):
-            if args.ppo_epochs > 1:
-                old[i] = sequence_logprobs(model, batch.rows(rows, device), args.temperature)[0]
-            if ref_model is not None:
-                ref[i] = sequence_logprobs(ref_model, batch.rows(rows, device), args.temperature)[0]
+        ref = [sequence_logprobs(ref_model, batch.rows(rows, device), args.temperature)[0]
+               if ref_model is not None else None for rows in micro]   # (b, T) the frozen start
     if not micro:                        # nothing to learn from: no optimiser step at all
         return sums
     sums.update(loss=0.0, grad_norm=0.0)
+    old = [None] * len(micro)            # (b, T) log-probs of the policy that sampled
     for epoch in range(args.ppo_epochs):
         for i, rows in enumerate(micro):
             mb = batch.rows(rows, device)
             with autocast():
                 logprobs, entropy = sequence_logprobs(model, mb, args.temperature)  # (b, T) each
+            if epoch == 0:               # no update yet: this IS the policy that sampled
+                old[i] = logprobs.detach()
+                sums["entropy_sum"] += (entropy * mb.loss_mask).sum().item()
             loss, stats = policy_loss(
-                logprobs, logprobs.detach() if old[i] is None else old[i],
-                advantages[rows].to(device), mb.loss_mask, normaliser=normaliser,
+                logprobs, old[i], advantages[rows].to(device), mb.loss_mask, normaliser=normaliser,
                 loss_agg=args.loss_agg, clip_eps=args.clip_eps, clip_eps_high=args.clip_eps_high,
                 ref_logprobs=ref[i], kl_coef=args.kl_coef, kl_estimator=args.kl_estimator)
             loss.backward()
             sums["clipped_tokens"] += stats["clipped_tokens"]
+            sums["kl_sum"] += stats["kl_sum"] if epoch == 0 else 0.0   # KL of the sampler
             sums["loss"] += loss.item() / args.ppo_epochs
             sums["train_tokens"] += int(mb.attention_mask.sum())
-            if epoch == 0:                    # entropy and KL of the policy that sampled the batch
-                sums["kl_sum"] += stats["kl_sum"]
-                sums["entropy_sum"] += (entropy * mb.loss_mask).sum().item()
         sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                                   args.grad_clip))
         optimizer.step()
@@ -335,9 +305,8 @@ def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pa
     return sums
 
 
-def train(args, reward_fn=None):
-    """The RL loop. reward_fn(completion_text, gold) -> float overrides --reward.
-    Returns (model, tokenizer, list of per-step metric dicts)."""
+def train(args):
+    """The RL loop; returns (model, tokenizer, the list of per-step metric dicts)."""
     from tqdm import tqdm
     run_args = dict(vars(args), checker_description=checker_description(args.checker))
     eksft.set_seed(args.seed)
@@ -351,16 +320,16 @@ def train(args, reward_fn=None):
         is_equiv("1", "1", args.checker)     # a missing math-verify fails now, not mid-run
     except ImportError as e:
         raise UserError(str(e)) from None
-    reward_fn = reward_fn or reward_function(args)
+    reward_fn = reward_function(args)
 
     # data first: a bad file fails in a second, before any model is loaded
     train_rows, eval_rows = train_eval_sets(args.data, args.eval_size, args.seed)
-    n = args.prompts_per_step
+    n, G = args.prompts_per_step, args.group_size
     if len(train_rows) < n:
         raise UserError(f"--data {args.data} has {len(train_rows)} training questions, fewer "
                         f"than --prompts-per-step {n}")
     print(f"data: {len(train_rows)} training questions, {len(eval_rows)} held out; "
-          f"{n} prompts x {args.group_size} completions; reward {args.reward}")
+          f"{n} prompts x {G} completions; reward {args.reward}")
 
     # the policy (possibly resumed) and, only with --kl-coef > 0, the frozen starting model
     resume_from = eksft.latest_checkpoint(args.output_dir) if args.resume else None
@@ -371,14 +340,12 @@ def train(args, reward_fn=None):
             "max_steps", "eval_every", "print_every"})
     load = lambda name: eksft.load_model_and_tokenizer(name, device, seed=args.seed)
     model, tokenizer = load(resume_from or args.model)
-    ref_model = None
-    if args.kl_coef > 0:   # the start of the run (--model), also after a resume; fp32 like the
-        ref_model = load(args.model)[0].eval().requires_grad_(False)   # policy: KL 0 at step 1
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model: {resume_from or args.model}, {millions:.2f}M parameters, stop tokens "
-          f"{stop_token_ids(model, tokenizer)}, "
+    # the reference is the run's start (--model), also after a resume; fp32 like the policy, so
+    # that KL is 0 at step 1
+    ref_model = load(args.model)[0].eval().requires_grad_(False) if args.kl_coef > 0 else None
+    print(f"model: {resume_from or args.model}, stop tokens {stop_token_ids(model, tokenizer)}, "
           + ("a reference model for KL" if ref_model is not None else "no reference model"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start_step = 0
     if resume_from:
         state = torch.load(os.path.join(resume_from, "optimizer.pt"))
@@ -414,10 +381,9 @@ def train(args, reward_fn=None):
     for step in ctrl_c.steps(bar):
         # 1. this step's prompts, from a seeded shuffle per epoch (a resumed run sees the same)
         epoch, i = divmod(step, len(train_rows) // n)
-        order = list(range(len(train_rows)))
-        random.Random(args.seed + epoch).shuffle(order)
-        rows = [train_rows[j] for j in order[i * n:(i + 1) * n]]
-        G = args.group_size
+        shuffled = train_rows[:]
+        random.Random(args.seed + epoch).shuffle(shuffled)
+        rows = shuffled[i * n:(i + 1) * n]
         prompts = [encode_prompt(tokenizer, row["question"], args.system_prompt) for row in rows]
         prompts = [ids for ids in prompts for _ in range(G)]           # G adjacent copies of each
         golds = [row["answer"] for row in rows for _ in range(G)]
@@ -499,36 +465,6 @@ def reward_function(args):
                                           args.strict_reward, format_reward=args.format_reward)
 
 
-# ----------------------------------------------------------------------------
-# 4. The command line, and the plumbing it needs: the data splits, the held-out evaluation
-
-def train_eval_sets(data, eval_size, seed):
-    """(training questions, held-out questions). gsm8k and synthetic have their own test splits;
-    anything else (math500, a local .jsonl) is shuffled with the seed, eval_size rows held out."""
-    name = data.removesuffix("-train")
-    if name in ("gsm8k", "synthetic"):
-        held_out = load_qa(name, limit=eval_size, seed=seed) if eval_size else []
-        return load_qa(f"{name}-train", seed=seed), held_out
-    rows = load_qa(data, seed=seed)
-    random.Random(seed).shuffle(rows)
-    return rows[eval_size:], rows[:eval_size]
-
-
-# Evaluation protocols (evaluate.py --protocol, rl.py --eval-protocol): what changes a score besides
-# the model. Both are zero-shot, with the system prompt of the Qwen2.5-Math harness.
-PROTOCOLS = {
-    "qwen-math": dict(
-        system_prompt=SYSTEM_PROMPT, max_new_tokens=2048, last_number=True,
-        about="the Qwen2.5-Math harness behind published numbers (qwen25-math-cot)",
-        extraction="the stated answer (rl.extract_answer), else the last formula or number "
-                   "(the harness reads the last number only)"),
-    "strict": dict(
-        system_prompt=SYSTEM_PROMPT, max_new_tokens=1024, last_number=False,
-        about="an answer that is not stated (boxed, or after an answer phrase) scores 0",
-        extraction="the stated answer (rl.extract_answer), no last-number fallback"),
-}
-
-
 def evaluate_accuracy(model, tokenizer, rows, args, autocast):
     """Greedy held-out accuracy as evaluate.py --protocol args.eval_protocol scores it (prompt,
     answer extraction, checker), at the training budget --max-new-tokens to stay cheap, in generate
@@ -544,6 +480,9 @@ def evaluate_accuracy(model, tokenizer, rows, args, autocast):
     return sum(scores) / len(rows)
 
 
+# ----------------------------------------------------------------------------
+# 4. The command line
+
 TINY_DEFAULTS = dict(data="synthetic", reward="digits", lr=1e-3, prompts_per_step=4,
                      max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16,
                      print_every=5)
@@ -554,70 +493,61 @@ HUB_DEFAULTS = dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, m
 def parse_args(argv=None):
     p = ArgumentParser(description="RL with verifiable rewards (GRPO) for maths.",
                        formatter_class=HelpFormatter)
-    add = p.add_argument
+    add = p.add_argument   # a default left out (None) comes from TINY_DEFAULTS or HUB_DEFAULTS
     add("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B)")
-    add("--data", default=None, help="gsm8k (its test split held out) | math500 | synthetic | "
-        "local .jsonl with question and answer (default: synthetic for tiny, gsm8k)")
-    add("--output-dir", default=None, help="checkpoints, metrics, final model (runs/rl-MODEL)")
+    add("--data", help="gsm8k (its test split held out) | math500 | synthetic | local file")
+    add("--output-dir", help="checkpoints, metrics, final model (default runs/rl-MODEL)")
     add("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none)")
     # reward
-    add("--reward", default=None, choices=["math", "digits"], help="math: 1 for a right answer; "
-        "digits: toy reward for sanity runs (default: digits for tiny, math)")
-    add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence: "
-        "builtin rules, math-verify, or auto (builtin, then math-verify for answers with symbols)")
+    add("--reward", choices=["math", "digits"], help="math: 1 for a right answer; digits: a toy")
+    add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence")
     add("--format-reward", type=float, default=0.0, help="reward for a wrong but \\boxed answer")
-    add("--strict-reward", action="store_true", help="reward only a stated answer (boxed, or after "
-        "'the answer is'), no last-number fallback (as evaluate.py --protocol strict)")
+    add("--strict-reward", action="store_true", help="only a stated answer (no last number) scores")
     # rollouts
     add("--group-size", "-G", type=int, default=8, help="completions per prompt")
-    add("--prompts-per-step", type=int, default=None, help="prompts per step (16; 4 tiny)")
-    add("--max-new-tokens", type=int, default=None, help="completion budget (1024; 32 tiny)")
+    add("--prompts-per-step", type=int, help="prompts per step")
+    add("--max-new-tokens", type=int, help="completion budget")
     add("--temperature", type=float, default=1.0, help="sampling temperature, also in the loss")
     add("--top-p", type=float, default=1.0, help="nucleus sampling")
     add("--mask-truncated", action="store_true", help="no loss on completions without an EOS")
-    add("--static-cache", action="store_true", help="static KV cache: transformers compiles the "
-        "decoding step on CUDA (same sampler, same greedy outputs)")
+    add("--static-cache", action="store_true", help="static KV cache (compiled decoding on CUDA)")
     # loss
     add("--no-std", action="store_true", help="advantage r - mean, not divided by std (Dr. GRPO)")
     add("--loss-agg", default="token-mean", choices=LOSS_AGGS, help="how token losses are averaged")
     add("--ppo-epochs", type=int, default=1, help="updates per batch (1: REINFORCE with baseline)")
     add("--clip-eps", type=float, default=0.2, help="PPO clip epsilon (lower; upper by default)")
-    add("--clip-eps-high", type=float, default=None, help="separate upper epsilon (DAPO: 0.28)")
+    add("--clip-eps-high", type=float, help="separate upper epsilon (DAPO: 0.28)")
     add("--kl-coef", type=float, default=0.0, help="KL penalty weight (0: no reference model)")
-    add("--kl-estimator", default="k3", choices=KL_ESTIMATORS, help="k3: gradient of KL(ref || pi) "
-        "(GRPO); k3-corrected: k3 x pi/pi_old, gradient of KL(pi || ref) (TRL 1.16's default)")
+    add("--kl-estimator", default="k3", choices=KL_ESTIMATORS, help="see kl_penalty")
     # optimisation
-    add("--lr", type=float, default=None, help="AdamW learning rate (1e-6; 1e-3 tiny)")
-    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--lr", type=float, help="AdamW learning rate")
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    add("--micro-batch-size", type=int, default=None, help="completions per forward (4; 32 tiny)")
-    add("--max-steps", type=int, default=None, help="optimiser steps (300; 20 tiny)")
+    add("--micro-batch-size", type=int, help="completions per forward")
+    add("--max-steps", type=int, help="optimiser steps")
     # run
     add("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast, fp32")
     add("--seed", type=int, default=0, help="seed for the tiny model, prompt order and sampling")
-    add("--eval-size", type=int, default=None, help="held-out questions (200; 16 tiny; 0: none)")
+    add("--eval-size", type=int, help="held-out questions (0: none)")
     add("--eval-every", type=int, default=50, help="held-out accuracy at start, end, every N steps")
-    add("--eval-protocol", default="qwen-math", choices=PROTOCOLS, help="score held-out answers as "
-        "evaluate.py --protocol does, but at --max-new-tokens")
+    add("--eval-protocol", default="qwen-math", choices=PROTOCOLS, help="as evaluate.py --protocol")
     add("--log-every", type=int, default=1, help="print a metrics line every N steps")
-    add("--print-every", type=int, default=None, help="print the best and worst completion every N "
-        "steps (10; 5 tiny; 0: never)")
+    add("--print-every", type=int, help="print the best and worst completion every N steps")
     add("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
     add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints (0: all)")
     add("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    add("--allow-changed-args", action="store_true", help="--resume even with settings other than "
-        "the checkpoint's args.json (refused otherwise, naming each)")
+    add("--allow-changed-args", action="store_true", help="--resume with other settings")
+    for action in p._actions:   # --help states the defaults that depend on --model
+        if action.dest in HUB_DEFAULTS:
+            action.help += f" ({HUB_DEFAULTS[action.dest]}; {TINY_DEFAULTS[action.dest]} for tiny)"
     args = p.parse_args(argv)
-    if args.checker not in CHECKERS:                        # a bad EKSFT_CHECKER default
-        p.error(f"EKSFT_CHECKER={args.checker!r}: choose one of {', '.join(CHECKERS)}")
     args.model_kind = eksft.model_kind(args.model)   # tiny, or a directory trained from it
     for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     minimum = dict(group_size=2, prompts_per_step=1, max_new_tokens=1, ppo_epochs=1,
                    micro_batch_size=1, max_steps=1, log_every=1, eval_size=0, eval_every=0,
-                   print_every=0, save_every=0, keep_checkpoints=0, kl_coef=0, weight_decay=0)
+                   print_every=0, save_every=0, keep_checkpoints=0, kl_coef=0)
     require(p, args, [(k, getattr(args, k) >= n, f"at least {n}" if n else "0 or more")
                       for k, n in minimum.items()] + [
         (k, getattr(args, k) is None or getattr(args, k) > 0, "positive")
@@ -1389,6 +1319,7 @@ def _stop_workers(workers=None):
 
 
 atexit.register(_stop_workers)
+
 
 
 if __name__ == "__main__":   # below the checker, so that every name in the file is defined

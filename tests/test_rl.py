@@ -17,12 +17,12 @@ import types
 import pytest
 import torch
 
-from data import encode_prompt, pad_left
+from data import PROTOCOLS, encode_prompt, pad_left, stop_token_ids
 import rl
 from eksft import load_model_and_tokenizer
 from rl import (completion_mask_from_eos, generate_completions, group_advantages, kl_penalty,
                 loss_normaliser, parse_args, policy_loss, rl_step, rollout_tensors, sequence_logprobs,
-                stop_token_ids, token_logprobs, train)
+                token_logprobs, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -514,7 +514,7 @@ def test_held_out_accuracy_is_scored_under_the_evaluation_protocol(tiny, monkeyp
         args = parse_args(["--model", "tiny", "--eval-protocol", name, "--checker", "builtin",
                            "--system-prompt", "a training prompt"])
         assert rl.evaluate_accuracy(model, tok, rows, args, contextlib.nullcontext) == expected
-    assert seen == [encode_prompt(tok, "2+2?", rl.PROTOCOLS[name]["system_prompt"])
+    assert seen == [encode_prompt(tok, "2+2?", PROTOCOLS[name]["system_prompt"])
                     for name in ("qwen-math", "strict")]
 
 

@@ -21,7 +21,7 @@ import torch
 import eksft
 import evaluate
 import rl
-from data import encode_prompt, load_qa
+from data import encode_prompt, load_qa, stop_token_ids
 from eksft import (COMPILED_KERNELS, eksft_loss, fused_gradient, fused_statistics,
                    load_model_and_tokenizer)
 from test_loss import check_stats, make_batch, naive_dft, reference_loss
@@ -176,7 +176,7 @@ def test_static_cache_greedy_equals_the_default_cache(chatty):
     stopped = [r for r in plain if not r["truncated"]]
     assert stopped and len(stopped) < len(plain), "want completions that stop and ones that do not"
     assert len({tuple(r["completion_ids"]) for r in plain}) == len(plain)   # not trivially equal
-    eos = rl.stop_token_ids(model, tok)
+    eos = stop_token_ids(model, tok)
     assert all(r["completion_ids"][-1] in eos for r in stopped)
     pad_is_eos = copy.deepcopy(tok)
     pad_is_eos.pad_token = pad_is_eos.eos_token
