@@ -523,49 +523,39 @@ def main(argv=None):
 # -----------------------------------------------------------------------------
 # Appendix A. Models and tokenizers: short names, the tiny offline model, device and precision
 
-SHORT_NAMES = {  # short name -> Hugging Face Hub id; anything else is used as given
-    f"Qwen2.5-{size}{kind}": f"Qwen/Qwen2.5-{size}{kind}"
-    for size in ("0.5B", "1.5B", "3B", "7B") for kind in ("", "-Instruct")
-} | {f"Qwen2.5-Math-{size}{kind}": f"Qwen/Qwen2.5-Math-{size}{kind}"
-     for size in ("1.5B", "7B") for kind in ("", "-Instruct")}
+SHORT_NAMES = {f"Qwen2.5-{size}{kind}": f"Qwen/Qwen2.5-{size}{kind}"  # other names: used as given
+               for size in ("0.5B", "1.5B", "3B", "7B", "Math-1.5B", "Math-7B")
+               for kind in ("", "-Instruct")}
 
 
 class ModelLoadError(UserError):
-    pass
+    """A model that cannot be found or loaded."""
 
 
 def model_source(name):
-    """What --model names, decided before any download: a local directory, or a hub id ("tiny" is
-    built in code). A short name that is not one of SHORT_NAMES, or a path that does not exist, is
-    refused now rather than after a minute of hub retries."""
+    """The local directory or hub id that --model names ("tiny" is built in code), decided before
+    any download: a typo is refused now rather than after a minute of hub retries."""
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ModelLoadError(f"{name}: no config.json, so no model in this directory (a run "
                                  f"that stopped early has its model in {name}/checkpoint-N)")
         return name
-    if name in SHORT_NAMES:
-        return SHORT_NAMES[name]
     parent = os.path.dirname(name.rstrip("/"))
     if name.startswith((".", "/", "~")) or (parent and os.path.isdir(parent)):
         raise ModelLoadError(f"{name}: no such model directory")
-    if "/" not in name:
+    if "/" not in name and name not in SHORT_NAMES:
         raise ModelLoadError(f"'{name}' is not a known short name ({', '.join(SHORT_NAMES)}), a "
                              f"local directory or a hub id (owner/name); offline, use --model tiny")
-    return name
+    return SHORT_NAMES.get(name, name)
 
 
 def model_kind(name):
     """ "tiny" for the built-in model and for directories trained from it (their args.json says
-    so), else "hub". It picks the defaults (synthetic data and short lengths for tiny), so that a
-    run from runs/eksft-tiny works offline like one from tiny."""
+    so), else "hub". It picks the defaults, so that runs/eksft-tiny works offline like tiny."""
     path = os.path.join(name, "args.json")
     if name == "tiny" or not os.path.isfile(path):
         return "tiny" if name == "tiny" else "hub"
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read it ({type(e).__name__}: {first_line(e)})") from None
+    saved = read_json(path)
     return saved.get("model_kind") or ("tiny" if saved.get("model") == "tiny" else "hub")
 
 
@@ -599,9 +589,9 @@ def tiny_model(tokenizer, seed=0, hidden_size=128, num_layers=4):
 
 
 def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
-    """(model, tokenizer) from "tiny", a short name, a hub id or a local directory (one written by
-    eksft.py or rl.py too). Generation stops at the chat end-of-turn token as well as at eos (base
-    Qwen models end chat turns with <|im_end|> but have eos = <|endoftext|>)."""
+    """(model, tokenizer) from "tiny", a short name, a hub id or a local directory. Generation
+    stops at the chat end-of-turn token as well as at eos (base Qwen models end chat turns with
+    <|im_end|> but have eos = <|endoftext|>)."""
     if name == "tiny":
         tokenizer = char_tokenizer()
         model = tiny_model(tokenizer, seed=seed).to(dtype)
@@ -612,10 +602,9 @@ def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except Exception as e:  # offline, missing repo, bad directory: one line, not a traceback
-            raise ModelLoadError(
-                f"could not load model '{name}' ({source}): {type(e).__name__}: "
-                f"{first_line(e).rstrip('.')}. "
-                f"Offline, use --model tiny or a local model directory.") from None
+            raise ModelLoadError(f"could not load model '{name}' ({source}): {type(e).__name__}: "
+                                 f"{first_line(e).rstrip('.')}. Offline, use --model tiny or a "
+                                 f"local model directory.") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
@@ -644,40 +633,30 @@ def load_models(args, resume_from, device, amp_dtype):
 
 
 def pick_device(requested="auto", precision="auto"):
-    """(device, autocast dtype or None, reason): cuda > mps > cpu; bf16 autocast where supported."""
-    if requested != "auto":
-        device, why = checked_device(requested), "asked for with --device"
-    elif torch.cuda.is_available():
-        device, why = torch.device("cuda"), "CUDA is available"
-    elif torch.backends.mps.is_available():
-        device, why = torch.device("mps"), "Apple MPS is available"
+    """(device, autocast dtype or None, reason): cuda > mps > cpu; bf16 autocast where supported.
+    A device this machine does not have is a UserError saying why."""
+    visible = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if requested == "auto":
+        device = torch.device(next((kind for kind, n in visible.items() if n), "cpu"))
+        why = "no GPU found" if device.type == "cpu" else f"{device.type.upper()} is available"
     else:
-        device, why = torch.device("cpu"), "no GPU found"
+        try:
+            device, why = torch.device(requested), "asked for with --device"
+        except RuntimeError:
+            raise UserError(f"--device {requested}: not a device (use auto, cpu, cuda, cuda:N or "
+                            f"mps)") from None
+        count = visible.get(device.type, 1)                     # the cpu is always there
+        if (device.index or 0) >= count:
+            why = (f"{device.type.upper()} is not available" if count == 0
+                   else f"this machine has {count} {device.type} device(s)")
+            if device.type == "cuda" and torch.version.cuda is None:
+                why += " (this torch is a CPU-only build)"
+            raise UserError(f"--device {requested}: {why}; use --device cpu or auto")
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "bf16" or (precision == "auto" and bf16_ok):
         return device, torch.bfloat16, f"{why}; bf16 autocast (fp32 master weights)"
     used = "" if precision == "fp32" else " (bf16 autocast is used on GPUs that support it)"
     return device, None, f"{why}; fp32{used}"
-
-
-def checked_device(requested):
-    """torch.device(requested), or a UserError saying why this machine cannot run on it."""
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"--device {requested}: not a device (use auto, cpu, cuda, cuda:N or "
-                        f"mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        build = ("this torch is a CPU-only build" if torch.version.cuda is None
-                 else "no CUDA GPU is visible")
-        raise UserError(f"--device {requested}: CUDA is not available ({build}); use --device "
-                        f"cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {requested}: there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {requested}: Apple MPS is not available here; use --device "
-                        f"cpu or auto")
-    return device
 
 
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
@@ -686,9 +665,8 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 
 
 
 def mfu(model, ref_model, device, tokens_per_s):
-    """{"mfu": model FLOPs utilisation} on a GPU listed in PEAK_BF16_FLOPS, else {}. It counts
-    parameter FLOPs only: 6N per trained token (forward + backward) + 2N for the reference
-    forward; attention's own FLOPs (~18% more at 4k tokens for 0.5B) are left out."""
+    """{"mfu": model FLOPs utilisation} on a GPU listed in PEAK_BF16_FLOPS, else {}: parameter
+    FLOPs only (6N per trained token, + 2N for the reference), attention's own are left out."""
     peak = device.type == "cuda" and next((flops for name, flops in PEAK_BF16_FLOPS.items()
                                            if name in torch.cuda.get_device_name(device)), None)
     flops_per_token = (6 + (2 if ref_model is not None else 0)) * model.num_parameters()
@@ -740,30 +718,47 @@ def check_output_dir(path):
         raise UserError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
 
 
-def save_checkpoint(output_dir, model, tokenizer, args, state, optimizer=None):
-    """Write output_dir/checkpoint-{step} (returned) atomically, a temporary directory renamed:
-    model, tokenizer, args.json, trainer_state.json and the optimizer and RNG states for an exact
-    --resume. A failed write (a full disk) is a UserError; the checkpoints there are kept."""
-    final = os.path.join(output_dir, f"checkpoint-{state['step']}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{state['step']}")
+def write_model_files(tmp, model, tokenizer, args, what, kept, state=None, optimizer=None):
+    """model, tokenizer, args.json (and for a checkpoint trainer_state.json and the optimizer and
+    RNG states, for an exact --resume) written to the fresh directory tmp; a failed write (a full
+    disk) removes tmp: UserError "could not write {what} (why); {kept}"."""
     shutil.rmtree(tmp, ignore_errors=True)
     quiet_hub_progress()
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(os.path.join(tmp, "args.json"), args)
-        write_json(os.path.join(tmp, "trainer_state.json"), state)
+        if state is not None:
+            write_json(os.path.join(tmp, "trainer_state.json"), state)
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                         "python_rng": random.getstate()}, os.path.join(tmp, "optimizer.pt"))
     except Exception as e:  # disk full, quota, permissions: torch and safetensors word it apart
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write {final} ({type(e).__name__}: {first_line(e)}); the "
-                        f"checkpoints already in {output_dir} are kept, --resume continues from "
-                        f"the newest") from None
+        raise UserError(f"could not write {what} ({type(e).__name__}: {first_line(e)}); "
+                        f"{kept}") from None
+
+
+def save_checkpoint(output_dir, model, tokenizer, args, state, optimizer=None):
+    """Write output_dir/checkpoint-{step} (returned) whole or absent (a temporary renamed)."""
+    final = os.path.join(output_dir, f"checkpoint-{state['step']}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{state['step']}")
+    kept = f"the checkpoints already in {output_dir} are kept, --resume continues from the newest"
+    write_model_files(tmp, model, tokenizer, args, final, kept, state, optimizer)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # atomic on one filesystem: the checkpoint is whole or absent
     return final
+
+
+def export_model(output_dir, model, tokenizer, args):
+    """The final model at output_dir itself, so AutoModelForCausalLM.from_pretrained(output_dir)
+    works: written to a temporary directory, then moved in one rename per file."""
+    tmp = os.path.join(output_dir, ".tmp-export")
+    write_model_files(tmp, model, tokenizer, args, f"the final model to {output_dir}",
+                      "its newest checkpoint-N directory holds the same weights")
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
 
 
 def quiet_hub_progress():
@@ -773,39 +768,21 @@ def quiet_hub_progress():
 
 def checkpoint_steps(output_dir):
     """The steps N of the checkpoint-N directories in output_dir, in increasing order."""
-    return sorted(int(d.split("-")[1]) for d in os.listdir(output_dir)
-                  if d.startswith("checkpoint-") and d.split("-")[1].isdigit())
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = [name.removeprefix("checkpoint-") for name in names if name.startswith("checkpoint-")]
+    return sorted(int(step) for step in steps if step.isdigit())
 
 
 def latest_checkpoint(output_dir):
-    """The complete checkpoint with the highest step in output_dir, or None."""
-    steps = checkpoint_steps(output_dir) if os.path.isdir(output_dir) else []
+    """The checkpoint with the highest step in output_dir, or None (an unfinished one is .tmp-)."""
+    steps = checkpoint_steps(output_dir)
     return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
 
 
 def prune_checkpoints(output_dir, keep):
+    """Delete all but the keep newest checkpoints (keep 0: delete none)."""
     for step in checkpoint_steps(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)
-
-
-def export_model(output_dir, model, tokenizer, args):
-    """The final model at output_dir itself, so AutoModelForCausalLM.from_pretrained(output_dir)
-    works: written to a temporary directory, then moved in one rename per file."""
-    tmp = os.path.join(output_dir, ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    quiet_hub_progress()
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(os.path.join(tmp, "args.json"), args)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write the final model to {output_dir} ({type(e).__name__}: "
-                        f"{first_line(e)}); its newest checkpoint-N directory holds the same "
-                        f"weights") from None
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    os.rmdir(tmp)
 
 
 RESUME_MAY_CHANGE = {  # settings that may differ on --resume: they do not change what is computed
@@ -817,8 +794,7 @@ RESUME_MAY_CHANGE = {  # settings that may differ on --resume: they do not chang
 def check_resume_args(checkpoint, run_args, may_change=RESUME_MAY_CHANGE):
     """--resume with settings other than the checkpoint's would mix two runs without a word: name
     every difference (unless --allow-changed-args)."""
-    with open(os.path.join(checkpoint, "args.json")) as f:
-        saved = json.load(f)
+    saved = read_json(os.path.join(checkpoint, "args.json"))
     changed = [k for k in run_args
                if k in saved and k not in may_change and saved[k] != run_args[k]]
     if changed and not run_args.get("allow_changed_args"):
@@ -831,17 +807,16 @@ def check_resume_args(checkpoint, run_args, may_change=RESUME_MAY_CHANGE):
 def checkpoint_to_resume(args, run_args):
     """With --resume, the newest checkpoint in --output-dir (its settings checked), else None."""
     checkpoint = latest_checkpoint(args.output_dir) if args.resume else None
-    if args.resume and checkpoint is None:
-        print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
     if checkpoint:
         check_resume_args(checkpoint, run_args)
+    elif args.resume:
+        print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
     return checkpoint
 
 
 def restore_checkpoint(checkpoint, optimizer):
     """The optimizer and RNG states saved in checkpoint; returns the step to continue from."""
-    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-        step = json.load(f)["step"]
+    step = read_json(os.path.join(checkpoint, "trainer_state.json"))["step"]
     saved = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["torch_rng"])
@@ -851,8 +826,7 @@ def restore_checkpoint(checkpoint, optimizer):
 
 
 def start_run_files(output_dir, run_args, start_step):
-    """Creates output_dir with args.json; returns the path of metrics.jsonl, holding the rows up
-    to start_step (none for a fresh run)."""
+    """Creates output_dir with args.json; returns metrics.jsonl's path, cut to the steps before."""
     os.makedirs(output_dir, exist_ok=True)
     write_json(os.path.join(output_dir, "args.json"), run_args)
     path = os.path.join(output_dir, "metrics.jsonl")
@@ -865,26 +839,35 @@ def start_run_files(output_dir, run_args, start_step):
 
 
 def add_micro_batch(sums, loss, stats, tokens):
-    """Adds a micro-batch's loss (its share of the step's) and eksft_loss stats to the sums."""
-    n = float(stats["n_response"])
-    values = {"loss": float(loss), "ce": float(stats["ce"]), "ent_reg": float(stats["ent_reg"]),
-              "kl_reg": float(stats["kl_reg"]), "entropy_sum": float(stats["entropy"]) * n,
-              "kl_sum": float(stats["kl"]) * n, "tokens": tokens}
-    for key in ("n_response", "n_masked", "n_entropy", "n_kl", "n_both", "n_either"):
-        values[key] = int(stats[key])
-    for key, value in values.items():
-        sums[key] = sums.get(key, 0) + value
+    """Adds a micro-batch's loss, token count and eksft_loss stats to the step's sums. loss, ce and
+    the regularisers are already its share of the step's; token means are weighted by n_response."""
+    n = stats["n_response"]
+    values = {key: stats[key] for key in ("ce", "ent_reg", "kl_reg", "n_response", "n_masked",
+                                          "n_entropy", "n_kl", "n_both", "n_either")}
+    values |= {"loss": loss, "tokens": tokens, "entropy": stats["entropy"] * n,
+               "kl": stats["kl"] * n}
+    for key, value in values.items():   # tensors to Python numbers (the counts stay int)
+        sums[key] = sums.get(key, 0) + (value.item() if torch.is_tensor(value) else value)
 
 
 def step_metrics(sums):
     """A step's metrics (a metrics.jsonl row's fields) from its sums: token means over the step."""
     n = max(sums["n_response"], 1)
-    return {"loss": sums["loss"], "ce": sums["ce"], "ent_reg": sums["ent_reg"],
-            "kl_reg": sums["kl_reg"], "entropy": sums["entropy_sum"] / n,
-            "kl": sums["kl_sum"] / n, "masked_frac": sums["n_masked"] / n,
+    return {**{key: sums[key] for key in ("loss", "ce", "ent_reg", "kl_reg")},
+            "entropy": sums["entropy"] / n, "kl": sums["kl"] / n,
+            "masked_frac": sums["n_masked"] / n,
             "masked_entropy_frac": sums["n_entropy"] / n, "masked_kl_frac": sums["n_kl"] / n,
             "iou": sums["n_both"] / max(sums["n_either"], 1), "tokens": sums["tokens"],
             "response_tokens": sums["n_response"]}
+
+
+def read_json(path):
+    """The JSON value in path; a file that cannot be read or parsed is a UserError naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read it ({type(e).__name__}: {first_line(e)})") from None
 
 
 def write_json(path, obj):
@@ -958,10 +941,10 @@ class StopOnCtrlC:
 # -----------------------------------------------------------------------------
 # Appendix D. Seeing the method: which tokens are prompt, trained, or masked by entropy / KL / both
 
-COLORS = {"prompt": "\033[2m", "trained": "\033[32m", "entropy": "\033[33m", "kl": "\033[35m",
-          "both": "\033[31;1m"}
-MARKS = {"prompt": ("<<", ">>"), "trained": ("", ""), "entropy": ("[E:", "]"), "kl": ("[K:", "]"),
-         "both": ("[EK:", "]")}
+MARKS = {  # kind -> (its ANSI colour, or with color=False the marks around it)
+    "prompt": ("\033[2m", "<<", ">>"), "trained": ("\033[32m", "", ""),
+    "entropy": ("\033[33m", "[E:", "]"), "kl": ("\033[35m", "[K:", "]"),
+    "both": ("\033[31;1m", "[EK:", "]")}
 
 
 def render_tokens(tokenizer, ids, labels, by_entropy=None, by_kl=None, color=True):
@@ -970,10 +953,9 @@ def render_tokens(tokenizer, ids, labels, by_entropy=None, by_kl=None, color=Tru
     A character whose bytes span two runs (in byte-level BPE) is shown whole in the run holding
     its last byte, so the marks removed give back tokenizer.decode(ids)."""
     def kind(j):
-        e = bool(by_entropy[j]) if by_entropy is not None else False
-        k = bool(by_kl[j]) if by_kl is not None else False
         if labels[j] == IGNORE_INDEX:
             return "prompt"
+        e, k = by_entropy is not None and by_entropy[j], by_kl is not None and by_kl[j]
         return "both" if e and k else "entropy" if e else "kl" if k else "trained"
     out, j, shown = [], 0, 0          # shown: characters of the decoded text already printed
     while j < len(ids):
@@ -984,18 +966,15 @@ def render_tokens(tokenizer, ids, labels, by_entropy=None, by_kl=None, color=Tru
         if j < len(ids):              # a character cut at j is completed by the next run
             upto = upto.rstrip("\ufffd")
         text, shown = upto[shown:], max(shown, len(upto))
-        if not text:                  # the run held only the first bytes of a character
-            continue
-        if color:
-            out.append(COLORS[this] + text + "\033[0m")
-        else:
-            out.append(MARKS[this][0] + text + MARKS[this][1])
+        if text:                      # empty: the run held only the first bytes of a character
+            colour, before, after = MARKS[this]
+            out.append(colour + text + "\033[0m" if color else before + text + after)
     return "".join(out)
 
 
 def show_masks(model, ref_model, tokenizer, examples, loss_kwargs, device, amp_dtype, color=True):
     """Print examples with the tokens EKSFT drops under the current policy and reference."""
-    legend = (" ".join(COLORS[k] + k + "\033[0m" for k in COLORS) if color else
+    legend = (" ".join(MARKS[k][0] + k + "\033[0m" for k in MARKS) if color else
               "<<prompt>> trained [E:masked by entropy] [K:masked by KL] [EK:by both]")
     print(f"legend: {legend}")
     for example in examples:
@@ -1005,8 +984,7 @@ def show_masks(model, ref_model, tokenizer, examples, loss_kwargs, device, amp_d
             ref = ref_model(input_ids=batch["input_ids"]).logits if ref_model is not None else None
         _, stats = eksft_loss(logits, batch["labels"], ref, return_masks=True, **loss_kwargs)
         # the masks refer to targets labels[:, 1:]; shift them back onto the token ids
-        by_e = [False] + stats["by_entropy"][0].tolist()
-        by_k = [False] + stats["by_kl"][0].tolist()
+        by_e, by_k = ([False] + stats[key][0].tolist() for key in ("by_entropy", "by_kl"))
         print(render_tokens(tokenizer, example["input_ids"], example["labels"], by_e, by_k, color)
               + "\n")
 
@@ -1029,10 +1007,9 @@ def show_mask_after_training(args, run_args, model, ref_model, tokenizer, exampl
 
 
 def fused_statistics(logits, targets, ref_logits=None):
-    """H, CE and KL (C,) of C logit rows (C, V) with targets (C,); KL is None without ref_logits.
-    chunk_statistics's formulas as whole-row reductions without in-place updates, which
-    torch.compile fuses into a pass or two per row instead of a kernel and an fp32 (C, V)
-    temporary per operation."""
+    """chunk_statistics (H, CE and KL of C rows; KL None without ref_logits) as whole-row
+    reductions without in-place updates, which torch.compile fuses into a pass or two per row
+    instead of a kernel and an fp32 (C, V) temporary per operation."""
     logp = finite(F.log_softmax(logits, -1, dtype=torch.float32))       # (C, V)
     p_logp = (logp.exp() * logp).sum(-1)                                # (C,) sum_v p log p
     ce = -logp.gather(1, targets[:, None]).squeeze(1)                   # (C,) -log p(target)
@@ -1043,9 +1020,9 @@ def fused_statistics(logits, targets, ref_logits=None):
 
 
 def fused_gradient(logits, targets, a, alpha, beta, c, ref_logits=None):
-    """d loss / dz (C, V) in the logits' dtype, chunk_gradient's formula on every row at once,
-    without data-dependent branches: p * (alpha + beta log p - c log q) - a onehot(target).
-    ref_logits None: no row has c != 0 (0 * log q is 0, so leaving the term out changes nothing)."""
+    """chunk_gradient on every row at once, without data-dependent branches: d loss / dz (C, V)
+    = p * (alpha + beta log p - c log q) - a onehot(target), in the logits' dtype. Without
+    ref_logits every c is 0, and the c log q term is left out."""
     logp = finite(F.log_softmax(logits, -1, dtype=torch.float32))       # (C, V)
     coef = alpha[:, None] + beta[:, None] * logp                        # (C, V)
     if ref_logits is not None:
@@ -1093,28 +1070,23 @@ COMPILED_KERNELS = ChunkKernels(statistics=lambda *args: run_compiled(fused_stat
 def eksft_trainer_class(base):
     """A subclass of `base` (transformers.Trainer, trl.SFTTrainer, ...) that trains with eksft_loss.
 
-        from transformers import Trainer
-        EKSFTTrainer = eksft_trainer_class(Trainer)
+        EKSFTTrainer = eksft_trainer_class(transformers.Trainer)
         trainer = EKSFTTrainer(model=model, args=training_args, train_dataset=ds,
                                data_collator=..., eksft_options=dict(ratio=0.2))
         trainer.train()      # or: accelerate launch --config_file ds_zero3.yaml my_script.py
 
-    eksft_options: eksft_loss's keyword arguments (dict(ratio=0, lambda_entropy=0, lambda_kl=0,
-    dft=True) is DFT). The frozen reference is a copy of the model as the trainer is built (or
-    `ref_model`), placed like the model: on the device in the training precision, or wrapped by
-    DeepSpeed/FSDP.
-    Gradient accumulation: the Trainer counts response tokens over the accumulated batch
-    (num_items_in_batch, labels[..., 1:]) and this class counts the selection slots alongside, so
-    the result equals eksft.py's own loop; both counts are summed over processes when
-    average_tokens_across_devices is on (the default)."""
+    eksft_options: eksft_loss's keyword arguments. The frozen reference (a copy of the model, or
+    `ref_model`) is placed like the model: on its device and precision, or by DeepSpeed/FSDP.
+    Gradient accumulation: the Trainer counts the response tokens of the accumulated batch
+    (num_items_in_batch) and this class counts its selection slots, both over all processes, so
+    the result equals eksft.py's own loop."""
 
     class EKSFTTrainer(base):
         def __init__(self, *args, ref_model=None, eksft_options=None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.eksft_options = dict(eksft_options or {})
-            self.eksft_options.setdefault("ratio", 0.2)
+            self.eksft_options = {"ratio": 0.2, **(eksft_options or {})}
             self._slots = None
-            self._stat_sums = None  # token counts and sums since the last log line (see log)
+            self._sums = {}  # the statistics' sums since the last log line, as eksft.py's loop's
             options = self.eksft_options
             needs_ref = options["ratio"] > 0 or options.get("lambda_kl", 0.05) != 0
             if needs_ref and ref_model is None:
@@ -1160,26 +1132,23 @@ def eksft_trainer_class(base):
                                      reg_normalizer=self._slots if accumulated else None)
             if accumulated and self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients; the counts were global
-            if model.training:  # sums, so the logged fractions cover every micro-batch and process
-                n = stats["n_response"]
-                parts = (n, stats["n_masked"], stats["entropy"] * n,
-                         torch.nan_to_num(stats["kl"]) * n,    # a CPU NaN without a reference
-                         stats["n_both"], stats["n_either"])
-                sums = torch.stack([x.float().to(self.args.device) for x in parts])
-                self._stat_sums = sums if self._stat_sums is None else self._stat_sums + sums
+            if model.training:  # summed, so the logged means cover every micro-batch
+                add_micro_batch(self._sums, loss.detach(), stats, tokens=0)
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
-            if self._stat_sums is not None and "loss" in logs:  # every process logs at this step
-                sums = self._stat_sums
-                if self.args.world_size > 1:
-                    sums = self.accelerator.reduce(sums, reduction="sum")
-                n, n_masked, entropy, kl, n_both, n_either = sums.tolist()
-                logs = {**logs, "eksft/masked_frac": n_masked / max(n, 1),
-                        "eksft/entropy": entropy / max(n, 1)}
-                if self.ref_model is not None:
-                    logs |= {"eksft/kl": kl / max(n, 1), "eksft/iou": n_both / max(n_either, 1)}
-                self._stat_sums = None
+            if self._sums and "loss" in logs:  # every process logs at this step
+                sums = self._sums
+                if self.args.world_size > 1:  # and every process's micro-batches are summed
+                    values = torch.tensor(list(sums.values()), dtype=torch.float64,
+                                          device=self.args.device)
+                    values = self.accelerator.reduce(values, reduction="sum")
+                    sums = dict(zip(sums, values.tolist()))
+                step = step_metrics(sums)
+                keys = ["masked_frac", "entropy"]
+                keys += ["kl", "iou"] if self.ref_model is not None else []
+                logs = {**logs, **{f"eksft/{key}": step[key] for key in keys}}
+                self._sums = {}
             return super().log(logs, *args, **kwargs)
 
     EKSFTTrainer.__name__ = EKSFTTrainer.__qualname__ = f"EKSFT{base.__name__}"
