@@ -140,6 +140,7 @@ def test_quick_run_selects_the_best_validation_score(quick_run):
     out, stdout, _ = quick_run
     report = json.loads((out / "results.json").read_text())
     cfg = report["settings"]
+    assert report["methods"] == ["sft", "dft", "eksft"]   # eksft.py offers all three: none skipped
     for method in report["methods"]:
         name = tiny_lab.NAMES[method]
         grid = report["grid"][0][name]
