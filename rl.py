@@ -720,6 +720,7 @@ _TOKEN_AFTER_BOX_RE = re.compile(r"[^\s$]+")
 # "The (final) answer is X", "Final answer: X", "**Answer:** X", "Answer: X", "Answer $X$"
 _ANSWER_PHRASE_RE = re.compile(
     r"(?i)\banswer(?:\s+is\b\s*:?|\s*\**\s*[:：]\s*\**|(?=\s*(?:\$|\\\(|\\\[)))")
+_LEADING_NUMBER_RE = re.compile(r"[\s*]*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d.]*[\w^{\\(])")
 _STATES_A_VALUE_RE = re.compile(r"\s*\**\s*[-$\\\d(\[{]")   # "is 72", "is $x$", not "is correct"
 _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 # what may separate boxes that form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
@@ -808,7 +809,11 @@ def _marked_answer(text):
     if phrase and (boxed is None or boxed[0] < phrase.start() and (
             "final" in text[max(0, phrase.start() - 8):phrase.start()].lower()
             or _STATES_A_VALUE_RE.match(text, phrase.end()))):
-        answer = _clean_sentence_answer(text[phrase.end():phrase.end() + _MAX_BOXED_CHARS])
+        after = text[phrase.end():phrase.end() + _MAX_BOXED_CHARS]
+        # overriding a box, the phrase gives the value it states FIRST ("The answer is 10 apples,
+        # 2 more than Tom's 8" is 10), not a sentence's last number
+        first = _LEADING_NUMBER_RE.match(after) if boxed else None
+        answer = first[1].replace(",", "") if first else _clean_sentence_answer(after)
         if answer:
             return answer
     return boxed[1] if boxed else None
@@ -853,13 +858,17 @@ _NUMBER_WORDS = {w: i for i, w in enumerate(
 _NUMBER_WORDS.update((w, 10 * i) for i, w in enumerate("thirty forty fifty sixty seventy eighty"
                                                        " ninety".split(), 3))
 _TENS, _ONES = "|".join(list(_NUMBER_WORDS)[20:]), "|".join(list(_NUMBER_WORDS)[1:10])
+# "five" is 5, but "one half", "two thirds", "five million", "zero point five" are not 1, 2, 5, 0
+_SCALE_WORDS = (r"(?:hundred|thousand|[mbtr]illion|point|halfs?|halves|quarters?|thirds?|fourths?|"
+                r"fifths?|sixths?|sevenths?|eighths?|ninths?|tenths?)s?\b")
 _NUMBER_WORDS_RE = (rf"(?i)^(?:({_TENS})(?:[\s-]({_ONES}))?|({'|'.join(_NUMBER_WORDS)}))\b"
-                    r"(?![\s-]*(?:hundred|thousand|million))")
+                    rf"(?![\s-]*{_SCALE_WORDS})")
 # Step 4, once \text, names and glosses are gone: one spelling for one value.
 _CANONICAL_RULES = [(re.compile(p), r) for p, r in [
     (_NUMBER_WORDS_RE, lambda m: str(_NUMBER_WORDS[(m[1] or m[3]).lower()]   # twenty-one -> 21
                                      + _NUMBER_WORDS.get(str(m[2]).lower(), 0))),
-    (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*"
+    (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s(?!(?i:{_SCALE_WORDS}))[A-Za-z]+"
+     r"(?:\s+[A-Za-z]+)*)\s*"
      r"(?:\^\{?[23]\}?)?\.?\s*$", r"\1"),                        # 10cm^2, 10 weeks -> 10 (not 6xy)
     (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234
     (r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", ""),                 # spaces, but one between letters
@@ -966,7 +975,10 @@ def _drop_names(s):
                 named.append((new[0], right))
             names += [n for x in new for n in (x[1:-1].split(",") if x[0] == "(" else [x])]
         parts.append(part)
-    components = len(named) == len(parts) > 1 and f"({','.join(v for _, v in sorted(named))})"
+    if not all(name.startswith("\\") for name, _ in named):   # all Greek: as written (rho,
+        named.sort(key=lambda item: item[0].lstrip("\\"))    # theta, phi); else y, x -> x, y;
+                                                               # a_{37}, a_3 -> a_3, a_{37}; r, theta
+    components = len(named) == len(parts) > 1 and f"({','.join(v for _, v in named)})"
     return ",".join(parts), sorted(names), components or None
 
 
@@ -1007,11 +1019,12 @@ def _same_elements(ea, eb, depth):
 
 
 def _close(u, v):
-    """Exact values (Fraction) are equal or not; an irrational (a float here) equals only another
-    one, to 1e-12 relative: a rational such as 3.14 or 3.141592653589793 is never \\pi."""
-    if isinstance(u, Fraction) != isinstance(v, Fraction):
-        return False
-    return u == v if isinstance(u, Fraction) else math.isclose(u, v, rel_tol=1e-12, abs_tol=1e-12)
+    """Exact values (Fraction) are equal or not; a value computed through an irrational (a float
+    here) is equal to 1e-12 relative: \\sqrt{2}\\sqrt{8} = 4. _numbers_equal keeps a WRITTEN
+    decimal (3.14, 3.141592653589793) from ever equalling such a value (\\pi)."""
+    if isinstance(u, Fraction) and isinstance(v, Fraction):
+        return u == v
+    return math.isclose(float(u), float(v), rel_tol=1e-12, abs_tol=1e-12)
 
 
 # a decimal, perhaps in scientific notation: 2.5, 2.5\times10^{-3}
@@ -1026,6 +1039,9 @@ def _numbers_equal(a, x, a_pct, b, y, b_pct):
         m = _DECIMAL_RE.fullmatch(s)
         places = len(m[2]) - int(m[3] or 0) if m and len((m[1] + m[2]).lstrip("0")) >= 3 else 0
         return [(v, places)] + ([(v / 100, places and places + 2)] if pct else [])
+    if isinstance(x, Fraction) != isinstance(y, Fraction) and _DECIMAL_RE.search(
+            a if isinstance(x, Fraction) else b):    # a written decimal is never an irrational
+        return False
     literal = [bool(re.fullmatch(r"-?\d+(?:\.\d+)?", s)) for s in (a, b)]
     return any(_close(u, v) or isinstance(u, Fraction) and isinstance(v, Fraction) and any(
                    places and not other_literal and 2 * abs(u - v) * Fraction(10) ** places <= 1

@@ -4,6 +4,7 @@ Every expected value below was written by hand, from how models write answers an
 should say about them, not copied from the checker's output. Run: python -m pytest tests/test_checker.py -q
 """
 import builtins
+import importlib.util
 import os
 import subprocess
 import sys
@@ -717,3 +718,41 @@ def test_nothing_is_executed(monkeypatch, tmp_path):
         is_equiv("1", text, checker="builtin")
         math_reward(text, text, checker="builtin")
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------
+# cases found in review: each was read wrongly before its fix
+
+@pytest.mark.parametrize("completion, expected", [
+    # a later answer phrase overrides a box with the value it states first, not a sentence's last
+    ("Thus \\boxed{10}. The answer is 10 apples, which is 2 more than Tom's 8.", "10"),
+    ("So there are $\\boxed{3}$ ways. The answer is 3 when order does not matter, versus 6.", "3"),
+    ("Hence \\boxed{24}. The answer is 24 hours, i.e. 1 day.", "24"),
+    ("so $\\boxed{5}$. The answer is 5 because 2+3=5.", "5"),
+    ("\\boxed{5}. The answer is 1,250 apples.", "1250"),
+    ("\\boxed{5}. Wait, that is wrong. The answer is 72.", "72"),      # still: the last statement
+])
+def test_a_phrase_after_a_box_gives_the_value_it_states_first(completion, expected):
+    assert extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize("checker", ["builtin", "auto"])
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("\\sqrt{2}\\cdot\\sqrt{8}", "4", True),         # computed through irrationals, yet rational
+    ("(\\sqrt{3})^2", "3", True),
+    ("\\frac{\\sqrt{8}}{\\sqrt{2}}", "2", True),
+    ("1.5\\pi", "\\frac{3\\pi}{2}", True),            # a decimal times an irrational, both sides
+    ("3.141592653589793", "\\pi", False),            # a written decimal is never an irrational
+    ("one half", "1", False),                        # a number word before a fraction word
+    ("two thirds", "2", False),
+    ("zero point five", "0", False),
+    ("5 million", "5", False),                       # ... or before a scale word
+    ("3 thousand", "3", False),
+    ("10 apples", "10", True),                       # other words after a number still go
+    ("r = 3, \\theta = \\frac{\\pi}{2}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),  # as written
+    ("y = -2, x = 3", "(3,-2)", True),               # single Latin letters: alphabetical
+])
+def test_review_cases(pred, gold, expected, checker):
+    if checker == "auto" and importlib.util.find_spec("math_verify") is None:
+        pytest.skip("auto needs math-verify")
+    assert is_equiv(pred, gold, checker=checker) is expected
