@@ -975,8 +975,8 @@ def _drop_names(s):
                 named.append((new[0], right))
             names += [n for x in new for n in (x[1:-1].split(",") if x[0] == "(" else [x])]
         parts.append(part)
-    # components in name order (y, x -> x, y; a_{37}, a_3 -> a_3, a_{37}; r, \\theta), except when
-    # every name is Greek: then as written (\\rho, \\theta, \\phi has no alphabetical convention)
+    # components in name order (y, x -> x, y; a_{37}, a_3 -> a_3, a_{37}; r, \theta), except when
+    # every name is Greek: then as written (\rho, \theta, \phi has no alphabetical convention)
     if not all(name.startswith("\\") for name, _ in named):
         named.sort(key=lambda item: item[0].lstrip("\\"))
     components = len(named) == len(parts) > 1 and f"({','.join(v for _, v in named)})"
