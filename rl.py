@@ -832,7 +832,8 @@ _LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
     (r"\\\\(?=[A-Za-z])", r"\\"),                               # \\frac: a backslash escaped twice
     (r"[−–]", "-"),                                             # unicode minus and dash
     (r"×", r"\\times "), (r"·", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "),
-    (r"∞", r"\\infty "), (r"∪", r"\\cup "), (r"²", "^2"), (r"³", "^3"), (r"≈", r"\\approx "),
+    (r"∞", r"\\infty "), (r"∪", r"\\cup "), (r"≈", r"\\approx "),
+    (r"²", "^2"), (r"³", "^3"),
     (r"(\d*)\.(\d{0,50})\\(?:overline|bar)\s*\{(\d{1,50})\}", _repeating_decimal),  # 0.\bar{3}
     (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),                     # \dfrac, \tfrac, \cfrac are \frac
     (r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![A-Za-z])", ""),   # sizing commands
