@@ -13,32 +13,18 @@ KL(policy || reference)), and adds a small entropy bonus and KL penalty on those
 
     loss = CE(kept tokens) - lambda_entropy * mean_E(H / log V) + lambda_kl * mean_K(KL)
 
-The file reads in this order: the loss (a pure torch function to paste into any trainer), the
-training step and loop, the command line, then an appendix of plumbing: models and tokenizers,
-checkpoints and resume, Ctrl-C, the show-mask picture, the compiled loss kernels, the Trainer
-adapter (transformers.Trainer / trl.SFTTrainer, for many GPUs).
+The file reads: the loss (pure torch, to paste into any trainer), the training loop, the command
+line, then an appendix: models, checkpoints, Ctrl-C, --show-mask, the Trainer adapter (many GPUs).
 
-Defects of the released trainer, fixed here:
-  1. Alignment: entropy, KL and the mask all refer to the same (logit row, target token) pair as
-     the cross-entropy. The released code masks the token before the uncertain prediction.
-  2. The KL penalty is the real KL, sum p (log p - log q); the released code used p - log q.
-  3. Two forward passes per step (policy with grad, reference without), not three: the selection
-     statistics come from the detached logits of the grad pass.
-  4. Statistics in row chunks (no full tokens x vocab fp32 copies); regularisers only on the
-     selected rows.
-  5. No "dynamic lambda" (it re-read the configured value every step: a constant +-5%).
-  6. A token is selected by KL only when its KL is above --kl-threshold: at the first step the
-     policy equals the reference, KL is 0 everywhere, and top-k by KL would pick arbitrary tokens.
-  7. Normalisation over the whole optimizer step, so gradient accumulation does not change the
-     result (the released CE is a per-micro-batch mean).
-Simplifications:
-  1. The CE sum is divided by the number of response tokens of the step (known before any forward
-     pass, like Hugging Face's num_items_in_batch), not of kept tokens, which are only known after
-     every micro-batch's forward pass; the regulariser sums by the number of selection slots,
-     sum over sequences of floor(ratio * n). eksft_loss without normalisers uses per-batch means.
-  2. One device; the Trainer adapter in the appendix runs the same loss on many GPUs.
-  3. Examples longer than --max-len are dropped; fp32 master weights with bf16 autocast rather
-     than pure bf16.
+Where it differs from the released trainer (README.md, "Where we differ", says why):
+  1. Entropy, KL, the mask and the CE all refer to the same (logit row, target token) pair.
+  2. The KL penalty is the real KL, sum p (log p - log q), not sum p (p - log q).
+  3. Two forward passes per step, not three: the statistics come from the grad pass's logits.
+  4. Statistics in row chunks (no tokens x vocab fp32 copies); regularisers on selected rows only.
+  5. No "dynamic lambda" (a constant +-5%).
+  6. KL selects only tokens with KL > --kl-threshold: at step one KL is 0 everywhere.
+  7. Every term is normalised over the whole optimizer step: gradient accumulation changes nothing.
+Simpler: one device (the Trainer adapter runs the loss on many GPUs); long examples are dropped.
 """
 import argparse
 import copy
@@ -50,7 +36,6 @@ import signal
 import sys
 import tempfile
 import time
-from typing import NamedTuple
 
 from tqdm import tqdm
 
@@ -73,7 +58,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                lambda_entropy=0.05, lambda_kl=0.05, scope="sequence",
                select_largest_entropy=True, select_largest_kl=True, kl_threshold=1e-3,
                entropy_threshold=None, dft=False, ignore_index=IGNORE_INDEX, chunk_size=1024,
-               ce_normalizer=None, reg_normalizer=None, return_masks=False, compiled=None):
+               ce_normalizer=None, reg_normalizer=None, return_masks=False):
     """The EKSFT loss: returns (loss, stats), stats detached 0-dim tensors (ce, entropy, kl,
     masked fractions, iou, counts). logits, ref_logits: (B, T, V), any float dtype (statistics in
     fp32; ref_logits None when ratio == 0 == lambda_kl); labels: (B, T) unshifted.
@@ -84,9 +69,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                        (None: none; inf: E is empty); select_largest_*=False: the smallest
       dft              each kept CE_t weighted by its own p(target), detached (DFT, 2508.05629)
       ce_normalizer    divides the kept CE sum (None: the kept count here); reg_normalizer
-                       divides the regulariser sums (None: |E| and |K| here)
-      compiled         None: the chunk kernels below; or an object with .statistics and .gradient
-                       of their signatures (eksft.COMPILED_KERNELS: through torch.compile)"""
+                       divides the regulariser sums (None: |E| and |K| here)"""
     if combine not in ("union", "intersection") or scope not in ("sequence", "batch"):
         raise ValueError(f"combine must be union|intersection and scope sequence|batch, "
                          f"got {combine!r}, {scope!r}")
@@ -100,7 +83,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
 
     # 1. statistics (no gradient), one pass in row chunks: H_t, KL_t and the cross-entropy CE_t
     entropy, kl, token_ce = token_statistics(logits, labels, ref_logits, ignore_index, chunk_size,
-                                             return_ce=True, compiled=compiled)   # each (B, T-1)
+                                             return_ce=True)                      # each (B, T-1)
 
     # 2. selection: E = top-k by entropy, K = top-k by KL among tokens with KL > threshold
     if ratio > 0:
@@ -143,8 +126,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     a = kept * weight / ce_norm                            # d loss / d CE_t = w_t / normaliser
     b, c = by_entropy * ent_weight, by_kl * kl_weight
     loss = LossGradient.apply(loss, logits, ref_logits, targets, a, b, c, entropy,
-                              kl if kl is not None else torch.zeros_like(entropy), chunk_size,
-                              compiled)
+                              kl if kl is not None else torch.zeros_like(entropy), chunk_size)
 
     n_e, n_k = by_entropy.sum(), by_kl.sum()
     n_both, n_either = (by_entropy & by_kl).sum(), (by_entropy | by_kl).sum()
@@ -162,21 +144,18 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
 
 
 def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX, chunk_size=1024,
-                     return_ce=False, compiled=None):
-    """Per-token entropy and KL(policy || reference), and with return_ce the CE -log p(target),
-    without gradient: each (B, T-1), aligned with the targets labels[:, 1:], 0 where ignored (kl
-    None without ref_logits). logits, ref_logits: (B, T, V); labels: (B, T), unshifted. In fp32,
-    chunk_size rows at a time: a few (chunk_size, V) fp32 temporaries whatever the length."""
+                     return_ce=False):
+    """Per-token entropy, KL(policy || reference) (None without ref_logits), with return_ce also
+    CE = -log p(target): no gradient, fp32, each (B, T-1) like labels[:, 1:] (0 where ignored)."""
     response = labels[:, 1:] != ignore_index                           # (B, T-1)
     targets = labels[:, 1:].clamp(0, logits.shape[-1] - 1)             # ignored: masked below
-    statistics = compiled.statistics if compiled else chunk_statistics
     zeros = lambda: torch.zeros(response.shape, dtype=torch.float32, device=logits.device)
     entropy, ce, kl = zeros(), zeros(), zeros()                        # each (B, T-1)
     with torch.no_grad():
         for seq, start, stop in response_spans(response, chunk_size):
             rows = (seq, slice(start, stop))          # logits[seq, t] predicts labels[seq, t+1]
             ref = ref_logits[rows] if ref_logits is not None else None
-            entropy[rows], ce[rows], kl_rows = statistics(logits[rows], targets[rows], ref)
+            entropy[rows], ce[rows], kl_rows = chunk_statistics(logits[rows], targets[rows], ref)
             kl[rows] = kl_rows if ref is not None else 0.0
     entropy, ce = torch.where(response, entropy, 0.0), torch.where(response, ce, 0.0)
     kl = torch.where(response, kl, 0.0) if ref_logits is not None else None
@@ -198,9 +177,8 @@ def chunk_statistics(logits, targets, ref_logits=None):
 
 
 def top_k_mask(scores, response, ratio, scope="sequence", largest=True, candidates=None):
-    """Boolean (B, T) mask of the top k = floor(ratio * n) positions by score, n the response
-    positions of each sequence ("sequence") or of the batch ("batch"). Only candidates (default:
-    the response) can be chosen, so fewer than k may be. Ties go to the earlier position."""
+    """Boolean (B, T) mask of the top k = floor(ratio * n) candidates by score (fewer if there are
+    fewer), n the response positions per sequence or in the batch (scope); ties: the earlier."""
     candidates = response if candidates is None else candidates
     if scope == "batch":
         flat = top_k_mask(scores.reshape(1, -1), response.reshape(1, -1), ratio, "sequence",
@@ -220,8 +198,8 @@ def num_slots(n, ratio):
 
 
 def selection_slots(labels, ratio, scope="sequence", ignore_index=IGNORE_INDEX):
-    """Number of selection slots k in a batch (the regulariser normaliser for accumulation):
-    scope="sequence": sum over sequences of floor(ratio * n_response); "batch": floor(ratio * N)."""
+    """The regulariser normaliser of a batch: sum over sequences of floor(ratio * n_response), or
+    with scope "batch" floor(ratio * N), N its response tokens."""
     n = (labels[:, 1:] != ignore_index).sum(1)
     return int(num_slots(n.sum(0, keepdim=True) if scope == "batch" else n, ratio).sum())
 
@@ -234,9 +212,9 @@ class LossGradient(torch.autograd.Function):
     chunk by chunk in backward (autograd would keep a (tokens x vocab) fp32 tensor alive)."""
 
     @staticmethod
-    def forward(ctx, value, logits, ref_logits, targets, a, b, c, entropy, kl, chunk_size, kernels):
+    def forward(ctx, value, logits, ref_logits, targets, a, b, c, entropy, kl, chunk_size):
         ctx.save_for_backward(logits, ref_logits, targets, a, b, c, entropy, kl)  # no copies
-        ctx.chunk_size, ctx.kernels = chunk_size, kernels
+        ctx.chunk_size = chunk_size
         return value.clone()
 
     @staticmethod
@@ -245,19 +223,17 @@ class LossGradient(torch.autograd.Function):
         a, b, c = a * grad_loss, b * grad_loss, c * grad_loss           # (B, T-1)
         alpha, beta = a - b * entropy - c * kl, c - b                   # a - bH - cKL, c - b
         targets = targets.clamp(0, logits.shape[-1] - 1)
-        gradient = ctx.kernels.gradient if ctx.kernels else chunk_gradient
         grad = torch.zeros_like(logits)            # rows without weight: prompt, padding, last
         use_ref = ref_logits is not None and bool((c != 0).any())       # any K row at all
         for seq, start, stop in response_spans((a != 0) | (b != 0) | (c != 0), ctx.chunk_size):
             rows = (seq, slice(start, stop))                            # C rows of sequence seq
-            grad[rows] = gradient(logits[rows].detach(), targets[rows], a[rows], alpha[rows],
-                                  beta[rows], c[rows], ref_logits[rows] if use_ref else None)
-        return None, grad, None, None, None, None, None, None, None, None, None
+            grad[rows] = chunk_gradient(logits[rows].detach(), targets[rows], a[rows], alpha[rows],
+                                        beta[rows], c[rows], ref_logits[rows] if use_ref else None)
+        return None, grad, None, None, None, None, None, None, None, None
 
 
 def chunk_gradient(logits, targets, a, alpha, beta, c, ref_logits=None):
-    """d loss / dz (C, V) of C logit rows, in their dtype: p * (alpha + beta log p - c log q)
-    - a onehot(target), alpha = a - bH - cKL, beta = c - b; log q only on the K rows (c != 0)."""
+    """LossGradient's d loss / dz (C, V) of C logit rows, in their dtype; log q on K rows only."""
     logp = finite(F.log_softmax(logits, -1, dtype=torch.float32))      # (C, V)
     coef = alpha[:, None]                                               # (C, 1): plain CE rows
     if ((beta != 0) | (c != 0)).any():                                  # rows in E or K
@@ -277,8 +253,7 @@ def finite(logp):
 
 
 def response_spans(rows, chunk_size):
-    """(seq, start, stop): runs of at most chunk_size rows of sequence seq from its first to its
-    last row marked in rows (B, T-1); rows in between (a user turn) are masked by the caller."""
+    """(seq, start, stop): chunks of <= chunk_size rows from seq's first to its last marked row."""
     for seq in range(rows.shape[0]):
         marked = rows[seq].nonzero()
         if marked.numel():
@@ -289,8 +264,6 @@ def response_spans(rows, chunk_size):
 
 # -----------------------------------------------------------------------------
 # The training step and loop
-
-
 def lr_at(step, total_steps, base_lr, warmup_frac, schedule="cosine"):
     """Linear warmup over ceil(warmup_frac * total) steps, then cosine decay to 0 (or constant).
     >>> [round(lr_at(step, 10, 1.0, 0.2), 3) for step in range(10)]
@@ -306,9 +279,8 @@ def lr_at(step, total_steps, base_lr, warmup_frac, schedule="cosine"):
 
 def train_step(model, ref_model, step_examples, micro_batch_size, pad_id, loss_kwargs, device,
                amp_dtype):
-    """Forward and backward over one optimizer step's examples, micro-batch by micro-batch; returns
-    the step's statistics (a dict). The normalisers are counted over the whole step before any
-    forward pass, so the summed gradient is the same however the step is split."""
+    """Forward and backward of one step in micro-batches; the normalisers are counted over the whole
+    step first, so the summed gradient is the same however the step is split."""
     micro = [collate(step_examples[s: s + micro_batch_size], pad_id)
              for s in range(0, len(step_examples), micro_batch_size)]
     scope, ratio = loss_kwargs.get("scope", "sequence"), loss_kwargs["ratio"]
@@ -331,8 +303,7 @@ def train_step(model, ref_model, step_examples, micro_batch_size, pad_id, loss_k
 
 
 def train(args):
-    """Fine-tune with args (from parse_args); returns (model, tokenizer). Writes args.json,
-    metrics.jsonl, checkpoint-N/ and the final model to args.output_dir."""
+    """Fine-tune; writes args.json, metrics.jsonl, checkpoint-N/, the model to --output-dir."""
     run_args = vars(args).copy()
     set_seed(args.seed)
     check_names_and_paths(args)   # a typo fails in a second, before any model is loaded
@@ -391,9 +362,8 @@ def train(args):
             tqdm.write(log_line(last))
         done = step + 1 == total_steps
         if done or ctrl_c.stop_here() or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(args.output_dir, model, tokenizer, run_args,
-                            {"step": step + 1, "epoch": epoch, "total_steps": total_steps},
-                            optimizer)
+            state = {"step": step + 1, "epoch": epoch, "total_steps": total_steps}
+            save_checkpoint(args.output_dir, model, tokenizer, run_args, state, optimizer)
             prune_checkpoints(args.output_dir, args.keep_checkpoints)
     bar.close()
     export_model(args.output_dir, model, tokenizer, run_args)
@@ -409,7 +379,6 @@ def train(args):
 
 # -----------------------------------------------------------------------------
 # The command line
-
 TINY_DEFAULTS = dict(data="synthetic", lr=3e-3, batch_size=16, micro_batch_size=8, max_len=512,
                      num_samples=480, epochs=1, warmup=0.1)
 HUB_DEFAULTS = dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2, max_len=4096,
@@ -419,20 +388,15 @@ HUB_DEFAULTS = dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2
 def parse_args(argv=None):
     p = ArgumentParser(description="EKSFT (or plain SFT, or DFT) on a chat-format data set.",
                        formatter_class=HelpFormatter)
-    add = p.add_argument
+    add = p.add_argument   # a default left out (None) comes from TINY_DEFAULTS or HUB_DEFAULTS
     add("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
     add("--method", default="eksft", choices=["eksft", "sft", "dft"], help="sft: ratio 0, "
         "lambdas 0; dft: the same, each token's CE weighted by its detached p(target)")
-    add("--data", default=None, help="openr1-3k | gsm8k | math500 | synthetic | hub dataset | "
-        "local .jsonl/.json/.parquet (default: synthetic for tiny, openr1-3k otherwise)")
-    add("--num-samples", type=int, default=None, help="keep this many examples that fit "
-        "--max-len (default: 480 for tiny, 3000 otherwise)")
-    add("--max-len", type=int, default=None, help="longest example in tokens (default: 512; "
-        "4096 hub)")
-    add("--too-long", default="drop", choices=["drop", "truncate"], help="an example over "
-        "--max-len: drop it, or cut it there (the released recipe cuts at 20,000)")
-    add("--output-dir", default=None, help="checkpoints, metrics.jsonl and the final model "
-        "(default: runs/{method}-{model})")
+    add("--data", help="openr1-3k | gsm8k | math500 | synthetic | hub id | .jsonl/.json/.parquet")
+    add("--num-samples", type=int, help="keep this many examples that fit --max-len")
+    add("--max-len", type=int, help="longest example in tokens")
+    add("--too-long", default="drop", choices=["drop", "truncate"], help="examples over --max-len")
+    add("--output-dir", help="checkpoints, metrics.jsonl, final model (default: runs/METHOD-MODEL)")
     # EKSFT selection and regularisers
     add("--ratio", type=float, default=0.2, help="fraction selected by entropy and by KL")
     add("--combine", default="union", choices=["union", "intersection"], help="how E and K combine")
@@ -440,25 +404,19 @@ def parse_args(argv=None):
     add("--lambda-entropy", type=float, default=0.05, help="weight of the entropy bonus on E")
     add("--lambda-kl", type=float, default=0.05, help="weight of the KL penalty on K")
     add("--kl-threshold", type=float, default=1e-3, help="select by KL only above this (nats)")
-    add("--entropy-threshold", type=float, default=None, help="select by entropy only above this "
-        "(nats; inf: no entropy selection, the KL-only ablation of tutorial/tiny_lab.py)")
-    add("--ref-model", default=None, help="the frozen reference (default: the starting --model); "
-        "with --max-steps 0 --show-mask, the model before fine-tuning shows the K tokens")
+    add("--entropy-threshold", type=float, help="select by entropy only above this (inf: no E)")
+    add("--ref-model", help="the frozen reference (default: the starting --model)")
     # optimisation
-    add("--lr", type=float, default=None, help="peak learning rate (default: 1e-5; 3e-3 for tiny)")
-    add("--batch-size", type=int, default=None, help="sequences per step (default: 64; 16 tiny)")
-    add("--micro-batch-size", type=int, default=None, help="sequences per forward pass; the rest "
-        "is gradient accumulation (default: 2; 8 for tiny)")
-    add("--epochs", type=int, default=None, help="passes over the data (default: 8; 1 for tiny)")
-    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
-        "(default: all epochs; 0: train nothing, e.g. for --show-mask)")
+    add("--lr", type=float, help="peak learning rate")
+    add("--batch-size", type=int, help="sequences per step")
+    add("--micro-batch-size", type=int, help="sequences per forward pass (the rest: accumulation)")
+    add("--epochs", type=int, help="passes over the data")
+    add("--max-steps", type=int, help="optimizer steps (default: all epochs; 0: train nothing)")
     add("--schedule", default="cosine", choices=["cosine", "constant"], help="after warmup")
-    add("--warmup", type=float, default=None, help="warmup fraction (default: 0.01; 0.1 tiny)")
+    add("--warmup", type=float, help="warmup fraction")
     add("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     add("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    add("--compile-loss", action="store_true", help="run the loss's chunk kernels through "
-        "torch.compile (the same values to fp32 rounding; see the appendix)")
     # run
     add("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast or not")
@@ -467,31 +425,24 @@ def parse_args(argv=None):
     add("--save-every", type=int, default=50, help="checkpoint every N steps (0: at the end only)")
     add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints (0: all)")
     add("--resume", action="store_true", help="continue from --output-dir's newest checkpoint")
-    add("--allow-changed-args", action="store_true", help="--resume even where settings differ "
-        "from the checkpoint's args.json (refused otherwise; the differences are named)")
-    add("--show-mask", type=int, default=0, metavar="N", help="after training, print N examples "
-        "with prompt, trained and masked tokens marked")
+    add("--allow-changed-args", action="store_true", help="--resume even with other settings")
+    add("--show-mask", type=int, default=0, metavar="N", help="show N examples' masked tokens")
+    for action in p._actions:   # --help states the defaults that depend on --model
+        if action.dest in HUB_DEFAULTS:
+            action.help += f" ({HUB_DEFAULTS[action.dest]}; {TINY_DEFAULTS[action.dest]} for tiny)"
     args = p.parse_args(argv)
-    # defaults that depend on the model: "tiny", or a directory trained from it, gets small ones
-    args.model_kind = model_kind(args.model)
+    args.model_kind = model_kind(args.model)   # tiny, or a directory trained from it
     for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    require(p, args, [
+    minimum = dict(num_samples=1, max_len=2, batch_size=1, micro_batch_size=1, epochs=1,
+                   max_steps=0, weight_decay=0, log_every=1, save_every=0, keep_checkpoints=0,
+                   show_mask=0)   # max_steps None: all epochs
+    require(p, args, [(k, getattr(args, k) is None or getattr(args, k) >= n,
+                       f"at least {n}" if n else "0 or more") for k, n in minimum.items()] + [
         ("ratio", 0 <= args.ratio <= 1, "between 0 and 1"), ("lr", args.lr > 0, "positive"),
-        ("num_samples", args.num_samples >= 1, "at least 1"),
-        ("max_len", args.max_len >= 2, "at least 2"),
-        ("batch_size", args.batch_size >= 1, "at least 1"),
-        ("micro_batch_size", args.micro_batch_size >= 1, "at least 1"),
-        ("epochs", args.epochs >= 1, "at least 1"),
-        ("max_steps", args.max_steps is None or args.max_steps >= 0, "0 or more"),
         ("warmup", 0 <= args.warmup <= 1, "between 0 and 1"),
-        ("weight_decay", args.weight_decay >= 0, "0 or more"),
         ("grad_clip", args.grad_clip > 0, "positive"),
-        ("log_every", args.log_every >= 1, "at least 1"),
-        ("save_every", args.save_every >= 0, "0 or more"),
-        ("keep_checkpoints", args.keep_checkpoints >= 0, "0 or more"),
-        ("show_mask", args.show_mask >= 0, "0 or more"),
         ("ref_model", args.ref_model is None or args.method == "eksft",
          "used with --method eksft only")])
     if args.batch_size % args.micro_batch_size:
@@ -504,15 +455,11 @@ def parse_args(argv=None):
 
 
 def loss_options(args):
-    """eksft_loss keyword arguments from the command line. --method sft and dft turn selection
-    and the regularisers off (ratio 0, lambdas 0); dft weights each token's CE by p(target)."""
-    compiled = COMPILED_KERNELS if args.compile_loss else None
+    """eksft_loss's keyword arguments; sft and dft: no selection, no regularisers (ratio 0)."""
     if args.method in ("sft", "dft"):
-        return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=args.method == "dft",
-                    compiled=compiled)
-    return dict(compiled=compiled, ratio=args.ratio, combine=args.combine,
-                lambda_entropy=args.lambda_entropy, lambda_kl=args.lambda_kl, scope=args.scope,
-                kl_threshold=args.kl_threshold, entropy_threshold=args.entropy_threshold)
+        return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=args.method == "dft")
+    return {key: getattr(args, key) for key in ("ratio", "combine", "lambda_entropy", "lambda_kl",
+                                                "scope", "kl_threshold", "entropy_threshold")}
 
 
 def main(argv=None):
@@ -522,7 +469,6 @@ def main(argv=None):
 
 # -----------------------------------------------------------------------------
 # Appendix A. Models and tokenizers: short names, the tiny offline model, device and precision
-
 SHORT_NAMES = {f"Qwen2.5-{size}{kind}": f"Qwen/Qwen2.5-{size}{kind}"  # other names: used as given
                for size in ("0.5B", "1.5B", "3B", "7B", "Math-1.5B", "Math-7B")
                for kind in ("", "-Instruct")}
@@ -533,8 +479,7 @@ class ModelLoadError(UserError):
 
 
 def model_source(name):
-    """The local directory or hub id that --model names ("tiny" is built in code), decided before
-    any download: a typo is refused now rather than after a minute of hub retries."""
+    """The directory or hub id --model names, checked before any download: a typo fails at once."""
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ModelLoadError(f"{name}: no config.json, so no model in this directory (a run "
@@ -550,19 +495,15 @@ def model_source(name):
 
 
 def model_kind(name):
-    """ "tiny" for the built-in model and for directories trained from it (their args.json says
-    so), else "hub". It picks the defaults, so that runs/eksft-tiny works offline like tiny."""
+    """ "tiny" for tiny and runs trained from it (runs/eksft-tiny: tiny defaults), else "hub"."""
     path = os.path.join(name, "args.json")
-    if name == "tiny" or not os.path.isfile(path):
-        return "tiny" if name == "tiny" else "hub"
-    saved = read_json(path)
+    saved = read_json(path) if name != "tiny" and os.path.isfile(path) else {"model": name}
     return saved.get("model_kind") or ("tiny" if saved.get("model") == "tiny" else "hub")
 
 
 def char_tokenizer():
-    """A byte-level tokenizer with no merges (a token per ASCII character) and ChatML specials,
-    built as a Qwen2Tokenizer so that a saved tiny model reloads with AutoTokenizer as exactly the
-    same tokenizer (transformers 5 rebuilds any qwen2 tokenizer as Qwen2's byte-level pipeline)."""
+    """A byte-level tokenizer with no merges (a token per ASCII character) and ChatML specials; a
+    Qwen2Tokenizer, as transformers 5 reloads any qwen2 tokenizer: a saved tiny model reloads it."""
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     byte_symbol = bytes_to_unicode()  # byte -> printable symbol, as in every byte-level BPE
@@ -589,9 +530,8 @@ def tiny_model(tokenizer, seed=0, hidden_size=128, num_layers=4):
 
 
 def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
-    """(model, tokenizer) from "tiny", a short name, a hub id or a local directory. Generation
-    stops at the chat end-of-turn token as well as at eos (base Qwen models end chat turns with
-    <|im_end|> but have eos = <|endoftext|>)."""
+    """(model, tokenizer) from "tiny", a short name, a hub id or a local directory; generation also
+    stops at <|im_end|> (base Qwen models end chat turns with it; their eos is <|endoftext|>)."""
     if name == "tiny":
         tokenizer = char_tokenizer()
         model = tiny_model(tokenizer, seed=seed).to(dtype)
@@ -613,12 +553,11 @@ def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
 
 
 def load_models(args, resume_from, device, amp_dtype):
-    """(model, tokenizer, ref_model): the policy (from resume_from when resuming) and for EKSFT
-    the frozen reference, the starting weights (--ref-model, or --model when resuming)."""
+    """The policy (resume_from when resuming), its tokenizer and for EKSFT the frozen reference."""
     model, tokenizer = load_model_and_tokenizer(resume_from or args.model, device, seed=args.seed)
     ref_model = None
     if args.method == "eksft":
-        start = args.ref_model or (args.model if resume_from else None)
+        start = args.ref_model or (args.model if resume_from else None)  # the run's start
         ref_model = (load_model_and_tokenizer(start, device, seed=args.seed)[0] if start
                      else copy.deepcopy(model))
         ref_model.to(amp_dtype or torch.float32).eval().requires_grad_(False)
@@ -633,8 +572,7 @@ def load_models(args, resume_from, device, amp_dtype):
 
 
 def pick_device(requested="auto", precision="auto"):
-    """(device, autocast dtype or None, reason): cuda > mps > cpu; bf16 autocast where supported.
-    A device this machine does not have is a UserError saying why."""
+    """(device, autocast dtype or None, why): cuda > mps > cpu, bf16 autocast where supported."""
     visible = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
     if requested == "auto":
         device = torch.device(next((kind for kind, n in visible.items() if n), "cpu"))
@@ -659,9 +597,8 @@ def pick_device(requested="auto", precision="auto"):
     return device, None, f"{why}; fp32{used}"
 
 
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12,
-                   "3090": 71e12}  # dense bf16 FLOP/s, for MFU
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,  # dense
+                   "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
 
 
 def mfu(model, ref_model, device, tokens_per_s):
@@ -675,12 +612,10 @@ def mfu(model, ref_model, device, tokens_per_s):
 
 def log_line(row):
     """The printed line of one metrics.jsonl row."""
-    return (f"step {row['step']:5d} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | "
-            f"H {row['entropy']:.3f} | KL {row['kl']:.4f} | masked {row['masked_frac']:.3f} "
-            f"(E {row['masked_entropy_frac']:.3f}, K {row['masked_kl_frac']:.3f}, "
-            f"iou {row['iou']:.2f}) | lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | "
-            f"{row['tokens_per_s']:.0f} tok/s"
-            + (f" | mfu {row['mfu']:.1%}" if "mfu" in row else ""))
+    line = ("step {step:5d} | loss {loss:.4f} | ce {ce:.4f} | H {entropy:.3f} | KL {kl:.4f} | "
+            "masked {masked_frac:.3f} (E {masked_entropy_frac:.3f}, K {masked_kl_frac:.3f}, "
+            "iou {iou:.2f}) | lr {lr:.2e} | gnorm {grad_norm:.2f} | {tokens_per_s:.0f} tok/s")
+    return line.format(**row) + (f" | mfu {row['mfu']:.1%}" if "mfu" in row else "")
 
 
 def set_seed(seed):
@@ -690,20 +625,16 @@ def set_seed(seed):
 
 # -----------------------------------------------------------------------------
 # Appendix B. Checkpoints, resume and metrics: written so that a crash never leaves a broken one
-
-
 def check_names_and_paths(args):
     """Model names, the data source and --output-dir, checked before anything is loaded."""
-    for name in (args.model, args.ref_model):
-        if name and name != "tiny":
-            model_source(name)
+    for name in [name for name in (args.model, args.ref_model) if name not in (None, "tiny")]:
+        model_source(name)
     source_kind(args.data, SFT_ALIASES)
     check_output_dir(args.output_dir)
 
 
 def check_output_dir(path):
-    """Fail in a second, before a model is loaded, if path cannot hold a run's files (nothing is
-    created here: a run that fails later leaves no empty directory behind)."""
+    """Fails at once if path cannot hold a run's files, creating nothing (no empty dir left)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--output-dir {path}: exists and is not a directory")
     parent = path
@@ -712,25 +643,22 @@ def check_output_dir(path):
     if not os.path.isdir(parent):
         raise UserError(f"--output-dir {path}: {parent} is a file, not a directory")
     try:
-        with tempfile.TemporaryFile(dir=parent):  # a read-only file system fails here, even root
-            pass
+        tempfile.TemporaryFile(dir=parent).close()  # a read-only file system fails here, even root
     except OSError as e:
         raise UserError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
 
 
 def write_model_files(tmp, model, tokenizer, args, what, kept, state=None, optimizer=None):
-    """model, tokenizer, args.json (and for a checkpoint trainer_state.json and the optimizer and
-    RNG states, for an exact --resume) written to the fresh directory tmp; a failed write (a full
-    disk) removes tmp: UserError "could not write {what} (why); {kept}"."""
+    """Model, tokenizer, args.json (and a checkpoint's state) into tmp, removed if a write fails."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would break our tqdm line
     shutil.rmtree(tmp, ignore_errors=True)
-    quiet_hub_progress()
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(os.path.join(tmp, "args.json"), args)
-        if state is not None:
+        if state is not None:   # a checkpoint: what an exact --resume needs
             write_json(os.path.join(tmp, "trainer_state.json"), state)
-        if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                         "python_rng": random.getstate()}, os.path.join(tmp, "optimizer.pt"))
     except Exception as e:  # disk full, quota, permissions: torch and safetensors word it apart
@@ -739,7 +667,7 @@ def write_model_files(tmp, model, tokenizer, args, what, kept, state=None, optim
                         f"{kept}") from None
 
 
-def save_checkpoint(output_dir, model, tokenizer, args, state, optimizer=None):
+def save_checkpoint(output_dir, model, tokenizer, args, state, optimizer):
     """Write output_dir/checkpoint-{step} (returned) whole or absent (a temporary renamed)."""
     final = os.path.join(output_dir, f"checkpoint-{state['step']}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{state['step']}")
@@ -751,19 +679,13 @@ def save_checkpoint(output_dir, model, tokenizer, args, state, optimizer=None):
 
 
 def export_model(output_dir, model, tokenizer, args):
-    """The final model at output_dir itself, so AutoModelForCausalLM.from_pretrained(output_dir)
-    works: written to a temporary directory, then moved in one rename per file."""
+    """The final model in output_dir (from_pretrained loads it): written aside, then renamed in."""
     tmp = os.path.join(output_dir, ".tmp-export")
     write_model_files(tmp, model, tokenizer, args, f"the final model to {output_dir}",
                       "its newest checkpoint-N directory holds the same weights")
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     os.rmdir(tmp)
-
-
-def quiet_hub_progress():
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars would break our tqdm line
 
 
 def checkpoint_steps(output_dir):
@@ -786,17 +708,14 @@ def prune_checkpoints(output_dir, keep):
 
 
 RESUME_MAY_CHANGE = {  # settings that may differ on --resume: they do not change what is computed
-    "resume", "allow_changed_args", "output_dir", "device", "micro_batch_size",
-    "gradient_checkpointing", "log_every", "save_every", "keep_checkpoints", "show_mask",
-    "compile_loss", "static_cache"}
+    "resume", "allow_changed_args", "output_dir", "device", "micro_batch_size", "show_mask",
+    "gradient_checkpointing", "log_every", "save_every", "keep_checkpoints", "static_cache"}
 
 
 def check_resume_args(checkpoint, run_args, may_change=RESUME_MAY_CHANGE):
-    """--resume with settings other than the checkpoint's would mix two runs without a word: name
-    every difference (unless --allow-changed-args)."""
+    """Names every setting that differs from the checkpoint's (mixing two runs without a word)."""
     saved = read_json(os.path.join(checkpoint, "args.json"))
-    changed = [k for k in run_args
-               if k in saved and k not in may_change and saved[k] != run_args[k]]
+    changed = [k for k, v in run_args.items() if k not in may_change and saved.get(k, v) != v]
     if changed and not run_args.get("allow_changed_args"):
         raise UserError(f"--resume: {checkpoint} was run with other settings: " + ", ".join(
             f"--{k.replace('_', '-')} {saved[k]} (now {run_args[k]})" for k in changed)
@@ -804,11 +723,11 @@ def check_resume_args(checkpoint, run_args, may_change=RESUME_MAY_CHANGE):
     return changed
 
 
-def checkpoint_to_resume(args, run_args):
+def checkpoint_to_resume(args, run_args, may_change=RESUME_MAY_CHANGE):
     """With --resume, the newest checkpoint in --output-dir (its settings checked), else None."""
     checkpoint = latest_checkpoint(args.output_dir) if args.resume else None
     if checkpoint:
-        check_resume_args(checkpoint, run_args)
+        check_resume_args(checkpoint, run_args, may_change)
     elif args.resume:
         print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
     return checkpoint
@@ -830,22 +749,20 @@ def start_run_files(output_dir, run_args, start_step):
     os.makedirs(output_dir, exist_ok=True)
     write_json(os.path.join(output_dir, "args.json"), run_args)
     path = os.path.join(output_dir, "metrics.jsonl")
-    if os.path.exists(path):
+    if os.path.exists(path):   # a fresh run (step 0) keeps no row, not even an old step-0 one
         with open(path) as f:
             rows = [l for l in f if l.strip() and json.loads(l)["step"] <= start_step]
         with open(path, "w") as f:
-            f.writelines(rows)
+            f.writelines(rows if start_step else [])
     return path
 
 
 def add_micro_batch(sums, loss, stats, tokens):
-    """Adds a micro-batch's loss, token count and eksft_loss stats to the step's sums. loss, ce and
-    the regularisers are already its share of the step's; token means are weighted by n_response."""
+    """Adds a micro-batch's loss, tokens and stats (each its share of the step's) to the sums."""
     n = stats["n_response"]
-    values = {key: stats[key] for key in ("ce", "ent_reg", "kl_reg", "n_response", "n_masked",
-                                          "n_entropy", "n_kl", "n_both", "n_either")}
-    values |= {"loss": loss, "tokens": tokens, "entropy": stats["entropy"] * n,
-               "kl": stats["kl"] * n}
+    values = dict(loss=loss, tokens=tokens, entropy=stats["entropy"] * n, kl=stats["kl"] * n)
+    values |= {key: stats[key] for key in ("ce", "ent_reg", "kl_reg", "n_response", "n_masked",
+                                           "n_entropy", "n_kl", "n_both", "n_either")}
     for key, value in values.items():   # tensors to Python numbers (the counts stay int)
         sums[key] = sums.get(key, 0) + (value.item() if torch.is_tensor(value) else value)
 
@@ -855,10 +772,9 @@ def step_metrics(sums):
     n = max(sums["n_response"], 1)
     return {**{key: sums[key] for key in ("loss", "ce", "ent_reg", "kl_reg")},
             "entropy": sums["entropy"] / n, "kl": sums["kl"] / n,
-            "masked_frac": sums["n_masked"] / n,
-            "masked_entropy_frac": sums["n_entropy"] / n, "masked_kl_frac": sums["n_kl"] / n,
-            "iou": sums["n_both"] / max(sums["n_either"], 1), "tokens": sums["tokens"],
-            "response_tokens": sums["n_response"]}
+            "masked_frac": sums["n_masked"] / n, "masked_entropy_frac": sums["n_entropy"] / n,
+            "masked_kl_frac": sums["n_kl"] / n, "iou": sums["n_both"] / max(sums["n_either"], 1),
+            "tokens": sums["tokens"], "response_tokens": sums["n_response"]}
 
 
 def read_json(path):
@@ -878,8 +794,7 @@ def write_json(path, obj):
             json.dump(obj, f, indent=2)
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); the file is as it "
-                        f"was") from None
+        raise UserError(f"could not write {path} ({e.strerror or e}); it is unchanged") from None
 
 
 def append_jsonl(path, record):
@@ -890,19 +805,14 @@ def append_jsonl(path, record):
         with open(path, "a") as f:
             f.write(json.dumps(clean) + "\n")
     except OSError as e:  # a full disk: the lines written before stay
-        raise UserError(f"could not write {path} ({e.strerror or e}); the lines before are "
-                        f"kept") from None
+        raise UserError(f"could not write {path} ({e.strerror or e}); earlier lines stay") from None
 
 
 # -----------------------------------------------------------------------------
 # Appendix C. Ctrl-C: finish the step, save a checkpoint, stop
-
-
 class StopOnCtrlC:
-    """Ctrl-C in a training loop (`for step in ctrl_c.steps(...)`). The first one only sets a
-    flag: the step in progress finishes, the loop's save check (stop_here) writes a checkpoint,
-    and the loop ends with KeyboardInterrupt saying where (a step cut short inside optimizer.step()
-    would leave the weights half updated). A second Ctrl-C stops at once."""
+    """Ctrl-C in `for step in ctrl_c.steps(...)`: the step finishes (cut short in optimizer.step(),
+    the weights would be half updated), stop_here saves, then KeyboardInterrupt; twice: at once."""
 
     def __init__(self, output_dir):
         self.output_dir, self.asked, self.stopping = output_dir, False, False
@@ -940,7 +850,6 @@ class StopOnCtrlC:
 
 # -----------------------------------------------------------------------------
 # Appendix D. Seeing the method: which tokens are prompt, trained, or masked by entropy / KL / both
-
 MARKS = {  # kind -> (its ANSI colour, or with color=False the marks around it)
     "prompt": ("\033[2m", "<<", ">>"), "trained": ("\033[32m", "", ""),
     "entropy": ("\033[33m", "[E:", "]"), "kl": ("\033[35m", "[K:", "]"),
@@ -948,10 +857,8 @@ MARKS = {  # kind -> (its ANSI colour, or with color=False the marks around it)
 
 
 def render_tokens(tokenizer, ids, labels, by_entropy=None, by_kl=None, color=True):
-    """One example as text, each run of tokens marked as prompt, trained, or masked (by_entropy,
-    by_kl: booleans aligned with ids); color=False marks with <<prompt>>, [E:..], [K:..], [EK:..].
-    A character whose bytes span two runs (in byte-level BPE) is shown whole in the run holding
-    its last byte, so the marks removed give back tokenizer.decode(ids)."""
+    """One example as text, token runs marked prompt, trained or masked (by_entropy, by_kl: per id);
+    a character split across runs (byte-level BPE) shows whole in the run of its last byte."""
     def kind(j):
         if labels[j] == IGNORE_INDEX:
             return "prompt"
@@ -972,122 +879,43 @@ def render_tokens(tokenizer, ids, labels, by_entropy=None, by_kl=None, color=Tru
     return "".join(out)
 
 
-def show_masks(model, ref_model, tokenizer, examples, loss_kwargs, device, amp_dtype, color=True):
-    """Print examples with the tokens EKSFT drops under the current policy and reference."""
+def show_mask_after_training(args, run_args, model, ref_model, tokenizer, examples, device,
+                             amp_dtype, trained):
+    """--show-mask N: the first N examples as EKSFT with this run's settings masks them."""
+    if not trained and not args.ref_model:
+        print("note: no step was trained and the reference is this same model, so KL is 0 and no "
+              "token is marked K; add --ref-model (e.g. the model before fine-tuning) to see them")
+    options = loss_options(argparse.Namespace(**{**run_args, "method": "eksft"}))
+    ref_model = ref_model if ref_model is not None else copy.deepcopy(model).eval()
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     legend = (" ".join(MARKS[k][0] + k + "\033[0m" for k in MARKS) if color else
               "<<prompt>> trained [E:masked by entropy] [K:masked by KL] [EK:by both]")
     print(f"legend: {legend}")
-    for example in examples:
+    for example in examples[: args.show_mask]:
         batch = {k: v.to(device) for k, v in collate([example], tokenizer.pad_token_id).items()}
         with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
             logits = model(input_ids=batch["input_ids"]).logits
-            ref = ref_model(input_ids=batch["input_ids"]).logits if ref_model is not None else None
-        _, stats = eksft_loss(logits, batch["labels"], ref, return_masks=True, **loss_kwargs)
+            ref = ref_model(input_ids=batch["input_ids"]).logits
+        _, stats = eksft_loss(logits, batch["labels"], ref, return_masks=True, **options)
         # the masks refer to targets labels[:, 1:]; shift them back onto the token ids
         by_e, by_k = ([False] + stats[key][0].tolist() for key in ("by_entropy", "by_kl"))
         print(render_tokens(tokenizer, example["input_ids"], example["labels"], by_e, by_k, color)
               + "\n")
 
 
-def show_mask_after_training(args, run_args, model, ref_model, tokenizer, examples, device,
-                             amp_dtype, trained):
-    """--show-mask N: the first N examples as EKSFT with this run's settings would mask them (for
-    --method sft or dft too), against the reference (a copy of the model when there is none)."""
-    if not trained and not args.ref_model:
-        print("note: no step was trained and the reference is this same model, so KL is 0 and no "
-              "token is marked K; add --ref-model (e.g. the model before fine-tuning) to see them")
-    options = loss_options(argparse.Namespace(**{**run_args, "method": "eksft"}))
-    show_masks(model, ref_model if ref_model is not None else copy.deepcopy(model).eval(),
-               tokenizer, examples[: args.show_mask], options, device, amp_dtype,
-               color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
-
-
 # -----------------------------------------------------------------------------
-# Appendix E. The compiled loss: the chunk kernels as torch.compile fuses them (--compile-loss)
-
-
-def fused_statistics(logits, targets, ref_logits=None):
-    """chunk_statistics (H, CE and KL of C rows; KL None without ref_logits) as whole-row
-    reductions without in-place updates, which torch.compile fuses into a pass or two per row
-    instead of a kernel and an fp32 (C, V) temporary per operation."""
-    logp = finite(F.log_softmax(logits, -1, dtype=torch.float32))       # (C, V)
-    p_logp = (logp.exp() * logp).sum(-1)                                # (C,) sum_v p log p
-    ce = -logp.gather(1, targets[:, None]).squeeze(1)                   # (C,) -log p(target)
-    if ref_logits is None:
-        return -p_logp, ce, None
-    logq = finite(F.log_softmax(ref_logits, -1, dtype=torch.float32))   # (C, V)
-    return -p_logp, ce, (logp.exp() * (logp - logq)).sum(-1)           # KL = sum p (log p - log q)
-
-
-def fused_gradient(logits, targets, a, alpha, beta, c, ref_logits=None):
-    """chunk_gradient on every row at once, without data-dependent branches: d loss / dz (C, V)
-    = p * (alpha + beta log p - c log q) - a onehot(target), in the logits' dtype. Without
-    ref_logits every c is 0, and the c log q term is left out."""
-    logp = finite(F.log_softmax(logits, -1, dtype=torch.float32))       # (C, V)
-    coef = alpha[:, None] + beta[:, None] * logp                        # (C, V)
-    if ref_logits is not None:
-        coef = coef - c[:, None] * finite(F.log_softmax(ref_logits, -1, dtype=torch.float32))
-    vocab = torch.arange(logits.shape[-1], device=logits.device)        # (V,)
-    onehot_a = torch.where(vocab == targets[:, None], a[:, None], 0.0)  # (C, V) a onehot(target)
-    return (logp.exp() * coef - onehot_a).to(logits.dtype)
-
-
-_COMPILED = {}  # kernel -> torch.compile(kernel), or the kernel itself where compiling failed
-
-
-def run_compiled(kernel, *args):
-    """kernel(*args) through torch.compile, built on first use with dynamic shapes (chunks of any
-    length share it). Where compiling fails (no triton or C++ compiler here), says so once and runs
-    the kernel uncompiled from then on: same values, slower."""
-    if kernel not in _COMPILED:
-        _COMPILED[kernel] = torch.compile(kernel, dynamic=True)
-    try:
-        return _COMPILED[kernel](*args)
-    except Exception as e:
-        if _COMPILED[kernel] is kernel:  # the kernel itself failed: a real error
-            raise
-        print(f"warning: torch.compile failed for {kernel.__name__} ({type(e).__name__}: "
-              f"{str(e).strip()[:200]}); running it uncompiled")
-        _COMPILED[kernel] = kernel
-        return kernel(*args)
-
-
-class ChunkKernels(NamedTuple):
-    statistics: object   # like chunk_statistics(logits, targets, ref_logits=None)
-    gradient: object     # like chunk_gradient(logits, targets, a, alpha, beta, c, ref_logits=None)
-
-
-# eksft_loss(..., compiled=COMPILED_KERNELS): the same values to fp32 rounding (tested on CPU)
-COMPILED_KERNELS = ChunkKernels(statistics=lambda *args: run_compiled(fused_statistics, *args),
-                                gradient=lambda *args: run_compiled(fused_gradient, *args))
-
-
-# -----------------------------------------------------------------------------
-# Appendix F. The Trainer adapter: the same loss in transformers.Trainer / trl.SFTTrainer
-# (accelerate, DeepSpeed, FSDP: many GPUs)
-
-
+# Appendix E. The Trainer adapter: the same loss in transformers.Trainer / trl.SFTTrainer, many GPUs
 def eksft_trainer_class(base):
-    """A subclass of `base` (transformers.Trainer, trl.SFTTrainer, ...) that trains with eksft_loss.
-
-        EKSFTTrainer = eksft_trainer_class(transformers.Trainer)
-        trainer = EKSFTTrainer(model=model, args=training_args, train_dataset=ds,
-                               data_collator=..., eksft_options=dict(ratio=0.2))
-        trainer.train()      # or: accelerate launch --config_file ds_zero3.yaml my_script.py
-
-    eksft_options: eksft_loss's keyword arguments. The frozen reference (a copy of the model, or
-    `ref_model`) is placed like the model: on its device and precision, or by DeepSpeed/FSDP.
-    Gradient accumulation: the Trainer counts the response tokens of the accumulated batch
-    (num_items_in_batch) and this class counts its selection slots, both over all processes, so
-    the result equals eksft.py's own loop."""
+    """A subclass of `base` (transformers.Trainer, trl.SFTTrainer, ...) training with eksft_loss
+    (eksft_options: its keyword arguments; tutorial/trainer_eksft.py runs one), with a frozen
+    reference placed like the model. The Trainer counts the response tokens (num_items_in_batch),
+    this class the selection slots, over all processes: the result equals eksft.py's own loop."""
 
     class EKSFTTrainer(base):
         def __init__(self, *args, ref_model=None, eksft_options=None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.eksft_options = {"ratio": 0.2, **(eksft_options or {})}
-            self._slots = None
-            self._sums = {}  # the statistics' sums since the last log line, as eksft.py's loop's
-            options = self.eksft_options
+            self.eksft_options = options = {"ratio": 0.2, **(eksft_options or {})}
+            self._slots, self._sums = None, {}  # _sums: the stats since the last log line
             needs_ref = options["ratio"] > 0 or options.get("lambda_kl", 0.05) != 0
             if needs_ref and ref_model is None:
                 ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
@@ -1122,10 +950,8 @@ def eksft_trainer_class(base):
             for key in ("completion_mask", "assistant_masks"):  # TRL collators' extra fields
                 inputs.pop(key, None)
             outputs = model(**inputs)
-            ref_logits = None
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    ref_logits = self.ref_model(**inputs).logits
+            with torch.no_grad():
+                ref_logits = self.ref_model(**inputs).logits if self.ref_model is not None else None
             accumulated = model.training and num_items_in_batch is not None
             loss, stats = eksft_loss(outputs.logits, labels, ref_logits, **self.eksft_options,
                                      ce_normalizer=num_items_in_batch if accumulated else None,

@@ -122,8 +122,7 @@ def test_method_dft_runs_without_a_reference_and_is_recorded(tmp_path):
                              "--batch-size", "8", "--micro-batch-size", "4", "--max-len", "400",
                              "--max-steps", "1", "--save-every", "0",
                              "--output-dir", str(tmp_path / "dft")])
-    assert eksft.loss_options(args) == dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=True,
-                                            compiled=None)
+    assert eksft.loss_options(args) == dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=True)
     start, tok = eksft.load_model_and_tokenizer("tiny", CPU, seed=args.seed)
     eksft.train(args)
     assert json.load(open(tmp_path / "dft" / "args.json"))["method"] == "dft"

@@ -4,9 +4,8 @@ bench_step.py: what one EKSFT optimizer step costs, next to plain SFT and the re
     python tests/benchmarks/bench_step.py --threads 1   # CPU: random Qwen2, vocab 16,384, hidden 128;
                                                         # 4 x 256 and 4 x 512 tokens (~3 min)
     python tests/benchmarks/bench_step.py --gpu         # GPU: Qwen2.5-0.5B's shape, random weights,
-                                                        # bf16; 1 x 2048 and 1 x 4096 tokens, with
-                                                        # the compiled loss rows (minutes)
-    python tests/benchmarks/bench_step.py --small --compile --threads 1   # CPU, seconds: does it run
+                                                        # bf16; 1 x 2048 and 1 x 4096 tokens (minutes)
+    python tests/benchmarks/bench_step.py --small --threads 1   # CPU, seconds: does it run
     python tests/benchmarks/bench_step.py --gpu --real-text   # the same on real BPE text (below)
 
 A script, not a test: pytest collects only tests/test_*.py. Same model, same batch, same seed;
@@ -14,10 +13,6 @@ each row is one whole optimizer step (forward passes, loss, backward, AdamW step
   sft       plain SFT as transformers does it: one forward with labels, the model's own loss
   sft-loop  what `eksft.py --method sft` runs: eksft_loss with ratio 0 and lambdas 0
   eksft     what `eksft.py` runs: policy forward with grad, reference forward without, eksft_loss
-  sft-loop-compiled, eksft-compiled   the same with eksft_loss(compiled=COMPILED_KERNELS), as
-            `eksft.py --compile-loss` runs it: its per-chunk kernels through torch.compile (rows
-            added by --compile, which --gpu implies; the first step of each includes compiling,
-            so it is warmup)
   released  the released trainer's computation, re-created from its description (defects kept,
             because this row is a cost model): three forward passes, full-vocabulary fp32
             log-probs of both models, probs, their difference, a softmax with grad everywhere
@@ -43,7 +38,6 @@ length; labels from data.encode_conversation (a ~3% prompt, like long-answer SFT
 configuration's vocabulary then grows to Qwen's 151,936.
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -58,7 +52,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from data import HelpFormatter  # noqa: E402
-from eksft import COMPILED_KERNELS, IGNORE_INDEX, eksft_loss, token_statistics  # noqa: E402
+from eksft import IGNORE_INDEX, eksft_loss, token_statistics  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings: one CPU and one GPU configuration
@@ -148,21 +142,21 @@ def sft_loss(model, ref_model, batch, autocast):
 CHUNK_SIZE = 1024  # eksft_loss's default; --chunk-size changes it for the rows below
 
 
-def sft_loop_loss(model, ref_model, batch, autocast, compiled=None):
+def sft_loop_loss(model, ref_model, batch, autocast):
     with autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return eksft_loss(logits, batch["labels"], None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0,
-                      chunk_size=CHUNK_SIZE, compiled=compiled)[0]
+                      chunk_size=CHUNK_SIZE)[0]
 
 
-def eksft_step_loss(model, ref_model, batch, autocast, compiled=None):
+def eksft_step_loss(model, ref_model, batch, autocast):
     """As eksft.train_step: two forward passes, then eksft_loss with the released recipe."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with autocast():
         logits = model(**inputs).logits                                  # (B, T, V), with grad
         with torch.no_grad():
             ref_logits = ref_model(**inputs).logits                      # (B, T, V)
-    return eksft_loss(logits, batch["labels"], ref_logits, chunk_size=CHUNK_SIZE, compiled=compiled)[0]
+    return eksft_loss(logits, batch["labels"], ref_logits, chunk_size=CHUNK_SIZE)[0]
 
 
 def released_loss(model, ref_model, batch, autocast, ratio=0.2, lambda_entropy=0.05, lambda_kl=0.05):
@@ -208,9 +202,7 @@ def released_top_k(scores, response, ratio):
 
 
 VARIANTS = {"sft": sft_loss, "sft-loop": sft_loop_loss, "eksft": eksft_step_loss,
-            "released": released_loss,
-            "sft-loop-compiled": functools.partial(sft_loop_loss, compiled=COMPILED_KERNELS),
-            "eksft-compiled": functools.partial(eksft_step_loss, compiled=COMPILED_KERNELS)}
+            "released": released_loss}
 
 # -----------------------------------------------------------------------------
 # Measuring: time and peak memory of one optimizer step
@@ -337,11 +329,10 @@ def cpu_memory_in_child(argv):
     return json.loads(out)
 
 
-def bench_loss_memory(config, device, shapes, chunk_sizes, compiled_too=False, seed=0):
+def bench_loss_memory(config, device, shapes, chunk_sizes, seed=0):
     """Working memory of the loss alone on random logits: what it allocates beyond its inputs.
 
-    Includes the (B, T, V) gradient of the logits where there is a backward pass. compiled_too:
-    also the compiled path (measured after a first untimed call, which compiles)."""
+    Includes the (B, T, V) gradient of the logits where there is a backward pass."""
     V = config["model"]["vocab_size"]
     dtype = config["dtype"] or torch.float32
     memory = PeakMemory(device)
@@ -353,16 +344,11 @@ def bench_loss_memory(config, device, shapes, chunk_sizes, compiled_too=False, s
         ref = (logits.float() + torch.randn(logits.shape, generator=g, device=device)).to(dtype)
         unit = batch_size * seq_len * V * 4  # one (tokens x vocab) fp32 tensor
         for chunk in chunk_sizes:
-            cases = {}
-            for c in (None, COMPILED_KERNELS) if compiled_too else (None,):
-                name = " (compiled)" if c else ""
-                cases["token_statistics" + name] = functools.partial(
-                    lambda x, c: token_statistics(x, labels, ref, chunk_size=chunk, compiled=c), c=c)
-                cases["eksft_loss + backward" + name] = functools.partial(
-                    lambda x, c: eksft_loss(x, labels, ref, chunk_size=chunk, compiled=c)[0].backward(), c=c)
+            cases = {
+                "token_statistics": lambda x: token_statistics(x, labels, ref, chunk_size=chunk),
+                "eksft_loss + backward":
+                    lambda x: eksft_loss(x, labels, ref, chunk_size=chunk)[0].backward()}
             for what, fn in cases.items():
-                if "compiled" in what:  # compile first, outside the measurement
-                    fn(logits.detach().requires_grad_("backward" in what))
                 x = logits.detach().requires_grad_("backward" in what)
                 sync(device)
                 memory.reset()
@@ -412,25 +398,23 @@ def targets(rows, info, config_name):
         if "sft" not in row or config_name == "small":
             continue
         ratio = lambda v, base="sft": row[v]["step_s"] / row[base]["step_s"]
-        for v in ("sft-loop", "sft-loop-compiled"):
-            if v in row and config_name == "gpu":
-                found.append((f"{b} x {t}: {v} step {ratio(v):.2f}x sft (target <= 1.05)",
-                              ratio(v) <= 1.05))
-        for v in ("eksft", "eksft-compiled"):
-            if v not in row:
-                continue
-            limit = 2.0 if config_name == "cpu" else 1.3 if t >= 4096 else None
-            if limit:
-                found.append((f"{b} x {t}: {v} step {ratio(v):.2f}x sft (target <= {limit})",
-                              ratio(v) <= limit))
-            if "released" in row and config_name == "cpu":
-                found.append((f"{b} x {t}: {v} step {ratio(v, 'released'):.2f}x released "
-                              f"(target <= 0.55)", ratio(v, "released") <= 0.55))
-            if config_name == "gpu":
-                budget = row["sft"]["peak_bytes"] + info["ref_bytes"] + 2**30
-                found.append((f"{b} x {t}: {v} peak {row[v]['peak_bytes'] / 2**30:.2f} GiB, target "
-                              f"<= sft + reference weights + 1 GiB = {budget / 2**30:.2f} GiB",
-                              row[v]["peak_bytes"] <= budget))
+        if "sft-loop" in row and config_name == "gpu":
+            found.append((f"{b} x {t}: sft-loop step {ratio('sft-loop'):.2f}x sft (target <= 1.05)",
+                          ratio("sft-loop") <= 1.05))
+        if "eksft" not in row:
+            continue
+        limit = 2.0 if config_name == "cpu" else 1.3 if t >= 4096 else None
+        if limit:
+            found.append((f"{b} x {t}: eksft step {ratio('eksft'):.2f}x sft (target <= {limit})",
+                          ratio("eksft") <= limit))
+        if "released" in row and config_name == "cpu":
+            found.append((f"{b} x {t}: eksft step {ratio('eksft', 'released'):.2f}x released "
+                          f"(target <= 0.55)", ratio("eksft", "released") <= 0.55))
+        if config_name == "gpu":
+            budget = row["sft"]["peak_bytes"] + info["ref_bytes"] + 2**30
+            found.append((f"{b} x {t}: eksft peak {row['eksft']['peak_bytes'] / 2**30:.2f} GiB, "
+                          f"target <= sft + reference weights + 1 GiB = {budget / 2**30:.2f} GiB",
+                          row["eksft"]["peak_bytes"] <= budget))
     return found
 
 
@@ -461,10 +445,8 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="the GPU configuration (needs CUDA)")
     p.add_argument("--small", action="store_true", help="a tiny CPU configuration that only checks "
                    "that every row runs (no targets)")
-    p.add_argument("--compile", action="store_true", help="add the compiled-loss rows (implied by --gpu)")
     p.add_argument("--chunk-size", type=int, default=1024, help="eksft_loss chunk_size of the loop rows")
-    p.add_argument("--variants", default=None, help="comma-separated rows (default: sft, sft-loop, "
-                   "eksft, released, and with --compile sft-loop-compiled, eksft-compiled)")
+    p.add_argument("--variants", default="sft,sft-loop,eksft,released", help="comma-separated rows")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 10 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 2 GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -483,9 +465,6 @@ def main(argv=None):
         sys.exit("error: --small is a CPU configuration; leave out --gpu")
     global CHUNK_SIZE
     CHUNK_SIZE = args.chunk_size
-    compiled = args.compile or args.gpu
-    if args.variants is None:
-        args.variants = "sft,sft-loop,eksft,released" + (",sft-loop-compiled,eksft-compiled" * compiled)
     device = torch.device("cuda" if args.gpu else "cpu")
     config = CONFIGS[name]
     if args.real_text:
@@ -504,7 +483,7 @@ def main(argv=None):
         PeakMemory.return_freed_memory()  # Linux and glibc only, like the CPU measurement itself
         rows, _ = bench_steps(config, device, variants, steps=1, warmup=1)
         loss_rows = [] if args.no_loss_memory else bench_loss_memory(config, device,
-                                                                     config["shapes"], chunks, compiled)
+                                                                     config["shapes"], chunks)
         print(json.dumps({"steps": rows, "loss_memory": loss_rows}))
         return
 
@@ -525,7 +504,7 @@ def main(argv=None):
             r.update(peak_bytes=measured["peak_bytes"], rise_bytes=measured["rise_bytes"])
         loss_rows = child["loss_memory"]
     elif not args.no_loss_memory:
-        loss_rows = bench_loss_memory(config, device, config["shapes"], chunks, compiled)
+        loss_rows = bench_loss_memory(config, device, config["shapes"], chunks)
     print(f"# {info['n_params'] / 1e6:.1f}M parameters; reference weights "
           f"{info['ref_bytes'] / 2**30:.3f} GiB\n")
     print(step_table(rows) + "\n")
