@@ -8,8 +8,8 @@ both checkpoints with the same flags, then compare them with evaluate.py.
     python rl.py --model runs/sft-Qwen2.5-0.5B --data gsm8k    # the SFT baseline, same flags
     python rl.py --model Qwen2.5-0.5B --no-std --loss-agg dr-grpo   # Dr. GRPO's choices
 
-Read down: 1. the GRPO loss (torch only), 2. rollouts, 3. the loop, 4. the command line. The
-answer checker that computes the reward (evaluate.py uses it too) closes the file, to read last.
+Read down: 1. the GRPO loss (torch only), 2. rollouts, 3. the loop, 4. the command line, 5. the
+answer checker, which compares the answers data.py reads (extract_answer, normalise_answer).
 
 Simplifications (choices, not accidents):
   1. --ppo-epochs 1 (the default) makes the ratio exactly 1 and the gradient A * grad log pi:
@@ -46,9 +46,10 @@ from typing import NamedTuple
 import torch
 
 import eksft   # plumbing: device, model loading, checkpoints, resume checks, Ctrl-C, JSON files
-from data import (PROTOCOLS, SYSTEM_PROMPT, ArgumentParser, HelpFormatter, UserError,
-                  encode_prompt, pad_left, pad_right, require, run_cli, stop_token_ids,
-                  train_eval_sets)
+from data import (MAX_ANSWER_CHARS, PROTOCOLS, SYSTEM_PROMPT, TAIL_CHARS, ArgumentParser,
+                  HelpFormatter, UserError, boxed_answer, encode_prompt, extract_answer,
+                  last_formula_or_number, normalise_answer, pad_left, pad_right, require, run_cli,
+                  split_top_level, stop_token_ids, train_eval_sets)
 
 # ----------------------------------------------------------------------------
 # 1. The GRPO loss: tensors in, tensors out (torch only), to be read and pasted. A completion's
@@ -124,11 +125,10 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_ag
                 kl_estimator="k3"):
     """Clipped policy-gradient loss with an optional KL penalty, for one micro-batch.
 
-    logprobs (B, T) of the current policy, with grad; old_logprobs (B, T) of the policy that
-    sampled (with one update per batch: logprobs.detach(), ratio 1, REINFORCE's A * grad log pi);
-    ref_logprobs (B, T) of the frozen start; advantages (B,); mask (B, T). Returns the loss, over
-    the step's normaliser (micro-batch losses add up), and sums for logging (clipped tokens: those
-    whose gradient the clip removes, as TRL counts them)."""
+    logprobs (B, T) of the current policy, with grad; old_logprobs (B, T) of the sampling policy
+    (logprobs.detach() at the first update: ratio 1); ref_logprobs (B, T) of the frozen start;
+    advantages (B,); mask (B, T). Returns the loss, over the step's normaliser (micro-batch losses
+    add up), and sums to log (clipped: tokens whose gradient the clip removes, as TRL counts)."""
     mask = mask.float()                                                # (B, T)
     adv = advantages.unsqueeze(1)                                      # (B, 1) same A per token
     ratio = torch.exp(logprobs - old_logprobs)                         # (B, T) pi / pi_old
@@ -152,12 +152,10 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, normaliser, loss_ag
 
 
 # ----------------------------------------------------------------------------
-# 2. Rollouts
-#
-# Prompts are left padded so that every prompt ends in the same column and the completions start
-# together. A completion ends at its FIRST end-of-sequence token: that token is kept (the model
-# must learn to stop), everything after it is not. The pad id is never used to find the end:
-# several tokenizers have pad == eos, so "not pad" would cut at the wrong place or not at all.
+# 2. Rollouts: prompts are left padded so that every prompt ends in the same column and the
+# completions start together. A completion ends at its FIRST end-of-sequence token: that token is
+# kept (the model must learn to stop), everything after it is not. The pad id never marks the end:
+# with pad == eos (several tokenizers), "not pad" would cut at the wrong place or not at all.
 
 def completion_mask_from_eos(completion_ids, eos_ids):
     """mask (B, T) bool: True up to and including the first EOS; truncated (B,) bool: no EOS.
@@ -181,8 +179,7 @@ def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temper
     dict per prompt: completion_ids (up to and including the first EOS), text (decoded without
     special tokens), truncated (no EOS within max_new_tokens). With a seed, batch b is sampled
     after torch.manual_seed(seed + b). Sampling settings are explicit, so a checkpoint's
-    generation_config (top_k=20 for Qwen chat models) cannot change what the policy samples.
-    static_cache: a fixed-size KV cache, with which transformers compiles the decoding step."""
+    generation_config (top_k=20 for Qwen chat models) cannot change what the policy samples."""
     eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     batch_size = batch_size or max(len(prompt_ids), 1)
@@ -213,8 +210,7 @@ def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temper
 
 
 class RolloutBatch(NamedTuple):
-    """Training tensors for B (prompt, completion) pairs: the prompt block is left padded and the
-    completion block right padded, so every completion starts at the same column P."""
+    """Training tensors for B (prompt, completion) pairs; every completion starts at column P."""
     input_ids: torch.Tensor        # (B, P + T) prompt, then completion
     attention_mask: torch.Tensor   # (B, P + T) 0 on padding
     position_ids: torch.Tensor     # (B, P + T) counted from each prompt's first token, as generate
@@ -253,10 +249,9 @@ def sequence_logprobs(model, batch, temperature):
 
 def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pad_id, device,
             autocast):
-    """--ppo-epochs optimiser steps on ALL N completions sampled in one step; returns metric sums
-    (over the loss-masked tokens of all N). The loss is normalised over all N. A completion with
-    advantage 0 (a flat group) adds nothing to the policy term, so without KL it gets no backward
-    pass, only a forward without grad for its entropy; with KL it is trained like any other."""
+    """--ppo-epochs optimiser steps on ALL N completions of one step; returns metric sums (over
+    the loss-masked tokens of all N). A flat group's completion (advantage 0) adds nothing to the
+    policy term: without KL, no backward pass, only a forward without grad for its entropy."""
     batch = rollout_tensors(prompts, [r["completion_ids"] for r in rollouts], pad_id)
     mask = batch.loss_mask                                              # (N, T)
     if args.mask_truncated:              # still in their group's mean, but no loss of their own
@@ -331,38 +326,18 @@ def train(args):
     print(f"data: {len(train_rows)} training questions, {len(eval_rows)} held out; "
           f"{n} prompts x {G} completions; reward {args.reward}")
 
-    # the policy (possibly resumed) and, only with --kl-coef > 0, the frozen starting model
-    resume_from = eksft.latest_checkpoint(args.output_dir) if args.resume else None
-    if args.resume and resume_from is None:
-        print(f"resume: no checkpoint in {args.output_dir}, starting fresh")
-    if resume_from:   # a longer run may continue (constant lr): --max-steps may change
-        eksft.check_resume_args(resume_from, run_args, eksft.RESUME_MAY_CHANGE | {
-            "max_steps", "eval_every", "print_every"})
+    # the policy, possibly resumed: a longer run may continue (constant lr), --max-steps may change
+    resume_from = eksft.checkpoint_to_resume(args, run_args, eksft.RESUME_MAY_CHANGE | {
+        "max_steps", "eval_every", "print_every"})
     load = lambda name: eksft.load_model_and_tokenizer(name, device, seed=args.seed)
     model, tokenizer = load(resume_from or args.model)
-    # the reference is the run's start (--model), also after a resume; fp32 like the policy, so
-    # that KL is 0 at step 1
+    # the reference is --model (also after a resume), in fp32 like the policy: KL is 0 at step 1
     ref_model = load(args.model)[0].eval().requires_grad_(False) if args.kl_coef > 0 else None
     print(f"model: {resume_from or args.model}, stop tokens {stop_token_ids(model, tokenizer)}, "
           + ("a reference model for KL" if ref_model is not None else "no reference model"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    start_step = 0
-    if resume_from:
-        state = torch.load(os.path.join(resume_from, "optimizer.pt"))
-        optimizer.load_state_dict(state["optimizer"])
-        with open(os.path.join(resume_from, "trainer_state.json")) as f:
-            start_step = json.load(f)["step"]
-        print(f"resume: from {resume_from} at step {start_step}")
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    eksft.write_json(os.path.join(args.output_dir, "args.json"), run_args)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):   # keep the rows up to where this run starts (none if fresh)
-        with open(metrics_path) as f:
-            kept = [line for line in f if line.strip() and resume_from
-                    and json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+    start_step = eksft.restore_checkpoint(resume_from, optimizer) if resume_from else 0
+    metrics_path = eksft.start_run_files(args.output_dir, run_args, start_step)
 
     def held_out_accuracy(step):     # greedy, on the held-out questions: logged and returned
         accuracy = evaluate_accuracy(model, tokenizer, eval_rows, args, autocast)
@@ -457,9 +432,8 @@ def train(args):
 
 
 def reward_function(args):
-    """reward(completion_text, gold) -> float, as --reward, --checker, --format-reward and
-    --strict-reward say. digits: a toy dense reward, the fraction of characters that are digits."""
-    if args.reward == "digits":
+    """reward(text, gold) -> float, from --reward, --checker, --format-reward, --strict-reward."""
+    if args.reward == "digits":   # a toy dense reward: the fraction of characters that are digits
         return lambda text, gold: sum(c.isdigit() for c in text) / max(len(text), 1)
     return lambda text, gold: math_reward(text, gold, checker=args.checker, last_number=not
                                           args.strict_reward, format_reward=args.format_reward)
@@ -467,8 +441,7 @@ def reward_function(args):
 
 def evaluate_accuracy(model, tokenizer, rows, args, autocast):
     """Greedy held-out accuracy as evaluate.py --protocol args.eval_protocol scores it (prompt,
-    answer extraction, checker), at the training budget --max-new-tokens to stay cheap, in generate
-    calls as large as one step's rollouts."""
+    answer extraction, checker), at the training budget --max-new-tokens to stay cheap."""
     proto = PROTOCOLS[args.eval_protocol]
     prompts = [encode_prompt(tokenizer, r["question"], proto["system_prompt"]) for r in rows]
     with autocast():
@@ -560,13 +533,9 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# 5. The answer checker
-#
-# extract_answer(text) finds the final answer of a completion; is_equiv(pred, gold, checker) says
-# whether two answers are the same; math_reward(completion, gold) is 1.0 or 0.0. The checkers:
-#   builtin      normalisation rules (tables below, one comment per rule) and a small parser that
-#                evaluates numbers exactly (integers of any length) and expressions in one-letter
-#                variables at sample points;
+# 5. The answer checker: is_equiv compares two answers that data.py reads (extract_answer) and
+# spells canonically (normalise_answer); math_reward scores a completion with it. The checkers:
+#   builtin      a small parser: numbers exactly, expressions in one-letter variables by value;
 #   math-verify  the math-verify package (sympy), in a worker process under a hard time limit;
 #   auto         a builtin "equal" is final, and so is its "not equal" on numbers, tuples,
 #                intervals, matrices and choices (math-verify rounds: 70001 = 70000 there);
@@ -578,9 +547,6 @@ def parse_args(argv=None):
 CHECKERS = ("builtin", "math-verify", "auto")
 _CHECK_LIMIT_S = 0.8       # hard limit on one check (math-verify and a worker start included)
 _MV_START_LIMIT_S = 30.0   # a worker not up after this is broken (it imports sympy: ~1.2 s of CPU)
-_MAX_ANSWER_CHARS = 1000   # an "answer" longer than this is compared as a plain string
-_MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
-_TAIL_CHARS = 20_000       # answer phrases and the last number are looked for in the last 20,000
 
 
 @functools.lru_cache(maxsize=None)
@@ -599,53 +565,25 @@ def checker_description(checker=None):
     return checker if checker == "builtin" else f"math-verify {version}"
 
 
-def extract_answer(text, *, last_number=False):
-    """The final answer of a completion as a string, or None (also for an empty answer).
-
-    Only the text after </think> counts, only the inside of the last <answer>...</answer>. The last
-    stated answer wins: the last \\boxed{...} (also \\fbox, `\\boxed 5`, boxes joined by "and" or
-    commas) or a later "The (final) answer is X" / "Answer: X" that states a value (not "the answer
-    is correct"); else the last "#### X" (GSM8K); else, with last_number=True (the Qwen2.5-Math
-    harness's fallback; off for RL), the last number in the text.
-    """
-    if not isinstance(text, str):
-        return None
-    text = text[text.rfind("</think>") + len("</think>"):] if "</think>" in text else text
-    close = text.rfind("</answer>")
-    if (opening := text.rfind("<answer>", 0, max(close, 0))) >= 0:
-        inner = text[opening + len("<answer>"):close]
-        return _marked_answer(inner) or inner.strip() or None
-    answer = _marked_answer(text)
-    if not answer and (last := _HASHES_RE.match(text, max(text.rfind("####"), 0))):
-        answer = _clean_sentence_answer(last.group(1))
-    if not answer and last_number:
-        numbers = _LAST_NUMBER_RE.findall(text[-_TAIL_CHARS:].replace(",", ""))
-        answer = numbers[-1] if numbers else None
-    return answer or None
-
-
 def is_equiv(pred, gold, checker=None):
-    """True when two answer strings mean the same thing (pred: the model's, gold: the reference).
-
-    checker: "builtin", "math-verify" or "auto" (default: default_checker()). Builtin normalises
-    both (the rule tables below), drops names and glosses (x = 7, f^{-1}(x) = 2x+3, x \\in [1,2],
-    \\approx 0.58), then compares numbers exactly (a decimal of 3+ significant digits also matches a
-    rational that rounds to it: 0.333 = 1/3), expressions in one-letter variables by value,
-    tuples, intervals and matrices element by element, sets, lists and interval unions in any
-    order, words ignoring case. Raises only on an unknown checker or a missing math-verify.
-    """
+    """True when answers pred (the model's) and gold (the reference) mean the same thing under
+    checker (default: default_checker()). Builtin normalises both (data.normalise_answer), drops
+    names and glosses (x = 7, f^{-1}(x) = 2x+3, x \\in [1,2], \\approx 0.58), then compares numbers
+    exactly (a decimal of 3+ significant digits also matches a rational that rounds to it:
+    0.333 = 1/3), expressions in one-letter variables by value, tuples, intervals and matrices
+    element by element, sets, lists and interval unions in any order, words ignoring case. Raises
+    only on an unknown checker or a missing math-verify."""
     started, checker = time.monotonic(), _resolve_checker(checker)
     if not (isinstance(pred, str) and isinstance(gold, str) and pred.strip() and gold.strip()):
         return False
     if checker == "math-verify":
         return bool(_math_verify(pred, gold, started))
     try:
-        if len(pred) > _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS:
+        if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
             return pred.strip() == gold.strip()
-        a, b = _normalise(pred), _normalise(gold)
+        a, b = normalise_answer(pred), normalise_answer(gold)
         # x = 7 and |AB| = 7 match 7 but not y = 7; an equation's left side (2x+y = 0) must match
-        equation = any(re.search("[-+]", n) and not _NAME_RE.fullmatch(n)
-                       for n in a.names + b.names)
+        equation = a.equation or b.equation
         # x = 3, y = -2 is the point (3,-2) next to a point, and the list 3, -2 next to a list
         x = a.components if a.components and (b.components or b.text[:1] == "(") else a.text
         y = b.components if b.components and (a.components or a.text[:1] == "(") else b.text
@@ -653,7 +591,7 @@ def is_equiv(pred, gold, checker=None):
                 x, a.percent, y, b.percent):
             return True
         if checker == "builtin" or re.fullmatch("[A-Z]", a.text) or (
-                _is_numeric(a.text) and _is_numeric(b.text) and not equation):
+                a.numeric and b.numeric and not equation):
             return False                                   # auto: exact verdicts stay final
     except Exception:                                      # a checker bug must not stop training
         return False
@@ -661,29 +599,24 @@ def is_equiv(pred, gold, checker=None):
 
 
 def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=True):
-    """1.0 when the completion's answer is equivalent to gold, else 0.0 (or format_reward, off by
-    default: what a wrong answer that is at least \\boxed earns).
-
-    The answer is the one the completion states (extract_answer). One that states none is read as
-    the Qwen2.5-Math harness and math-verify read it (its last formula or number, and with auto or
-    math-verify by math-verify too), so that the reward scores what evaluate.py's default protocol
-    scores; last_number=False is the strict reward (evaluate.py --protocol strict).
-    """
+    """1.0 when the answer the completion states (extract_answer) is equivalent to gold, else 0.0,
+    or format_reward (default 0) if that wrong completion is at least \\boxed. One that states no
+    answer is read as the Qwen2.5-Math harness and math-verify read it (its last formula or number;
+    with auto or math-verify, by math-verify too), as evaluate.py's default protocol scores it;
+    last_number=False is the strict reward (evaluate.py --protocol strict)."""
     started, checker = time.monotonic(), _resolve_checker(checker)
-    pred = extract_answer(completion)
+    pred, correct = extract_answer(completion), False
     if pred is not None:
         correct = is_equiv(pred, gold, checker)
     elif last_number and isinstance(completion, str) and isinstance(gold, str):
-        text = completion.rpartition("</think>")[2][-_TAIL_CHARS:]
-        answer = _last_formula_or_number(text)
+        text = completion.rpartition("</think>")[2][-TAIL_CHARS:]
+        answer = last_formula_or_number(text)
         correct = (answer is not None and checker != "math-verify"
                    and is_equiv(answer, gold, "builtin")
                    or checker != "builtin" and bool(_math_verify(text, gold, started, True)))
-    else:
-        correct = False
     if correct:
         return 1.0
-    if format_reward and isinstance(completion, str) and _boxed_answer(completion):
+    if format_reward and isinstance(completion, str) and boxed_answer(completion):
         return float(format_reward)
     return 0.0
 
@@ -713,277 +646,6 @@ def _resolve_checker(checker):
     return checker
 
 
-# Finding the answer: the last \boxed{...}, else a stated "answer is X", else "#### X".
-_BRACE_RE = re.compile(r"[{}]")
-_SPACES_RE = re.compile(r"[ \t]*")
-_TOKEN_AFTER_BOX_RE = re.compile(r"[^\s$]+")
-# "The (final) answer is X", "Final answer: X", "**Answer:** X", "Answer: X", "Answer $X$"
-_ANSWER_PHRASE_RE = re.compile(
-    r"(?i)\banswer(?:\s+is\b\s*:?|\s*\**\s*[:：]\s*\**|(?=\s*(?:\$|\\\(|\\\[)))")
-_LEADING_NUMBER_RE = re.compile(r"[\s*]*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d.]*[\w^{\\(])")
-_STATES_A_VALUE_RE = re.compile(r"\s*\**\s*[-$\\\d(\[{]")   # "is 72", "is $x$", not "is correct"
-_HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
-# what may separate boxes that form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
-_BOX_GAP_RE = re.compile(
-    r"(?:\s|[$,;.]|\\[\[\]()]|\\q?quad|\\[,;: ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|and|or)*")
-_LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")   # the Qwen2.5-Math harness's, on text without commas
-# $$x$$, $x$, \(x\), \[x\]: the formulas of a text (math-verify reads the last one)
-_MATH_SPAN_RE = re.compile(r"\$\$(.{1,1000}?)\$\$|(?<!\\)\$(.{1,1000}?)(?<!\\)\$"
-                           r"|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\]", re.S)
-
-
-def _closing_brace(text, j):
-    """Index of the '}' that closes the '{' at text[j], looking at most _MAX_BOXED_CHARS ahead."""
-    depth = 0
-    for m in _BRACE_RE.finditer(text, j, j + _MAX_BOXED_CHARS):
-        depth += 1 if m.group() == "{" else -1
-        if depth == 0:
-            return m.start()
-    return None
-
-
-def _boxed_answer(text):
-    """(start, answer) of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, joined with
-    the boxes just before it that form one answer with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'),
-    or None. An unclosed \\boxed{ (a truncated answer) is skipped; only the last 20 are read."""
-    found, before = [], {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
-    for _ in range(20):                                    # from the last box backwards
-        name = max(before, key=before.get)
-        start = before[name]
-        if start < 0:
-            break
-        before[name] = text.rfind(name, 0, start)
-        pos = start + len(name)
-        j = _SPACES_RE.match(text, pos).end()
-        content = end = None
-        if text[j:j + 1] == "{" and (close := _closing_brace(text, j)) is not None:
-            content, end = text[j + 1:close], close + 1
-        elif j > pos and (m := _TOKEN_AFTER_BOX_RE.match(text, j)):   # "\boxed 5", not \boxedfoo
-            content, end = m.group().rstrip(".,;"), m.end()
-        if not content or not content.strip():
-            continue
-        if found and (end > found[-1][0] or found[-1][0] - end > 40
-                      or not _BOX_GAP_RE.fullmatch(text, end, found[-1][0])):
-            break                                          # nested in it, or words in between
-        found.append((start, content.strip()))
-    return (found[0][0], ", ".join(c for _, c in reversed(found))) if found else None
-
-
-def _last_formula_or_number(text):
-    """The last $...$ / \\(...\\) of a text unless a number follows it, else its last number."""
-    formula = None
-    for formula in _MATH_SPAN_RE.finditer(text):
-        pass
-    if formula and not re.search(r"\d", text[formula.end():]):
-        return next(filter(None, formula.groups())).strip() or None
-    numbers = re.findall(r"-?\d*\.?\d+(?:/\d+)?", text.replace(",", ""))   # 2/3 is one number
-    return numbers[-1] if numbers else None
-
-
-def _clean_sentence_answer(s):
-    """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42';  '\\[ 9 \\]' -> '9';
-    a sentence in words ('The volume of $V$ is 120') -> its last formula or number ('120')."""
-    s = s.strip().strip("*").strip()
-    for opening, closing in (("$$", r"\$\$"), ("$", r"(?<!\\)\$"), ("\\(", r"\\\)"),
-                             ("\\[", r"\\\]")):
-        if s.startswith(opening):                          # a formula, perhaps unclosed
-            end = re.compile(closing).search(s, len(opening))
-            s = s[len(opening):end.start() if end else None]
-            break
-    else:
-        s = re.split(r"\.(?:\s|$)|\n", s, maxsplit=1)[0]   # cut at the end of the sentence
-        words = re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}\b",
-                           _MATH_SPAN_RE.sub("", s[:_MAX_ANSWER_CHARS]))
-        if len(s) <= _MAX_ANSWER_CHARS and len(words) >= 2:        # a sentence, not "5 apples"
-            s = _last_formula_or_number(s) or s
-    return re.sub(r"^[\s*]+|[\s*.]+$", "", s)              # markdown bold, the final full stop
-
-
-def _marked_answer(text):
-    """The last box, unless a later answer phrase states a value or says "final" (then the phrase's
-    answer); else the last answer phrase; None without either."""
-    phrase = None
-    for phrase in _ANSWER_PHRASE_RE.finditer(text, max(0, len(text) - _TAIL_CHARS)):
-        pass
-    boxed = _boxed_answer(text)
-    if phrase and (boxed is None or boxed[0] < phrase.start() and (
-            "final" in text[max(0, phrase.start() - 8):phrase.start()].lower()
-            or _STATES_A_VALUE_RE.match(text, phrase.end()))):
-        after = text[phrase.end():phrase.end() + _MAX_BOXED_CHARS]
-        # overriding a box, the phrase gives the value it states FIRST ("The answer is 10 apples,
-        # 2 more than Tom's 8" is 10), not a sentence's last number
-        first = _LEADING_NUMBER_RE.match(after) if boxed else None
-        answer = first[1].replace(",", "") if first else _clean_sentence_answer(after)
-        if answer:
-            return answer
-    return boxed[1] if boxed else None
-
-
-# Normalisation, step 1: LaTeX and notation, (pattern, replacement) applied in this order.
-def _repeating_decimal(m):
-    """0.1\\overline{6} -> \\frac{15}{90}: (all the digits - those before the repeating n) over
-    10^k (10^n - 1), for k digits after the point before the repeating ones."""
-    whole, fixed, repeat = m[1] or "0", m[2], m[3]
-    return (f"\\frac{{{int(whole + fixed + repeat) - int(whole + fixed)}}}"
-            f"{{{10 ** len(fixed) * (10 ** len(repeat) - 1)}}}")
-
-
-_LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
-    (r"\\\\(?=[A-Za-z])", r"\\"),                               # \\frac: a backslash escaped twice
-    (r"[−–]", "-"),                                             # unicode minus and dash
-    (r"×", r"\\times "), (r"·", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "),
-    (r"∞", r"\\infty "), (r"∪", r"\\cup "), (r"≈", r"\\approx "),
-    (r"²", "^2"), (r"³", "^3"),
-    (r"(\d*)\.(\d{0,50})\\(?:overline|bar)\s*\{(\d{1,50})\}", _repeating_decimal),  # 0.\bar{3}
-    (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),                     # \dfrac, \tfrac, \cfrac are \frac
-    (r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![A-Za-z])", ""),   # sizing commands
-    (r"(?<=\d)(?:\{,\}|,\\!\s?|\\[,!])(?=\d{3}(?!\d))", ","),    # 14{,}916, 2,\!500, 1\,234
-    (r"\\[!,;: ]|\\q?quad(?![A-Za-z])|~", " "),                  # LaTeX spacing
-    (r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])|°", ""),   # degrees
-    (r"\\[()\[\]]|\\?\$", ""),                                   # math delimiters, dollar signs
-    (r"\\(?:leq?|leqslant)(?![A-Za-z])|≤", "<="),                # relations in one spelling
-    (r"\\(?:geq?|geqslant)(?![A-Za-z])|≥", ">="),
-    (r"\\neq?(?![A-Za-z])|≠", "!="), (r"\\lt(?![A-Za-z])", "<"), (r"\\gt(?![A-Za-z])", ">"),
-    (r"\+\s*\\infty|\\infin(?:ity)?(?![A-Za-z])", r"\\infty"),   # +\infty = \infty
-    (r",?\s*(?:\\(?:text\w*|mathrm)\s*\{\s*(?:and|or|,)\s*\}|\b(?:and|or)\b)|;", ","),   # 6 and 8
-    (r"(\^\{?\d+\}?)\s+(?=\d)", r"\1*"),                          # 2^6 3^5 is a product
-    (r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2+\3/\4)"),            # mixed number "1 1/2" = 1 + 1/2
-    (r"\\+\s*$", ""),                                           # a stray trailing backslash: "185\"
-]]
-_UNITS = (r"(?:[kcm]m|kg|mg|ml|lbs?|oz|ft|in|yd|mi|mph|hrs?|hours?|mins?|minutes?|secs?|seconds?"
-          r"|days?|weeks?|months?|years?|dollars?|cents?|miles?|met(?:er|re)s?|inch(?:es)?|feet"
-          r"|foot|pounds?|lit(?:er|re)s?|gallons?|units?|degrees?)")
-_NUMBER_WORDS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
-    " sixteen seventeen eighteen nineteen twenty".split())}
-_NUMBER_WORDS.update((w, 10 * i) for i, w in enumerate("thirty forty fifty sixty seventy eighty"
-                                                       " ninety".split(), 3))
-_TENS, _ONES = "|".join(list(_NUMBER_WORDS)[20:]), "|".join(list(_NUMBER_WORDS)[1:10])
-# "five" is 5, but "one half", "two thirds", "five million", "zero point five" are not 1, 2, 5, 0
-_SCALE_WORDS = (r"(?:hundred|thousand|[mbtr]illion|point|halfs?|halves|quarters?|thirds?|fourths?|"
-                r"fifths?|sixths?|sevenths?|eighths?|ninths?|tenths?)s?\b")
-_NUMBER_WORDS_RE = (rf"(?i)^(?:({_TENS})(?:[\s-]({_ONES}))?|({'|'.join(_NUMBER_WORDS)}))\b"
-                    rf"(?![\s-]*{_SCALE_WORDS})")
-# Step 4, once \text, names and glosses are gone: one spelling for one value.
-_CANONICAL_RULES = [(re.compile(p), r) for p, r in [
-    (_NUMBER_WORDS_RE, lambda m: str(_NUMBER_WORDS[(m[1] or m[3]).lower()]   # twenty-one -> 21
-                                     + _NUMBER_WORDS.get(str(m[2]).lower(), 0))),
-    (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s(?!(?i:{_SCALE_WORDS}))[A-Za-z]+"
-     r"(?:\s+[A-Za-z]+)*)\s*"
-     r"(?:\^\{?[23]\}?)?\.?\s*$", r"\1"),                        # 10cm^2, 10 weeks -> 10 (not 6xy)
-    (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234
-    (r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", ""),                 # spaces, but one between letters
-    (r"\\frac(\d)(\d)", r"\\frac{\1}{\2}"),                      # \frac12 -> \frac{1}{2}
-    (r"\\frac(\d)\{", r"\\frac{\1}{"),
-    (r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}"),
-    (r"\\sqrt(\d+)", r"\\sqrt{\1}"),                             # \sqrt2 -> \sqrt{2}
-    (r"(\d)\*(?=[A-Za-z\\(])", r"\1"),                           # 2*x -> 2x
-    (r"([_^])\{(\w)\}", r"\1\2"),                                # x^{2} -> x^2
-    (r"(?<![\d}])\.(\d)", r"0.\1"),                              # .5 -> 0.5
-    (r"(\d\.\d*?)0+(?!\d)", r"\1"),                              # 2.50 -> 2.5
-    (r"(\d)\.(?!\d)", r"\1"),                                    # 3. -> 3
-    (r"^(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$", r"\1(\2+\3/\4)"),  # mixed number 7\frac{1}{2} = 7.5
-    (r"^\(([A-Z])\)?$|^([A-Z])\)$", r"\1\2"),                    # choices: (B), B) -> B
-    (r"^([^,]*?)\\pm([^,]*)$", r"\1+\2,\1-\2"),                  # 1\pm\sqrt{2}: both signs
-    (r"^([^<>=]+)(<=?)[A-Za-z](<=?)([^<>=]+)$",                   # -2 <= x < 7 -> [-2,7)
-     lambda m: f"{'[' if m[2] == '<=' else '('}{m[1]},{m[4]}{']' if m[3] == '<=' else ')'}"),
-    (r"^([^<>=A-Za-z]+)([<>])(=?)([A-Za-z])$",                      # 5 >= x -> x <= 5
-     lambda m: f"{m[4]}{'<' if m[2] == '>' else '>'}{m[3]}{m[1]}"),
-    (r"^[A-Za-z]([<>])(=?)([^<>=]+)$",                            # x > 5 -> (5,\infty)
-     lambda m: (f"{'[' if m[2] else '('}{m[3]},\\infty)" if m[1] == ">"
-                else f"(-\\infty,{m[3]}{']' if m[2] else ')'}")),
-]]
-_TEXT_COMMAND_RE = re.compile(r"\\(?:text\w*|math(?:rm|bf|it|sf)|mbox|hbox|operatorname)\s*\{")
-_MATRIX_RE = re.compile(r"(?:\\left\s*[\[(]\s*)?\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?"
-                        r"(.*?)\\end\{\1\}(?:\s*\\right\s*[\])])?", re.S)
-# x, a_{n+1}, \theta, f^{-1}(x), f'(x), P(A), \angle ABC, \overline{AB}
-_NAME = (r"(?:\\angle\s*|\\overline\{)?\\?[A-Za-z]+\}?'*(?:[_^](?:\{[^{}=]{1,12}\}|\w))*"
-         r"(?:\([^()=]{0,20}\))?")
-_NAME_RE = re.compile(rf"\s*(?:{_NAME}|\(\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\))\s*")   # or (a, b)
-_NAME_IN_RE = re.compile(rf"^\s*{_NAME}\s*\\(?:in|approx)(?![A-Za-z])\s*")   # x \in [-2, 7]
-_GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)     # \sqrt{3} \approx 1.73
-_EQUALS_RE = re.compile(r"(?<![<>!=])=(?!=)")
-
-
-@dataclasses.dataclass
-class _Answer:
-    """One answer, normalised."""
-    text: str          # the canonical string
-    percent: bool      # it had a percent sign: 25% may mean 25 or 0.25
-    names: list        # the left sides dropped, sorted: x = 7 -> ['x']
-    components: str    # x = 3, y = -2 -> '(3,-2)': values in the order of their names, or None
-
-
-def _normalise(s):
-    """The _Answer of one answer string."""
-    if "\\boxed" in s or "\\fbox" in s:                  # a gold written as a completion
-        s = _marked_answer(s) or s
-    s = _MATRIX_RE.sub(_matrix_to_lists, s.strip())       # first: its \\ are not LaTeX spacing
-    for pattern, replacement in _LATEX_RULES:
-        s = pattern.sub(replacement, s)
-    had_percent = "%" in s
-    s = _strip_text_commands(s.replace("\\%", "").replace("%", ""))
-    text, names, components = _drop_names(s.rstrip(". ").strip())
-    return _Answer(_canonical(text), had_percent, names, components and _canonical(components))
-
-
-def _canonical(s):
-    for pattern, replacement in _CANONICAL_RULES:
-        s = pattern.sub(replacement, s)
-    return s
-
-
-def _strip_text_commands(s):
-    """\\text{cm} after a number is a unit: drop it. \\text{(B)} alone is the answer: unwrap it."""
-    for _ in range(20):                                   # bounded: at most 20 \text blocks
-        m = _TEXT_COMMAND_RE.search(s)
-        if m is None:
-            return s
-        end = _closing_brace(s, m.end() - 1)
-        if end is None:                                   # unbalanced: drop the command name only
-            return s[:m.start()] + s[m.end() - 1:]
-        before, inner, after = s[:m.start()], s[m.end():end], s[end + 1:]
-        is_unit = (re.search(r"[\d}]\s*$", before)                    # "5 \text{cm}^2"
-                   and re.fullmatch(r"\s*[A-Za-z][A-Za-z ./]*", inner)
-                   and re.fullmatch(r"\s*(?:\^\s*\{?\d\}?)?\s*", after))
-        s = before if is_unit else before + inner + after
-    return s
-
-
-def _matrix_to_lists(m):
-    """\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix} -> [[1,2],[3,4]] (any matrix kind)."""
-    rows = [row for row in re.split(r"\\\\", m.group(2)) if row.strip()]
-    return "[" + ",".join("[" + ",".join(row.split("&")) + "]" for row in rows) + "]"
-
-
-def _is_numeric(s):
-    """No letters but those of \\frac, \\sqrt, \\pi, \\infty, \\cdot, \\times, \\div."""
-    return not re.search(r"[A-Za-z]", re.sub(r"\\(?:frac|sqrt|pi|infty|cdot|times|div)(?![A-Za-z])",
-                                             "", s))
-
-
-def _drop_names(s):
-    """(answer, names, components): 'x = 7' -> '7', 'f(x) = 2x+3' -> '2x+3', '(a,b) = (2,7)' ->
-    '(2,7)', '|AB| = 1' -> '1', a chain '1/2 = 2/4 = 0.5' -> its last side, 'x \\in [1, 2]' ->
-    '[1, 2]', 'x = 1, y = 2' -> '1, 2' with components '(1,2)'. An equation ('2x + y = z',
-    '7 = 11a + c') is kept whole."""
-    parts, names, named = [], [], []
-    for part in _split_top_level(_GLOSS_RE.sub("", _NAME_IN_RE.sub("", s, count=1))):
-        *left, right = _EQUALS_RE.split(part)
-        if left and (all(_NAME_RE.fullmatch(x) for x in left) or _is_numeric(right)):
-            part, new = right, [re.sub(r"\s+", "", x) for x in left if not _is_numeric(x)]
-            if len(left) == 1 == len(new) and new[0][0] != "(":
-                named.append((new[0], right))
-            names += [n for x in new for n in (x[1:-1].split(",") if x[0] == "(" else [x])]
-        parts.append(part)
-    # components in name order (y, x -> x, y; a_{37}, a_3 -> a_3, a_{37}; r, \theta), except when
-    # every name is Greek: then as written (\rho, \theta, \phi has no alphabetical convention)
-    if not all(name.startswith("\\") for name, _ in named):
-        named.sort(key=lambda item: item[0].lstrip("\\"))
-    components = len(named) == len(parts) > 1 and f"({','.join(v for _, v in named)})"
-    return ",".join(parts), sorted(names), components or None
-
-
 # Comparing normalised answers: numbers exactly, expressions at sample points, then structure.
 def _equiv(a, a_pct, b, b_pct, depth=0):
     """Equivalence of two normalised answers (see is_equiv)."""
@@ -1003,11 +665,11 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
     if any(sets):                                          # a set: an unordered list
         return _equiv(pa[2] if sets[0] else a, a_pct, pb[2] if sets[1] else b, b_pct, depth + 1)
     if pa and pb:                                          # tuples, intervals, matrices
-        ea, eb = _split_top_level(pa[2]), _split_top_level(pb[2])
+        ea, eb = split_top_level(pa[2]), split_top_level(pb[2])
         return (pa[:2] == pb[:2] and len(ea) == len(eb)
                 and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
     if not pa and not pb and ("," in a or "," in b):       # "1, 2" vs "2,1,1": sets of solutions
-        return _same_elements(_split_top_level(a), _split_top_level(b), depth)
+        return _same_elements(split_top_level(a), split_top_level(b), depth)
     words = r"[A-Za-z]{2,}(?: [A-Za-z]+)*"                  # a text answer: Yes = yes
     return bool(re.fullmatch(words, a) and re.fullmatch(words, b)) and a.lower() == b.lower()
 
@@ -1021,27 +683,24 @@ def _same_elements(ea, eb, depth):
 
 
 def _close(u, v):
-    """Exact values (Fraction) are equal or not; a value computed through an irrational (a float
-    here) is equal to 1e-12 relative: \\sqrt{2}\\sqrt{8} = 4. _numbers_equal keeps a WRITTEN
-    decimal (3.14, 3.141592653589793) from ever equalling such a value (\\pi)."""
+    """Fractions are equal or not; a float (a value computed through an irrational) is equal to
+    1e-12 relative: \\sqrt{2}\\sqrt{8} = 4 (but a WRITTEN decimal is never \\pi: _numbers_equal)."""
     if isinstance(u, Fraction) and isinstance(v, Fraction):
         return u == v
     return math.isclose(float(u), float(v), rel_tol=1e-12, abs_tol=1e-12)
-
-
-# a decimal, perhaps in scientific notation: 2.5, 2.5\times10^{-3}
-_DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)(?:\\(?:times|cdot)10\^\{?(-?\d{1,3})\}?)?")
 
 
 def _numbers_equal(a, x, a_pct, b, y, b_pct):
     """Numbers x, y (values of the normalised answers a, b) are equal when _close, or when one is
     a decimal written with 3+ significant digits and the other a rational, not a literal, that
     rounds to it: 0.333 = 1/3, but 0.33 != 1/3 (two digits say too little), 70001 != 70000."""
+    # a written decimal, perhaps in scientific notation: 2.5, 2.5\times10^{-3}
+    decimal_re = re.compile(r"-?(\d*)\.(\d+)(?:\\(?:times|cdot)10\^\{?(-?\d{1,3})\}?)?")
     def forms(s, v, pct):   # [(value, decimal places if a rounding)]: 25% may mean 25 or 0.25
-        m = _DECIMAL_RE.fullmatch(s)
+        m = decimal_re.fullmatch(s)
         places = len(m[2]) - int(m[3] or 0) if m and len((m[1] + m[2]).lstrip("0")) >= 3 else 0
         return [(v, places)] + ([(v / 100, places and places + 2)] if pct else [])
-    if isinstance(x, Fraction) != isinstance(y, Fraction) and _DECIMAL_RE.search(
+    if isinstance(x, Fraction) != isinstance(y, Fraction) and decimal_re.search(
             a if isinstance(x, Fraction) else b):    # a written decimal is never an irrational
         return False
     literal = [bool(re.fullmatch(r"-?\d+(?:\.\d+)?", s)) for s in (a, b)]
@@ -1069,20 +728,6 @@ def _same_function(a, b):
     return True
 
 
-def _split_top_level(s):
-    """Split at commas outside any bracket. '(1,(2,3))' inner -> ['1', '(2,3)']."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(s):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(s[start:i])
-            start = i + 1
-    return parts + [s[start:]]
-
-
 def _bracketed(s):
     """'(1,2]' -> ('(', ']', '1,2') when one bracket pair encloses the whole string, else None."""
     s = s.replace("\\{", "{").replace("\\}", "}")
@@ -1096,9 +741,8 @@ def _bracketed(s):
     return s[0], s[-1], s[1:-1]
 
 
-# The parser: exact rationals (Fraction) where it can, floats for irrationals, None otherwise.
 class _NotANumber(Exception):
-    pass
+    """What the parser raises when the text is not a number it can evaluate (_to_number: None)."""
 
 
 _TOKEN_RE = re.compile(r"\d+(?:\.\d+)?|\\[A-Za-z]+|\S")
@@ -1198,7 +842,10 @@ def _power(base, exponent):
         raise _NotANumber
     if isinstance(base, Fraction) and isinstance(exponent, Fraction) and exponent.denominator <= 64:
         p, q = exponent.numerator, exponent.denominator
-        num, den = (_integer_root(abs(n), q) for n in (base.numerator, base.denominator))
+        def root(n):                                   # r with r^q = n for an integer n >= 0
+            r = n if q == 1 else math.isqrt(n) if q == 2 else round(n ** (1 / q))
+            return next((c for c in (r - 1, r, r + 1) if c >= 0 and c ** q == n), None)
+        num, den = root(abs(base.numerator)), root(base.denominator)
         if num is not None and den is not None and (base >= 0 or q % 2):
             if max(num.bit_length(), den.bit_length()) * abs(p) > 100_000:
                 raise _NotANumber
@@ -1208,16 +855,9 @@ def _power(base, exponent):
     return float(base) ** float(exponent)                 # floats: overflow raises, never hangs
 
 
-def _integer_root(n, q):
-    """r with r^q = n for an integer n >= 0, else None."""
-    r = n if q == 1 else math.isqrt(n) if q == 2 else round(n ** (1 / q))
-    return next((c for c in (r - 1, r, r + 1) if c >= 0 and c ** q == n), None)
-
-
 # The math-verify worker: math-verify's own timeouts use signals, which work only in a main thread,
 # and a sympy call that never returns can only be stopped by killing its process. So it runs in a
-# worker process, one request at a time; a worker late with its verdict is killed, and a spare
-# (started after the first verdict) takes over.
+# worker process, one request at a time; a late worker is killed and a spare takes over.
 _WORKER_SCRIPT = r"""
 import json, sys
 out, sys.stdout = sys.stdout, sys.stderr       # only verdicts go to the parent
@@ -1273,8 +913,8 @@ def _math_verify(pred, gold, started, completion=False):
     waits for the lock and for a starting worker included). pred is an answer, or with
     completion=True a completion's end, which math-verify reads on its own."""
     deadline = started + _CHECK_LIMIT_S
-    pred = pred[-2 * _MAX_ANSWER_CHARS:] if completion else f"\\boxed{{{pred}}}"
-    if (len(pred) > 2 * _MAX_ANSWER_CHARS or len(gold) > _MAX_ANSWER_CHARS
+    pred = pred[-2 * MAX_ANSWER_CHARS:] if completion else f"\\boxed{{{pred}}}"
+    if (len(pred) > 2 * MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS
             or _pool.failed_starts >= 3
             or not _pool.lock.acquire(timeout=max(deadline - time.monotonic(), 0))):
         return None                                       # (or other threads took the time)
@@ -1337,7 +977,6 @@ def _stop_workers(workers=None):
 
 
 atexit.register(_stop_workers)
-
 
 
 if __name__ == "__main__":   # below the checker, so that every name in the file is defined
