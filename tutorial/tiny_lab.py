@@ -242,9 +242,10 @@ def pretrain(cfg, tokenizer, device, seed, val_problems, log=print):
     log(f"pre-train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(documents)} documents, {len(stream) / 1e6:.2f}M tokens in {len(rows)} rows of "
         f"{block}; batches of {cfg['pretrain_batch']} rows; prose skill on {len(val_problems)} "
-        f"validation questions every {cfg['pretrain_eval_every']} steps, stop when the last "
-        f"{cfg['pretrain_patience']} lie within {cfg['pretrain_tolerance']:g} (at most "
-        f"{cfg['pretrain_max_steps']} steps), then cool down over {cfg['pretrain_cooldown']:g} x the steps")
+        f"validation questions every {cfg['pretrain_eval_every']} steps, stop when none of the "
+        f"last {cfg['pretrain_patience']} beats the best before them by {cfg['pretrain_tolerance']:g}"
+        f" (from step {cfg['pretrain_min_steps']}, at most {cfg['pretrain_max_steps']} steps), then "
+        f"cool down over {cfg['pretrain_cooldown']:g} x the steps")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["pretrain_lr"], betas=(0.9, 0.95),
                                   weight_decay=0.1)
     generator = torch.Generator().manual_seed(seed)
