@@ -156,3 +156,14 @@ def test_too_long_truncate_cuts_instead_of_dropping_and_is_recorded(tmp_path, ca
     assert re.search(r"data: 16 examples, [1-9]\d* truncated to --max-len 310, 0 dropped", log), log
     assert json.load(open(tmp_path / "cut" / "args.json"))["too_long"] == "truncate"
     assert json.load(open(tmp_path / "drop" / "args.json"))["too_long"] == "drop"
+
+
+def test_start_run_files_keeps_the_rows_before_the_start(tmp_path):
+    """A resume at step 1 keeps the rows of steps 0 and 1 (rl.py logs a step-0 held-out accuracy);
+    a fresh run (step 0) in the same directory keeps none, not even the old step-0 row."""
+    old = [{"step": 0, "eval_accuracy": 0.5}, {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+    for start, kept in ((1, [0, 1]), (0, [])):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+        path = eksft.start_run_files(str(tmp_path), {"seed": 0}, start)
+        assert [json.loads(l)["step"] for l in open(path)] == kept
+        assert json.load(open(tmp_path / "args.json")) == {"seed": 0}
