@@ -14,7 +14,7 @@ Small models' scores move by 5-30 points with the prompt and the answer extracti
 measured under a named protocol (data.PROTOCOLS). --protocol qwen-math (the default) is the
 Qwen2.5-Math harness whose numbers papers report: zero-shot, its system prompt (data.SYSTEM_PROMPT)
 and the question rendered by the model's chat template (for Qwen2.5 exactly the harness's string,
-tested), greedy, 2048 new tokens, the answer data.extract_answer finds stated (the last \\boxed{},
+tested), greedy, 2048 new tokens, the answer rl.extract_answer finds stated (the last \\boxed{},
 "the answer is X", ...), else the last number. --protocol strict is the RL reward's own rules (no
 last-number fallback, 1024 tokens). Every setting, the checker and the seed go into summary.json;
 a rerun into a directory measured otherwise is refused, and --compare warns when runs differ.
@@ -52,10 +52,10 @@ import torch
 
 import eksft   # plumbing: device, model loading, output directory, JSON files
 from data import (PROTOCOLS, SYSTEM_PROMPT, ArgumentParser, DataError, HelpFormatter, UserError,
-                  end_of_turn_ids, encode_prompt, extract_answer, load_qa, prompt_messages, render,
-                  require, run_cli)
-from rl import (CHECKERS, checker_description, default_checker, generate_completions, is_equiv,
-                math_reward)
+                  end_of_turn_ids, encode_prompt, load_qa, prompt_messages, render, require,
+                  run_cli)
+from rl import (CHECKERS, checker_description, default_checker, extract_answer,
+                generate_completions, is_equiv, math_reward)
 
 
 # -----------------------------------------------------------------------------

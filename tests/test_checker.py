@@ -108,6 +108,31 @@ def test_extract_answer_last_number(text, expected):
 
 
 # ----------------------------------------------------------------------------
+# normalise_answer: one row per rule of its tables, worked by hand from the rule's comment
+
+NORMALISED = [
+    # answer,          text,            percent, names,     components, equation, numeric
+    ("x = 7",          "7",             False, ["x"],       None,       False, True),   # a name
+    ("y = 2x + 3",     "2x+3",          False, ["y"],       None,       False, False),
+    ("2x + y = 0",     "0",             False, ["2x+y"],    None,       True,  True),   # equation
+    ("x = 3, y = -2",  "3,-2",          False, ["x", "y"],  "(3,-2)",   False, True),   # a point
+    ("25\\%",          "25",            True,  [],          None,       False, True),
+    ("\\dfrac12",      "\\frac{1}{2}",  False, [],          None,       False, True),
+    ("1,234",          "1234",          False, [],          None,       False, True),
+    ("0.50",           "0.5",           False, [],          None,       False, True),
+    ("10 \\text{cm}",  "10",            False, [],          None,       False, True),   # a unit
+    ("\\text{(B)}",    "B",             False, [],          None,       False, False),  # a choice
+    ("twenty-one",     "21",            False, [],          None,       False, True),
+]
+
+
+@pytest.mark.parametrize("answer, text, percent, names, components, equation, numeric", NORMALISED)
+def test_normalise_answer(answer, text, percent, names, components, equation, numeric):
+    assert rl.normalise_answer(answer) == rl.Answer(text, percent, names, components, equation,
+                                                    numeric)
+
+
+# ----------------------------------------------------------------------------
 # is_equiv with the builtin rules: (prediction, gold, expected)
 
 EQUIV_CASES = [
