@@ -54,8 +54,8 @@ import eksft   # plumbing: device, model loading, output directory, JSON files
 from data import (PROTOCOLS, SYSTEM_PROMPT, ArgumentParser, DataError, HelpFormatter, UserError,
                   end_of_turn_ids, encode_prompt, load_qa, prompt_messages, render, require,
                   run_cli)
-from rl import (CHECKERS, checker_description, default_checker, extract_answer,
-                generate_completions, is_equiv, math_reward)
+from rl import (CHECKERS, checker_description, default_checker, generate_completions, grade,
+                is_equiv)
 
 
 # -----------------------------------------------------------------------------
@@ -136,13 +136,13 @@ def generation_calls(pending, prompt_lengths, samples, batch_size, sort_and_batc
 
 
 def score_row(question_index, sample_index, problem, out, checker, last_number=False):
-    """One per-sample JSONL row: the checker is rl.math_reward, the RL reward (plus, with
-    last_number, the harness's fallback to the last number when no answer is stated)."""
+    """One per-sample JSONL row, graded by rl.grade as the RL reward is (plus, with last_number,
+    the harness's fallback to the last formula or number when no answer is stated); 'extracted'
+    is the answer it compared."""
+    verdict = grade(out["text"], problem["answer"], checker=checker, last_number=last_number)
     return {"question_index": question_index, "sample_index": sample_index,
             "question": problem["question"], "gold": problem["answer"], "completion": out["text"],
-            "extracted": extract_answer(out["text"], last_number=last_number),
-            "correct": math_reward(out["text"], problem["answer"], checker=checker,
-                                   last_number=last_number) == 1.0,
+            "extracted": verdict.answer, "correct": verdict.correct,
             "truncated": bool(out["truncated"]), "completion_tokens": len(out["completion_ids"])}
 
 

@@ -371,8 +371,9 @@ def train(args):
                 seed=args.seed * 1_000_003 + step)
         gen_seconds = time.perf_counter() - t0
         texts = [out["text"] for out in rollouts]
-        rewards = torch.tensor([float(reward_fn(t, g)) for t, g in zip(texts, golds)])   # (N,)
-        correct = [is_equiv(extract_answer(t), g, args.checker) for t, g in zip(texts, golds)]
+        scored = [reward_fn(t, g) for t, g in zip(texts, golds)]   # (reward, Verdict): one grade
+        rewards = torch.tensor([float(reward) for reward, _ in scored])                # (N,)
+        correct = [verdict.correct for _, verdict in scored]
 
         # 3. advantages, and the update (flat groups have advantage 0: see rl_step)
         advantages, informative = group_advantages(rewards, G, scale_by_std=not args.no_std)
@@ -412,7 +413,7 @@ def train(args):
             for k in sorted({int(rewards.argmax()), int(rewards.argmin())}):   # best and worst
                 shown = "".join(c if c.isprintable() or c == "\n" else "?" for c in texts[k][:800])
                 tqdm.write(f"--- sample {k} | gold {golds[k]} | extracted "
-                           f"{extract_answer(texts[k])!r} | reward {rewards[k]:.3f}\n{shown}"
+                           f"{scored[k][1].answer!r} | reward {rewards[k]:.3f}\n{shown}"
                            + (" [...]" if len(texts[k]) > 800 else ""))
 
         # 5. held-out accuracy and checkpoints (atomic: complete or absent)
@@ -431,11 +432,15 @@ def train(args):
 
 
 def reward_function(args):
-    """reward(text, gold) -> float, from --reward, --checker, --format-reward, --strict-reward."""
-    if args.reward == "digits":   # a toy dense reward: the fraction of characters that are digits
-        return lambda text, gold: sum(c.isdigit() for c in text) / max(len(text), 1)
-    return lambda text, gold: math_reward(text, gold, checker=args.checker, last_number=not
-                                          args.strict_reward, format_reward=args.format_reward)
+    """reward(text, gold) -> (reward, Verdict): the completion graded once (grade, with --checker
+    and --strict-reward), its reward from --reward and --format-reward. Its verdict is also the
+    logged accuracy and the printed 'extracted'."""
+    def reward(text, gold):
+        verdict = grade(text, gold, checker=args.checker, last_number=not args.strict_reward)
+        if args.reward == "digits":   # a toy dense reward: the share of characters that are digits
+            return sum(c.isdigit() for c in text) / max(len(text), 1), verdict
+        return verdict_reward(verdict, text, args.format_reward), verdict
+    return reward
 
 
 def evaluate_accuracy(model, tokenizer, rows, args, autocast):
@@ -447,9 +452,9 @@ def evaluate_accuracy(model, tokenizer, rows, args, autocast):
         outputs = generate_completions(
             model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
             batch_size=args.prompts_per_step * args.group_size, static_cache=args.static_cache)
-    scores = [math_reward(o["text"], r["answer"], checker=args.checker,
-                          last_number=proto["last_number"]) for o, r in zip(outputs, rows)]
-    return sum(scores) / len(rows)
+    verdicts = [grade(o["text"], r["answer"], checker=args.checker,
+                      last_number=proto["last_number"]) for o, r in zip(outputs, rows)]
+    return sum(v.correct for v in verdicts) / len(rows)
 
 
 # ----------------------------------------------------------------------------
@@ -532,10 +537,11 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# 5. The answer checker, all of it: extract_answer reads the final answer a completion (or a gold)
-# states, normalise_answer spells it one way per value, is_equiv compares two of them, math_reward
-# scores a completion with it. Read down: these, then finding the answer, spelling it (rule
-# tables, a comment per rule), comparing, the parser, the math-verify worker. The checkers:
+# 5. The answer checker, all of it. grade gives one completion's verdict: extract_answer reads the
+# final answer it states, normalise_answer spells that one way per value, is_equiv compares it with
+# the gold; math_reward turns the verdict into a reward. Read down: these, then finding the answer,
+# spelling it (rule tables, a comment per rule), comparing, the parser, the math-verify worker.
+# The checkers:
 #   builtin      a small parser: numbers exactly, expressions in one-letter variables by value;
 #   math-verify  the math-verify package (sympy), in a worker process under a hard time limit;
 #   auto         a builtin "equal" is final, and so is its "not equal" on numbers, tuples,
@@ -553,23 +559,55 @@ MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
 TAIL_CHARS = 20_000       # answer phrases and the last number are looked for in the last 20,000
 
 
-def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=True):
-    """1.0 when the answer the completion states (extract_answer) is equivalent to gold, else 0.0,
-    or format_reward (default 0) if that wrong completion is at least \\boxed. One that states no
-    answer is read as the Qwen2.5-Math harness and math-verify read it (its last formula or number;
-    with auto or math-verify, by math-verify too), as evaluate.py's default protocol scores it;
-    last_number=False is the strict reward (evaluate.py --protocol strict)."""
+class Verdict(NamedTuple):
+    """What grade decides about one completion."""
+    correct: bool          # its answer is equivalent to the gold
+    answer: str | None     # the answer compared: the stated one, else (last_number) the last
+                           # formula or number, else None
+    stated: bool           # it states an answer (extract_answer): \boxed, "the answer is", ####
+    by_last_number: bool   # correct through the last-number fallback only (it states no answer)
+
+
+def grade(completion, gold, *, checker=None, last_number=False):
+    """The one definition of correct: the RL reward, rl.py's logged and held-out accuracy and
+    evaluate.py's scores all come from this verdict. The answer the completion states
+    (extract_answer) is compared with gold (is_equiv); a stated answer is final. A completion that
+    states none is wrong, unless last_number=True (the qwen-math evaluation protocol's rule): then
+    it is read as the Qwen2.5-Math harness and math-verify read it, by its last formula or number
+    after any </think> (with auto or math-verify, by math-verify too).
+
+    >>> grade("Kim has 70. The answer is 70.", "70", checker="builtin")
+    Verdict(correct=True, answer='70', stated=True, by_last_number=False)
+    >>> grade("So Kim has 70 apples now.", "70", checker="builtin")
+    Verdict(correct=False, answer=None, stated=False, by_last_number=False)
+    >>> grade("So Kim has 70 apples now.", "70", checker="builtin", last_number=True)
+    Verdict(correct=True, answer='70', stated=False, by_last_number=True)
+    """
     started, checker = time.monotonic(), _resolve_checker(checker)
-    pred, correct = extract_answer(completion), False
-    if pred is not None:
-        correct = is_equiv(pred, gold, checker)
-    elif last_number and isinstance(completion, str) and isinstance(gold, str):
-        text = completion.rpartition("</think>")[2][-TAIL_CHARS:]
-        answer = last_formula_or_number(text)
-        correct = (answer is not None and checker != "math-verify"
-                   and is_equiv(answer, gold, "builtin")
-                   or checker != "builtin" and bool(_math_verify(text, gold, started, True)))
-    if correct:
+    stated = extract_answer(completion)
+    if stated is not None:
+        return Verdict(is_equiv(stated, gold, checker), stated, True, False)
+    if not (last_number and isinstance(completion, str) and isinstance(gold, str)):
+        return Verdict(False, None, False, False)
+    text = completion.rpartition("</think>")[2][-TAIL_CHARS:]
+    answer = last_formula_or_number(text)
+    correct = (answer is not None and checker != "math-verify" and is_equiv(answer, gold, "builtin")
+               or checker != "builtin" and bool(_math_verify(text, gold, started, True)))
+    return Verdict(correct, answer, False, correct)
+
+
+def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=True):
+    """grade's verdict as a reward (verdict_reward). Here last_number=True by default: a completion
+    that states no answer is read by its last formula or number, as evaluate.py's default protocol
+    scores it; last_number=False is the strict reward (evaluate.py --protocol strict)."""
+    verdict = grade(completion, gold, checker=checker, last_number=last_number)
+    return verdict_reward(verdict, completion, format_reward)
+
+
+def verdict_reward(verdict, completion, format_reward=0.0):
+    """1.0 for a correct completion, else format_reward (default 0) if it is at least \\boxed,
+    else 0.0."""
+    if verdict.correct:
         return 1.0
     if format_reward and isinstance(completion, str) and boxed_answer(completion):
         return float(format_reward)
