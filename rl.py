@@ -24,6 +24,12 @@ Simplifications (choices, not accidents):
      the denominator and the KL term; a step of only flat groups and no KL makes no update.
   6. --model tiny is a random network that never answers a maths question: its sanity run learns
      a toy reward instead (--reward digits: the fraction of digits it writes).
+  7. The maths reward scores only a stated answer (\\boxed, "the answer is X", "#### X"): a
+     completion that states none earns 0, even when its last number is the gold. Measured on
+     SmolLM2-135M-Instruct with the last-number fallback, 7 of 9 correct samples were looping,
+     truncated text that happened to end on the gold number. --reward-last-number adds that
+     fallback (evaluate.py's qwen-math protocol reads answers so). A truncated completion (no EOS
+     within --max-new-tokens) is graded like any other: a stated answer counts.
 """
 import atexit
 import dataclasses
@@ -433,10 +439,10 @@ def train(args):
 
 def reward_function(args):
     """reward(text, gold) -> (reward, Verdict): the completion graded once (grade, with --checker
-    and --strict-reward), its reward from --reward and --format-reward. Its verdict is also the
-    logged accuracy and the printed 'extracted'."""
+    and --reward-last-number), its reward from --reward and --format-reward. Its verdict is also
+    the logged accuracy and the printed 'extracted'."""
     def reward(text, gold):
-        verdict = grade(text, gold, checker=args.checker, last_number=not args.strict_reward)
+        verdict = grade(text, gold, checker=args.checker, last_number=args.reward_last_number)
         if args.reward == "digits":   # a toy dense reward: the share of characters that are digits
             return sum(c.isdigit() for c in text) / max(len(text), 1), verdict
         return verdict_reward(verdict, text, args.format_reward), verdict
@@ -479,7 +485,12 @@ def parse_args(argv=None):
     add("--reward", choices=["math", "digits"], help="math: 1 for a right answer; digits: a toy")
     add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence")
     add("--format-reward", type=float, default=0.0, help="reward for a wrong but \\boxed answer")
-    add("--strict-reward", action="store_true", help="only a stated answer (no last number) scores")
+    fallback = p.add_mutually_exclusive_group()
+    fallback.add_argument("--reward-last-number", action="store_true", help="score the last number "
+                          "when no answer is stated: the qwen-math evaluation protocol's rule, off "
+                          "for training")
+    fallback.add_argument("--strict-reward", action="store_true", help="only a stated answer "
+                          "scores: the default now, accepted for older commands")
     # rollouts
     add("--group-size", "-G", type=int, default=8, help="completions per prompt")
     add("--prompts-per-step", type=int, help="prompts per step")
@@ -599,7 +610,7 @@ def grade(completion, gold, *, checker=None, last_number=False):
 def math_reward(completion, gold, *, checker=None, format_reward=0.0, last_number=True):
     """grade's verdict as a reward (verdict_reward). Here last_number=True by default: a completion
     that states no answer is read by its last formula or number, as evaluate.py's default protocol
-    scores it; last_number=False is the strict reward (evaluate.py --protocol strict)."""
+    scores it; last_number=False is rl.py's training reward (and evaluate.py --protocol strict)."""
     verdict = grade(completion, gold, checker=checker, last_number=last_number)
     return verdict_reward(verdict, completion, format_reward)
 
@@ -616,9 +627,10 @@ def verdict_reward(verdict, completion, format_reward=0.0):
 
 def grpo_reward_fn(completions, answer, **kwargs):
     """Drop-in reward function for TRL's GRPOTrainer (dataset column "answer"):
-    GRPOTrainer(..., reward_funcs=[grpo_reward_fn]). Completions may be strings or chat messages."""
+    GRPOTrainer(..., reward_funcs=[grpo_reward_fn]). Completions may be strings or chat messages.
+    As rl.py's default reward, only a stated answer scores."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [math_reward(t, a) for t, a in zip(texts, answer)]
+    return [math_reward(t, a, last_number=False) for t, a in zip(texts, answer)]
 
 
 def is_equiv(pred, gold, checker=None):
