@@ -1,7 +1,7 @@
 """
-data.py: the data side of eksft. Loads SFT conversations and question/answer sets, reads the
-final answer a text states (and spells it one canonical way, for the answer checker in rl.py),
-turns a conversation into token ids plus a loss mask, and groups examples into batches.
+data.py: the data side of eksft. Reads SFT rows as chat conversations, turns a conversation into
+token ids plus a loss mask, loads question/answer sets and groups examples into batches. (Reading
+the final answer a completion states is the answer checker's job, at the end of rl.py.)
 
     python data.py --data synthetic --num-samples 3   # print a few rows as chat turns
 
@@ -35,7 +35,6 @@ import os
 import random
 import re
 import sys
-from typing import NamedTuple
 
 import torch
 
@@ -208,414 +207,6 @@ def load_conversations(source, seed=0, system_prompt=SYSTEM_PROMPT, log=print):
 
 
 # -----------------------------------------------------------------------------
-# Question/answer sets for RL and evaluation
-QUESTION_COLUMNS = ("question", "problem")  # GSM8K; MATH-500 and OpenR1-Math
-ANSWER_COLUMNS = ("answer",)                # all three (GSM8K's is a solution ending "#### 42")
-
-
-def qa_row(row, where):
-    """(question, answer, columns) of one question/answer row; `columns` says where each came
-    from, e.g. "question from 'problem', answer from 'answer'"."""
-    q_key = next((k for k in QUESTION_COLUMNS if k in row), None)
-    a_key = next((k for k in ANSWER_COLUMNS if k in row), None)
-    if q_key is None and a_key is None:   # another schema: show what the row has
-        raise DataError(f"{where}: missing fields 'question' (or 'problem') and 'answer'; it "
-                        f"has {sorted(row)[:8]}")
-    if q_key is None or a_key is None:
-        raise DataError(f"{where}: missing field " + ("'answer'" if q_key else
-                                                      "'question' (or 'problem')"))
-    question, answer = row[q_key], row[a_key]
-    if not isinstance(question, str) or not question.strip():
-        raise DataError(f"{where}: '{q_key}' must be a non-empty string")
-    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-        raise DataError(f"{where}: '{a_key}' must be a string or a number")
-    answer_from = f"'{a_key}'"
-    if isinstance(answer, str) and "####" in answer:
-        answer, answer_from = gsm8k_gold(answer), f"the text after the last '####' in '{a_key}'"
-    return question, str(answer), f"question from '{q_key}', answer from {answer_from}"
-
-
-def load_qa(source, limit=None, seed=0, log=print):
-    """A list of dict(question, answer) from an alias or a local .jsonl/.json/.parquet file.
-
-    Aliases: gsm8k (test), gsm8k-train, math500 (test), synthetic (held-out), synthetic-train.
-    A file's rows may be in GSM8K's, MATH-500's or OpenR1-Math's schema (qa_row); one line says
-    which columns were read."""
-    kind = source_kind(source, QA_ALIASES, "question/answer set", hub=False)
-    if source in ("synthetic", "synthetic-train"):
-        # held-out and training sets come from different seeds of the same generator
-        offset = 1 if source == "synthetic-train" else 10_000
-        rows = synthetic_problems(limit or 500, seed=seed + offset)
-        return [{"question": r["question"], "answer": r["answer"]} for r in rows]
-    if source in ("gsm8k", "gsm8k-train"):
-        split = "test" if source == "gsm8k" else "train"
-        rows = [{"question": r["question"], "answer": gsm8k_gold(r["answer"])}
-                for r in load_hub_rows("openai/gsm8k", "main", split)]
-    elif source == "math500":
-        rows = [{"question": r["problem"], "answer": r["answer"]}
-                for r in load_hub_rows("HuggingFaceH4/MATH-500", None, "test")]
-    elif kind == "file":
-        rows, columns = [], {}
-        for number, row in read_local_rows(source):
-            question, answer, used = qa_row(row, f"{source}, row {number}")
-            rows.append({"question": question, "answer": answer})
-            columns[used] = columns.get(used, 0) + 1
-        if len(columns) == 1:
-            log(f"{source}: {next(iter(columns))}")
-        else:
-            log(f"{source}: " + "; ".join(f"{n} rows {used}" for used, n in columns.items()))
-    return rows[:limit] if limit else rows
-
-
-def train_eval_sets(data, eval_size, seed):
-    """(training questions, held-out questions) for RL. gsm8k and synthetic have their own test
-    splits; anything else (math500, a local file) is shuffled with the seed, eval_size held out."""
-    name = data.removesuffix("-train")
-    if name in ("gsm8k", "synthetic"):
-        held_out = load_qa(name, limit=eval_size, seed=seed) if eval_size else []
-        return load_qa(f"{name}-train", seed=seed), held_out
-    rows = load_qa(data, seed=seed)
-    random.Random(seed).shuffle(rows)
-    return rows[eval_size:], rows[:eval_size]
-
-
-# Evaluation protocols (evaluate.py --protocol, rl.py --eval-protocol): what changes a score besides
-# the model. Both are zero-shot, with the system prompt of the Qwen2.5-Math harness.
-PROTOCOLS = {
-    "qwen-math": dict(
-        system_prompt=SYSTEM_PROMPT, max_new_tokens=2048, last_number=True,
-        about="the Qwen2.5-Math harness behind published numbers (qwen25-math-cot)",
-        extraction="the stated answer (extract_answer), else the last formula or number "
-                   "(the harness reads the last number only)"),
-    "strict": dict(
-        system_prompt=SYSTEM_PROMPT, max_new_tokens=1024, last_number=False,
-        about="an answer that is not stated (boxed, or after an answer phrase) scores 0",
-        extraction="the stated answer (extract_answer), no last-number fallback"),
-}
-
-
-# -----------------------------------------------------------------------------
-# Answers: extract_answer reads the final answer a completion (or a gold) states; normalise_answer
-# spells it one way per value (rule tables, a comment per rule); rl.is_equiv compares two of them.
-
-MAX_ANSWER_CHARS = 1000   # an "answer" longer than this is compared as a plain string
-MAX_BOXED_CHARS = 10_000  # a \boxed{...} longer than this is not an answer
-TAIL_CHARS = 20_000       # answer phrases and the last number are looked for in the last 20,000
-
-
-def extract_answer(text, *, last_number=False):
-    """The final answer of a completion as a string, or None (also for an empty answer). Only the
-    text after </think> counts, only the inside of the last <answer>...</answer>. The last stated
-    answer wins: the last \\boxed{...} (also \\fbox, `\\boxed 5`, boxes joined by "and" or commas)
-    or a later "The (final) answer is X" / "Answer: X" that states a value (not "the answer is
-    correct"); else the last "#### X" (GSM8K); else, with last_number=True (the Qwen2.5-Math
-    harness's fallback; off for RL), the last number in the text."""
-    if not isinstance(text, str):
-        return None
-    text = text[text.rfind("</think>") + len("</think>"):] if "</think>" in text else text
-    close = text.rfind("</answer>")
-    if (opening := text.rfind("<answer>", 0, max(close, 0))) >= 0:
-        inner = text[opening + len("<answer>"):close]
-        return _marked_answer(inner) or inner.strip() or None
-    answer = _marked_answer(text)
-    if not answer and (last := _HASHES_RE.match(text, max(text.rfind("####"), 0))):
-        answer = _clean_sentence_answer(last.group(1))
-    if not answer and last_number:
-        numbers = _LAST_NUMBER_RE.findall(text[-TAIL_CHARS:].replace(",", ""))
-        answer = numbers[-1] if numbers else None
-    return answer or None
-
-
-# Finding the answer: the last \boxed{...}, else a stated "answer is X", else "#### X".
-_BRACE_RE = re.compile(r"[{}]")
-_SPACES_RE = re.compile(r"[ \t]*")
-_TOKEN_AFTER_BOX_RE = re.compile(r"[^\s$]+")
-# "The (final) answer is X", "Final answer: X", "**Answer:** X", "Answer: X", "Answer $X$"
-_ANSWER_PHRASE_RE = re.compile(
-    r"(?i)\banswer(?:\s+is\b\s*:?|\s*\**\s*[:：]\s*\**|(?=\s*(?:\$|\\\(|\\\[)))")
-_LEADING_NUMBER_RE = re.compile(r"[\s*]*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d.]*[\w^{\\(])")
-_STATES_A_VALUE_RE = re.compile(r"\s*\**\s*[-$\\\d(\[{]")   # "is 72", "is $x$", not "is correct"
-_HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
-# what may separate boxes that form one answer: "\boxed{-2} \quad\text{and}\quad \boxed{1}"
-_BOX_GAP_RE = re.compile(
-    r"(?:\s|[$,;.]|\\[\[\]()]|\\q?quad|\\[,;: ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|and|or)*")
-_LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")   # the Qwen2.5-Math harness's, on text without commas
-# $$x$$, $x$, \(x\), \[x\]: the formulas of a text (math-verify reads the last one)
-_MATH_SPAN_RE = re.compile(r"\$\$(.{1,1000}?)\$\$|(?<!\\)\$(.{1,1000}?)(?<!\\)\$"
-                           r"|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\]", re.S)
-
-
-def _closing_brace(text, j):
-    """Index of the '}' that closes the '{' at text[j], looking at most MAX_BOXED_CHARS ahead."""
-    depth = 0
-    for m in _BRACE_RE.finditer(text, j, j + MAX_BOXED_CHARS):
-        depth += 1 if m.group() == "{" else -1
-        if depth == 0:
-            return m.start()
-    return None
-
-
-def boxed_answer(text):
-    """(start, answer) of the last complete \\boxed{...} / \\fbox{...} / `\\boxed 5`, joined with
-    the boxes just before it that form one answer with it (`\\boxed{-2} and \\boxed{1}` -> '-2, 1'),
-    or None. An unclosed \\boxed{ (a truncated answer) is skipped; only the last 20 are read."""
-    found, before = [], {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
-    for _ in range(20):                                    # from the last box backwards
-        name = max(before, key=before.get)
-        start = before[name]
-        if start < 0:
-            break
-        before[name] = text.rfind(name, 0, start)
-        pos = start + len(name)
-        j = _SPACES_RE.match(text, pos).end()
-        content = end = None
-        if text[j:j + 1] == "{" and (close := _closing_brace(text, j)) is not None:
-            content, end = text[j + 1:close], close + 1
-        elif j > pos and (m := _TOKEN_AFTER_BOX_RE.match(text, j)):   # "\boxed 5", not \boxedfoo
-            content, end = m.group().rstrip(".,;"), m.end()
-        if not content or not content.strip():
-            continue
-        if found and (end > found[-1][0] or found[-1][0] - end > 40
-                      or not _BOX_GAP_RE.fullmatch(text, end, found[-1][0])):
-            break                                          # nested in it, or words in between
-        found.append((start, content.strip()))
-    return (found[0][0], ", ".join(c for _, c in reversed(found))) if found else None
-
-
-def last_formula_or_number(text):
-    """The last $...$ / \\(...\\) of a text unless a number follows it, else its last number."""
-    formula = None
-    for formula in _MATH_SPAN_RE.finditer(text):
-        pass
-    if formula and not re.search(r"\d", text[formula.end():]):
-        return next(filter(None, formula.groups())).strip() or None
-    numbers = re.findall(r"-?\d*\.?\d+(?:/\d+)?", text.replace(",", ""))   # 2/3 is one number
-    return numbers[-1] if numbers else None
-
-
-def _clean_sentence_answer(s):
-    """'$\\frac{1}{2}$. Done.' -> '\\frac{1}{2}';  '**42**.' -> '42';  '\\[ 9 \\]' -> '9';
-    a sentence in words ('The volume of $V$ is 120') -> its last formula or number ('120')."""
-    s = s.strip().strip("*").strip()
-    for opening, closing in (("$$", r"\$\$"), ("$", r"(?<!\\)\$"), ("\\(", r"\\\)"),
-                             ("\\[", r"\\\]")):
-        if s.startswith(opening):                          # a formula, perhaps unclosed
-            end = re.compile(closing).search(s, len(opening))
-            s = s[len(opening):end.start() if end else None]
-            break
-    else:
-        s = re.split(r"\.(?:\s|$)|\n", s, maxsplit=1)[0]   # cut at the end of the sentence
-        words = re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}\b",
-                           _MATH_SPAN_RE.sub("", s[:MAX_ANSWER_CHARS]))
-        if len(s) <= MAX_ANSWER_CHARS and len(words) >= 2:        # a sentence, not "5 apples"
-            s = last_formula_or_number(s) or s
-    return re.sub(r"^[\s*]+|[\s*.]+$", "", s)              # markdown bold, the final full stop
-
-
-def _marked_answer(text):
-    """The last box, unless a later answer phrase states a value or says "final" (then the phrase's
-    answer); else the last answer phrase; None without either."""
-    phrase = None
-    for phrase in _ANSWER_PHRASE_RE.finditer(text, max(0, len(text) - TAIL_CHARS)):
-        pass
-    boxed = boxed_answer(text)
-    if phrase and (boxed is None or boxed[0] < phrase.start() and (
-            "final" in text[max(0, phrase.start() - 8):phrase.start()].lower()
-            or _STATES_A_VALUE_RE.match(text, phrase.end()))):
-        after = text[phrase.end():phrase.end() + MAX_BOXED_CHARS]
-        # overriding a box, the phrase gives the value it states FIRST ("The answer is 10 apples,
-        # 2 more than Tom's 8" is 10), not a sentence's last number
-        first = _LEADING_NUMBER_RE.match(after) if boxed else None
-        answer = first[1].replace(",", "") if first else _clean_sentence_answer(after)
-        if answer:
-            return answer
-    return boxed[1] if boxed else None
-
-
-# Normalisation, step 1: LaTeX and notation, (pattern, replacement) applied in this order.
-def _repeating_decimal(m):
-    """0.1\\overline{6} -> \\frac{15}{90}: (all the digits - those before the repeating n) over
-    10^k (10^n - 1), for k digits after the point before the repeating ones."""
-    whole, fixed, repeat = m[1] or "0", m[2], m[3]
-    return (f"\\frac{{{int(whole + fixed + repeat) - int(whole + fixed)}}}"
-            f"{{{10 ** len(fixed) * (10 ** len(repeat) - 1)}}}")
-
-
-_LATEX_RULES = [(re.compile(p, re.S), r) for p, r in [
-    (r"\\\\(?=[A-Za-z])", r"\\"),                               # \\frac: a backslash escaped twice
-    (r"[−–]", "-"),                                             # unicode minus and dash
-    (r"×", r"\\times "), (r"·", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "),
-    (r"∞", r"\\infty "), (r"∪", r"\\cup "), (r"≈", r"\\approx "),
-    (r"²", "^2"), (r"³", "^3"),
-    (r"(\d*)\.(\d{0,50})\\(?:overline|bar)\s*\{(\d{1,50})\}", _repeating_decimal),  # 0.\bar{3}
-    (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),                     # \dfrac, \tfrac, \cfrac are \frac
-    (r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![A-Za-z])", ""),   # sizing commands
-    (r"(?<=\d)(?:\{,\}|,\\!\s?|\\[,!])(?=\d{3}(?!\d))", ","),    # 14{,}916, 2,\!500, 1\,234
-    (r"\\[!,;: ]|\\q?quad(?![A-Za-z])|~", " "),                  # LaTeX spacing
-    (r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])|°", ""),   # degrees
-    (r"\\[()\[\]]|\\?\$", ""),                                   # math delimiters, dollar signs
-    (r"\\(?:leq?|leqslant)(?![A-Za-z])|≤", "<="),                # relations in one spelling
-    (r"\\(?:geq?|geqslant)(?![A-Za-z])|≥", ">="),
-    (r"\\neq?(?![A-Za-z])|≠", "!="), (r"\\lt(?![A-Za-z])", "<"), (r"\\gt(?![A-Za-z])", ">"),
-    (r"\+\s*\\infty|\\infin(?:ity)?(?![A-Za-z])", r"\\infty"),   # +\infty = \infty
-    (r",?\s*(?:\\(?:text\w*|mathrm)\s*\{\s*(?:and|or|,)\s*\}|\b(?:and|or)\b)|;", ","),   # 6 and 8
-    (r"(\^\{?\d+\}?)\s+(?=\d)", r"\1*"),                          # 2^6 3^5 is a product
-    (r"^(-?)(\d+)\s+(\d+)/(\d+)$", r"\1(\2+\3/\4)"),            # mixed number "1 1/2" = 1 + 1/2
-    (r"\\+\s*$", ""),                                           # a stray trailing backslash: "185\"
-]]
-_UNITS = (r"(?:[kcm]m|kg|mg|ml|lbs?|oz|ft|in|yd|mi|mph|hrs?|hours?|mins?|minutes?|secs?|seconds?"
-          r"|days?|weeks?|months?|years?|dollars?|cents?|miles?|met(?:er|re)s?|inch(?:es)?|feet"
-          r"|foot|pounds?|lit(?:er|re)s?|gallons?|units?|degrees?)")
-_NUMBER_WORDS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
-    " sixteen seventeen eighteen nineteen twenty".split())}
-_NUMBER_WORDS.update((w, 10 * i) for i, w in enumerate("thirty forty fifty sixty seventy eighty"
-                                                       " ninety".split(), 3))
-_TENS, _ONES = "|".join(list(_NUMBER_WORDS)[20:]), "|".join(list(_NUMBER_WORDS)[1:10])
-# "five" is 5, but "one half", "two thirds", "five million", "zero point five" are not 1, 2, 5, 0
-_SCALE_WORDS = (r"(?:hundred|thousand|[mbtr]illion|point|halfs?|halves|quarters?|thirds?|fourths?|"
-                r"fifths?|sixths?|sevenths?|eighths?|ninths?|tenths?)s?\b")
-_NUMBER_WORDS_RE = (rf"(?i)^(?:({_TENS})(?:[\s-]({_ONES}))?|({'|'.join(_NUMBER_WORDS)}))\b"
-                    rf"(?![\s-]*{_SCALE_WORDS})")
-# Step 4, once \text, names and glosses are gone: one spelling for one value.
-_CANONICAL_RULES = [(re.compile(p), r) for p, r in [
-    (_NUMBER_WORDS_RE, lambda m: str(_NUMBER_WORDS[(m[1] or m[3]).lower()]   # twenty-one -> 21
-                                     + _NUMBER_WORDS.get(str(m[2]).lower(), 0))),
-    (rf"^\s*(-?\d[\d,]*(?:\.\d+)?)\s*(?:{_UNITS}\b|\s(?!(?i:{_SCALE_WORDS}))[A-Za-z]+"
-     r"(?:\s+[A-Za-z]+)*)\s*"
-     r"(?:\^\{?[23]\}?)?\.?\s*$", r"\1"),                        # 10cm^2, 10 weeks -> 10 (not 6xy)
-    (r"^\s*-?\d{1,3}(?:,\d{3})+(?:\.\d+)?\s*$", lambda m: m[0].replace(",", "")),   # 1,234
-    (r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", ""),                 # spaces, but one between letters
-    (r"\\frac(\d)(\d)", r"\\frac{\1}{\2}"),                      # \frac12 -> \frac{1}{2}
-    (r"\\frac(\d)\{", r"\\frac{\1}{"),
-    (r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}"),
-    (r"\\sqrt(\d+)", r"\\sqrt{\1}"),                             # \sqrt2 -> \sqrt{2}
-    (r"(\d)\*(?=[A-Za-z\\(])", r"\1"),                           # 2*x -> 2x
-    (r"([_^])\{(\w)\}", r"\1\2"),                                # x^{2} -> x^2
-    (r"(?<![\d}])\.(\d)", r"0.\1"),                              # .5 -> 0.5
-    (r"(\d\.\d*?)0+(?!\d)", r"\1"),                              # 2.50 -> 2.5
-    (r"(\d)\.(?!\d)", r"\1"),                                    # 3. -> 3
-    (r"^(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$", r"\1(\2+\3/\4)"),  # mixed number 7\frac{1}{2} = 7.5
-    (r"^\(([A-Z])\)?$|^([A-Z])\)$", r"\1\2"),                    # choices: (B), B) -> B
-    (r"^([^,]*?)\\pm([^,]*)$", r"\1+\2,\1-\2"),                  # 1\pm\sqrt{2}: both signs
-    (r"^([^<>=]+)(<=?)[A-Za-z](<=?)([^<>=]+)$",                   # -2 <= x < 7 -> [-2,7)
-     lambda m: f"{'[' if m[2] == '<=' else '('}{m[1]},{m[4]}{']' if m[3] == '<=' else ')'}"),
-    (r"^([^<>=A-Za-z]+)([<>])(=?)([A-Za-z])$",                      # 5 >= x -> x <= 5
-     lambda m: f"{m[4]}{'<' if m[2] == '>' else '>'}{m[3]}{m[1]}"),
-    (r"^[A-Za-z]([<>])(=?)([^<>=]+)$",                            # x > 5 -> (5,\infty)
-     lambda m: (f"{'[' if m[2] else '('}{m[3]},\\infty)" if m[1] == ">"
-                else f"(-\\infty,{m[3]}{']' if m[2] else ')'}")),
-]]
-_TEXT_COMMAND_RE = re.compile(r"\\(?:text\w*|math(?:rm|bf|it|sf)|mbox|hbox|operatorname)\s*\{")
-_MATRIX_RE = re.compile(r"(?:\\left\s*[\[(]\s*)?\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?"
-                        r"(.*?)\\end\{\1\}(?:\s*\\right\s*[\])])?", re.S)
-# x, a_{n+1}, \theta, f^{-1}(x), f'(x), P(A), \angle ABC, \overline{AB}
-_NAME = (r"(?:\\angle\s*|\\overline\{)?\\?[A-Za-z]+\}?'*(?:[_^](?:\{[^{}=]{1,12}\}|\w))*"
-         r"(?:\([^()=]{0,20}\))?")
-_NAME_RE = re.compile(rf"\s*(?:{_NAME}|\(\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\))\s*")   # or (a, b)
-_NAME_IN_RE = re.compile(rf"^\s*{_NAME}\s*\\(?:in|approx)(?![A-Za-z])\s*")   # x \in [-2, 7]
-_GLOSS_RE = re.compile(r"(?<=\S)\s*\\approx(?![A-Za-z]).*", re.S)     # \sqrt{3} \approx 1.73
-_EQUALS_RE = re.compile(r"(?<![<>!=])=(?!=)")
-
-
-class Answer(NamedTuple):
-    """One answer, normalised (normalise_answer)."""
-    text: str          # the canonical string
-    percent: bool      # it had a percent sign: 25% may mean 25 or 0.25
-    names: list        # the left sides dropped, sorted: x = 7 -> ['x']
-    components: str    # x = 3, y = -2 -> '(3,-2)': values in the order of their names, or None
-    equation: bool     # a left side is an expression, not a name (2x+y = 0): it must match too
-    numeric: bool      # no letters but those of \\frac, \\sqrt, \\pi, ... (_is_numeric)
-
-
-def normalise_answer(s):
-    """The Answer of one answer string."""
-    if "\\boxed" in s or "\\fbox" in s:                  # a gold written as a completion
-        s = _marked_answer(s) or s
-    s = _MATRIX_RE.sub(_matrix_to_lists, s.strip())       # first: its \\ are not LaTeX spacing
-    for pattern, replacement in _LATEX_RULES:
-        s = pattern.sub(replacement, s)
-    had_percent = "%" in s
-    s = _strip_text_commands(s.replace("\\%", "").replace("%", ""))
-    text, names, components = _drop_names(s.rstrip(". ").strip())
-    text = _canonical(text)
-    equation = any(re.search("[-+]", n) and not _NAME_RE.fullmatch(n) for n in names)
-    return Answer(text, had_percent, names, components and _canonical(components), equation,
-                  _is_numeric(text))
-
-
-def _canonical(s):
-    for pattern, replacement in _CANONICAL_RULES:
-        s = pattern.sub(replacement, s)
-    return s
-
-
-def _strip_text_commands(s):
-    """\\text{cm} after a number is a unit: drop it. \\text{(B)} alone is the answer: unwrap it."""
-    for _ in range(20):                                   # bounded: at most 20 \text blocks
-        m = _TEXT_COMMAND_RE.search(s)
-        if m is None:
-            return s
-        end = _closing_brace(s, m.end() - 1)
-        if end is None:                                   # unbalanced: drop the command name only
-            return s[:m.start()] + s[m.end() - 1:]
-        before, inner, after = s[:m.start()], s[m.end():end], s[end + 1:]
-        is_unit = (re.search(r"[\d}]\s*$", before)                    # "5 \text{cm}^2"
-                   and re.fullmatch(r"\s*[A-Za-z][A-Za-z ./]*", inner)
-                   and re.fullmatch(r"\s*(?:\^\s*\{?\d\}?)?\s*", after))
-        s = before if is_unit else before + inner + after
-    return s
-
-
-def _matrix_to_lists(m):
-    """\\begin{pmatrix}1 & 2\\\\ 3 & 4\\end{pmatrix} -> [[1,2],[3,4]] (any matrix kind)."""
-    rows = [row for row in re.split(r"\\\\", m.group(2)) if row.strip()]
-    return "[" + ",".join("[" + ",".join(row.split("&")) + "]" for row in rows) + "]"
-
-
-def _is_numeric(s):
-    """No letters but those of \\frac, \\sqrt, \\pi, \\infty, \\cdot, \\times, \\div."""
-    return not re.search(r"[A-Za-z]", re.sub(r"\\(?:frac|sqrt|pi|infty|cdot|times|div)(?![A-Za-z])",
-                                             "", s))
-
-
-def _drop_names(s):
-    """(answer, names, components): 'x = 7' -> '7', 'f(x) = 2x+3' -> '2x+3', '(a,b) = (2,7)' ->
-    '(2,7)', '|AB| = 1' -> '1', a chain '1/2 = 2/4 = 0.5' -> its last side, 'x \\in [1, 2]' ->
-    '[1, 2]', 'x = 1, y = 2' -> '1, 2' with components '(1,2)'. An equation ('2x + y = z',
-    '7 = 11a + c') is kept whole."""
-    parts, names, named = [], [], []
-    for part in split_top_level(_GLOSS_RE.sub("", _NAME_IN_RE.sub("", s, count=1))):
-        *left, right = _EQUALS_RE.split(part)
-        if left and (all(_NAME_RE.fullmatch(x) for x in left) or _is_numeric(right)):
-            part, new = right, [re.sub(r"\s+", "", x) for x in left if not _is_numeric(x)]
-            if len(left) == 1 == len(new) and new[0][0] != "(":
-                named.append((new[0], right))
-            names += [n for x in new for n in (x[1:-1].split(",") if x[0] == "(" else [x])]
-        parts.append(part)
-    # components in name order (y, x -> x, y; a_{37}, a_3 -> a_3, a_{37}; r, \theta), except when
-    # every name is Greek: then as written (\rho, \theta, \phi has no alphabetical convention)
-    if not all(name.startswith("\\") for name, _ in named):
-        named.sort(key=lambda item: item[0].lstrip("\\"))
-    components = len(named) == len(parts) > 1 and f"({','.join(v for _, v in named)})"
-    return ",".join(parts), sorted(names), components or None
-
-
-def split_top_level(s):
-    """Split at commas outside any bracket. '(1,(2,3))' inner -> ['1', '(2,3)']."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(s):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(s[start:i])
-            start = i + 1
-    return parts + [s[start:]]
-
-
-# -----------------------------------------------------------------------------
 # Tokenisation: ids and loss mask built together from one rendering of the chat template
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
@@ -732,6 +323,93 @@ def encode_prompt(tokenizer, question, system_prompt=SYSTEM_PROMPT):
     """Token ids of the prompt for one question, ending where the assistant's answer begins."""
     text = render(tokenizer, prompt_messages(question, system_prompt), add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# -----------------------------------------------------------------------------
+# Question/answer sets for RL and evaluation
+QUESTION_COLUMNS = ("question", "problem")  # GSM8K; MATH-500 and OpenR1-Math
+ANSWER_COLUMNS = ("answer",)                # all three (GSM8K's is a solution ending "#### 42")
+
+
+def qa_row(row, where):
+    """(question, answer, columns) of one question/answer row; `columns` says where each came
+    from, e.g. "question from 'problem', answer from 'answer'"."""
+    q_key = next((k for k in QUESTION_COLUMNS if k in row), None)
+    a_key = next((k for k in ANSWER_COLUMNS if k in row), None)
+    if q_key is None and a_key is None:   # another schema: show what the row has
+        raise DataError(f"{where}: missing fields 'question' (or 'problem') and 'answer'; it "
+                        f"has {sorted(row)[:8]}")
+    if q_key is None or a_key is None:
+        raise DataError(f"{where}: missing field " + ("'answer'" if q_key else
+                                                      "'question' (or 'problem')"))
+    question, answer = row[q_key], row[a_key]
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: '{q_key}' must be a non-empty string")
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        raise DataError(f"{where}: '{a_key}' must be a string or a number")
+    answer_from = f"'{a_key}'"
+    if isinstance(answer, str) and "####" in answer:
+        answer, answer_from = gsm8k_gold(answer), f"the text after the last '####' in '{a_key}'"
+    return question, str(answer), f"question from '{q_key}', answer from {answer_from}"
+
+
+def load_qa(source, limit=None, seed=0, log=print):
+    """A list of dict(question, answer) from an alias or a local .jsonl/.json/.parquet file.
+
+    Aliases: gsm8k (test), gsm8k-train, math500 (test), synthetic (held-out), synthetic-train.
+    A file's rows may be in GSM8K's, MATH-500's or OpenR1-Math's schema (qa_row); one line says
+    which columns were read."""
+    kind = source_kind(source, QA_ALIASES, "question/answer set", hub=False)
+    if source in ("synthetic", "synthetic-train"):
+        # held-out and training sets come from different seeds of the same generator
+        offset = 1 if source == "synthetic-train" else 10_000
+        rows = synthetic_problems(limit or 500, seed=seed + offset)
+        return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+    if source in ("gsm8k", "gsm8k-train"):
+        split = "test" if source == "gsm8k" else "train"
+        rows = [{"question": r["question"], "answer": gsm8k_gold(r["answer"])}
+                for r in load_hub_rows("openai/gsm8k", "main", split)]
+    elif source == "math500":
+        rows = [{"question": r["problem"], "answer": r["answer"]}
+                for r in load_hub_rows("HuggingFaceH4/MATH-500", None, "test")]
+    elif kind == "file":
+        rows, columns = [], {}
+        for number, row in read_local_rows(source):
+            question, answer, used = qa_row(row, f"{source}, row {number}")
+            rows.append({"question": question, "answer": answer})
+            columns[used] = columns.get(used, 0) + 1
+        if len(columns) == 1:
+            log(f"{source}: {next(iter(columns))}")
+        else:
+            log(f"{source}: " + "; ".join(f"{n} rows {used}" for used, n in columns.items()))
+    return rows[:limit] if limit else rows
+
+
+def train_eval_sets(data, eval_size, seed):
+    """(training questions, held-out questions) for RL. gsm8k and synthetic have their own test
+    splits; anything else (math500, a local file) is shuffled with the seed, eval_size held out."""
+    name = data.removesuffix("-train")
+    if name in ("gsm8k", "synthetic"):
+        held_out = load_qa(name, limit=eval_size, seed=seed) if eval_size else []
+        return load_qa(f"{name}-train", seed=seed), held_out
+    rows = load_qa(data, seed=seed)
+    random.Random(seed).shuffle(rows)
+    return rows[eval_size:], rows[:eval_size]
+
+
+# Evaluation protocols (evaluate.py --protocol, rl.py --eval-protocol): what changes a score besides
+# the model. Both are zero-shot, with the system prompt of the Qwen2.5-Math harness.
+PROTOCOLS = {
+    "qwen-math": dict(
+        system_prompt=SYSTEM_PROMPT, max_new_tokens=2048, last_number=True,
+        about="the Qwen2.5-Math harness behind published numbers (qwen25-math-cot)",
+        extraction="the stated answer (extract_answer), else the last formula or number "
+                   "(the harness reads the last number only)"),
+    "strict": dict(
+        system_prompt=SYSTEM_PROMPT, max_new_tokens=1024, last_number=False,
+        about="an answer that is not stated (boxed, or after an answer phrase) scores 0",
+        extraction="the stated answer (extract_answer), no last-number fallback"),
+}
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Small models' scores move by 5-30 points with the prompt and the answer extracti
 measured under a named protocol (data.PROTOCOLS). --protocol qwen-math (the default) is the
 Qwen2.5-Math harness whose numbers papers report: zero-shot, its system prompt (data.SYSTEM_PROMPT)
 and the question rendered by the model's chat template (for Qwen2.5 exactly the harness's string,
-tested), greedy, 2048 new tokens, the answer data.extract_answer finds stated (the last \\boxed{},
+tested), greedy, 2048 new tokens, the answer rl.extract_answer finds stated (the last \\boxed{},
 "the answer is X", ...), else the last number. --protocol strict is the RL reward's own rules (no
 last-number fallback, 1024 tokens). Every setting, the checker and the seed go into summary.json;
 a rerun into a directory measured otherwise is refused, and --compare warns when runs differ.
@@ -22,6 +22,11 @@ a rerun into a directory measured otherwise is refused, and --compare warns when
 Outputs, per benchmark, under --output-dir: samples.jsonl (one row per completion, appended as
 soon as it is scored; a rerun skips the rows already there, so an interrupted run loses nothing)
 and summary.json (recomputed from the whole samples.jsonl, so resumed runs report every sample).
+Beside accuracy, every protocol reports the share of completions that state an answer (stated)
+and the share right only through the last-number fallback (by_last_number; 0 under strict): a
+model that states nothing still scores under qwen-math, and these columns show it. no_answer, in
+summary.json, is now 1 - stated under every protocol; it used to count, under qwen-math, only the
+completions without a single number (0.0 for nearly every model).
 
 Simplifications and choices:
   1. Zero-shot only; no few-shot prompts, no majority voting, no answer-format retries.
@@ -52,10 +57,10 @@ import torch
 
 import eksft   # plumbing: device, model loading, output directory, JSON files
 from data import (PROTOCOLS, SYSTEM_PROMPT, ArgumentParser, DataError, HelpFormatter, UserError,
-                  end_of_turn_ids, encode_prompt, extract_answer, load_qa, prompt_messages, render,
-                  require, run_cli)
-from rl import (CHECKERS, checker_description, default_checker, generate_completions, is_equiv,
-                math_reward)
+                  end_of_turn_ids, encode_prompt, load_qa, prompt_messages, render, require,
+                  run_cli)
+from rl import (CHECKERS, checker_description, default_checker, generate_completions, grade,
+                is_equiv)
 
 
 # -----------------------------------------------------------------------------
@@ -80,8 +85,10 @@ def ks_for(n):
 
 def metrics_from_rows(rows):
     """Scores over questions (each question weighs the same, whatever its number of samples):
-    accuracy = mean fraction correct (avg@n; greedy pass@1 when n = 1), pass@k, and how often the
-    completion had no extractable answer, hit --max-new-tokens, and how long it was."""
+    accuracy = mean fraction correct (avg@n; greedy pass@1 when n = 1), pass@k. Shares of all
+    completions: stated (it states an answer), by_last_number (right only through the last-number
+    fallback: accuracy minus it is what the stated answers score), no_answer (1 - stated),
+    truncated (it hit --max-new-tokens); and mean_tokens, how long they were."""
     by_question = {}
     for r in rows:
         by_question.setdefault(r["question_index"], []).append(r)
@@ -93,10 +100,22 @@ def metrics_from_rows(rows):
     for k in ks_for(n_min):
         metrics[f"pass@{k}"] = mean(pass_at_k(len(v), sum(r["correct"] for r in v), k)
                                     for v in by_question.values())
-    metrics["no_answer"] = mean(r["extracted"] is None for r in rows)
+    graded = [stated_and_fallback(r) for r in rows]
+    metrics["stated"] = mean(stated for stated, _ in graded)
+    metrics["by_last_number"] = mean(fallback for _, fallback in graded)
+    metrics["no_answer"] = mean(not stated for stated, _ in graded)
     metrics["truncated"] = mean(r["truncated"] for r in rows)
     metrics["mean_tokens"] = mean(r["completion_tokens"] for r in rows)
     return metrics
+
+
+def stated_and_fallback(row):
+    """(stated, by_last_number) of a samples.jsonl row. A row written before they were recorded is
+    graded again from its completion (rl.grade); its 'correct' stays the run's own verdict."""
+    if "stated" in row:
+        return row["stated"], row["by_last_number"]
+    stated = grade(row["completion"], row["gold"], checker="builtin").stated
+    return stated, bool(row["correct"]) and not stated
 
 
 def mean(values):
@@ -136,13 +155,14 @@ def generation_calls(pending, prompt_lengths, samples, batch_size, sort_and_batc
 
 
 def score_row(question_index, sample_index, problem, out, checker, last_number=False):
-    """One per-sample JSONL row: the checker is rl.math_reward, the RL reward (plus, with
-    last_number, the harness's fallback to the last number when no answer is stated)."""
+    """One per-sample JSONL row, graded by rl.grade as the RL reward is (plus, with last_number,
+    the harness's fallback to the last formula or number when no answer is stated); 'extracted'
+    is the answer it compared, 'stated' and 'by_last_number' say how it was read (rl.Verdict)."""
+    verdict = grade(out["text"], problem["answer"], checker=checker, last_number=last_number)
     return {"question_index": question_index, "sample_index": sample_index,
             "question": problem["question"], "gold": problem["answer"], "completion": out["text"],
-            "extracted": extract_answer(out["text"], last_number=last_number),
-            "correct": math_reward(out["text"], problem["answer"], checker=checker,
-                                   last_number=last_number) == 1.0,
+            "extracted": verdict.answer, "correct": verdict.correct, "stated": verdict.stated,
+            "by_last_number": verdict.by_last_number,
             "truncated": bool(out["truncated"]), "completion_tokens": len(out["completion_ids"])}
 
 
@@ -368,7 +388,8 @@ def show(key, metrics):
 def metric_keys(all_metrics):
     passes = sorted({k for m in all_metrics for k in m if k.startswith("pass@")},
                     key=lambda k: int(k[5:]))
-    return ["questions", "samples", "accuracy"] + passes + ["no_answer", "truncated", "mean_tokens"]
+    return (["questions", "samples", "accuracy"] + passes
+            + ["stated", "by_last_number", "truncated", "mean_tokens"])
 
 
 def run_table(summaries):

@@ -108,6 +108,31 @@ def test_extract_answer_last_number(text, expected):
 
 
 # ----------------------------------------------------------------------------
+# normalise_answer: one row per rule of its tables, worked by hand from the rule's comment
+
+NORMALISED = [
+    # answer,          text,            percent, names,     components, equation, numeric
+    ("x = 7",          "7",             False, ["x"],       None,       False, True),   # a name
+    ("y = 2x + 3",     "2x+3",          False, ["y"],       None,       False, False),
+    ("2x + y = 0",     "0",             False, ["2x+y"],    None,       True,  True),   # equation
+    ("x = 3, y = -2",  "3,-2",          False, ["x", "y"],  "(3,-2)",   False, True),   # a point
+    ("25\\%",          "25",            True,  [],          None,       False, True),
+    ("\\dfrac12",      "\\frac{1}{2}",  False, [],          None,       False, True),
+    ("1,234",          "1234",          False, [],          None,       False, True),
+    ("0.50",           "0.5",           False, [],          None,       False, True),
+    ("10 \\text{cm}",  "10",            False, [],          None,       False, True),   # a unit
+    ("\\text{(B)}",    "B",             False, [],          None,       False, False),  # a choice
+    ("twenty-one",     "21",            False, [],          None,       False, True),
+]
+
+
+@pytest.mark.parametrize("answer, text, percent, names, components, equation, numeric", NORMALISED)
+def test_normalise_answer(answer, text, percent, names, components, equation, numeric):
+    assert rl.normalise_answer(answer) == rl.Answer(text, percent, names, components, equation,
+                                                    numeric)
+
+
+# ----------------------------------------------------------------------------
 # is_equiv with the builtin rules: (prediction, gold, expected)
 
 EQUIV_CASES = [
@@ -442,6 +467,42 @@ LAST_STATED_CASES = [   # the last stated answer wins, a box or a phrase
 def test_the_last_stated_answer_wins(text, expected):
     assert extract_answer(text) == expected
     assert math_reward(text, expected, checker="builtin") == 1.0
+
+
+# ----------------------------------------------------------------------------
+# grade: one verdict per completion, (completion, gold, last_number) -> (correct, answer, stated,
+# by_last_number). The RL reward, the logged accuracy and evaluate.py's rows all come from it.
+
+LOOP = "Kim has 5. " + "5 + 65 = 70. 70 - 5 = 65. " * 3 + "5 + 65 = 70"   # cut mid-loop
+GRADE_CASES = [
+    # a stated answer decides, with or without the fallback
+    ("Kim has 70. The answer is \\boxed{70}.", "70", False, (True, "70", True, False)),
+    ("Kim has 70. The answer is \\boxed{70}.", "70", True, (True, "70", True, False)),
+    ("Natalia sold 72 clips.\n#### 72", "72", False, (True, "72", True, False)),
+    ("The answer is \\boxed{7}. So 70.", "70", True, (False, "7", True, False)),   # final
+    # no stated answer: wrong, or with the fallback its last number or formula
+    ("So Kim has 70 apples now.", "70", False, (False, None, False, False)),
+    ("So Kim has 70 apples now.", "70", True, (True, "70", False, True)),
+    ("So Kim has 71 apples now.", "70", True, (False, "71", False, False)),
+    ("we need $x > 2$, so x = 3 works", "3", True, (True, "3", False, True)),   # a number after it
+    ("it is $\\frac{1}{2}$", "0.5", True, (True, "\\frac{1}{2}", False, True)),   # the last formula
+    ("<think>the answer is 70</think> so 71", "70", True, (False, "71", False, False)),
+    ("I do not know.", "70", True, (False, None, False, False)),
+    (None, "70", True, (False, None, False, False)),
+    # looping text cut by the token budget that happens to end on the gold: only the fallback
+    # calls it right
+    (LOOP, "70", False, (False, None, False, False)),
+    (LOOP, "70", True, (True, "70", False, True)),
+]
+
+
+@pytest.mark.parametrize("completion, gold, last_number, expected", GRADE_CASES)
+def test_grade(completion, gold, last_number, expected):
+    verdict = rl.grade(completion, gold, checker="builtin", last_number=last_number)
+    assert tuple(verdict) == expected
+    assert verdict == (verdict.correct, verdict.answer, verdict.stated, verdict.by_last_number)
+    assert math_reward(completion, gold, checker="builtin", last_number=last_number) == (
+        1.0 if verdict.correct else 0.0)                           # the reward is this verdict
 
 
 # ----------------------------------------------------------------------------

@@ -439,26 +439,3 @@ def test_too_long_drop_and_truncate_against_hand_counted_tokens():
          "the first 20)"])
     with pytest.raises(ValueError, match="too_long must be 'drop' or 'truncate'"):
         build(20, "cut")
-
-
-# normalise_answer: each row is one rule of data.py's tables, worked by hand from its comment.
-NORMALISED = [
-    # answer,          text,            percent, names,     components, equation, numeric
-    ("x = 7",          "7",             False, ["x"],       None,       False, True),   # a name
-    ("y = 2x + 3",     "2x+3",          False, ["y"],       None,       False, False),
-    ("2x + y = 0",     "0",             False, ["2x+y"],    None,       True,  True),   # equation
-    ("x = 3, y = -2",  "3,-2",          False, ["x", "y"],  "(3,-2)",   False, True),   # a point
-    ("25\\%",          "25",            True,  [],          None,       False, True),
-    ("\\dfrac12",      "\\frac{1}{2}",  False, [],          None,       False, True),
-    ("1,234",          "1234",          False, [],          None,       False, True),
-    ("0.50",           "0.5",           False, [],          None,       False, True),
-    ("10 \\text{cm}",  "10",            False, [],          None,       False, True),   # a unit
-    ("\\text{(B)}",    "B",             False, [],          None,       False, False),  # a choice
-    ("twenty-one",     "21",            False, [],          None,       False, True),
-]
-
-
-@pytest.mark.parametrize("answer, text, percent, names, components, equation, numeric", NORMALISED)
-def test_normalise_answer(answer, text, percent, names, components, equation, numeric):
-    assert data.normalise_answer(answer) == data.Answer(text, percent, names, components, equation,
-                                                        numeric)

@@ -63,6 +63,7 @@ def test_pass_at_k_by_hand_and_large_n():
 def test_metrics_by_hand():
     def row(q, s, correct, extracted="1", truncated=False, tokens=10):
         return {"question_index": q, "sample_index": s, "correct": correct, "extracted": extracted,
+                "stated": extracted is not None, "by_last_number": False,
                 "truncated": truncated, "completion_tokens": tokens}
     rows = ([row(0, s, s == 0) for s in range(4)]                          # 1 of 4 correct
             + [row(1, s, s < 2, None if s == 3 else "1", s == 3, 30) for s in range(4)])   # 2 of 4
@@ -76,6 +77,25 @@ def test_metrics_by_hand():
     assert m["no_answer"] == pytest.approx(1 / 8) and m["truncated"] == pytest.approx(1 / 8)
     assert m["mean_tokens"] == pytest.approx((4 * 10 + 4 * 30) / 8)
     assert evaluate.ks_for(6) == [1, 2, 4, 6] and evaluate.ks_for(8) == [1, 2, 4, 8]
+
+
+def test_stated_and_fallback_shares_by_hand():
+    """stated and by_last_number over completions, under qwen-math's fallback: rows as score_row
+    writes them, and rows of an older run without the fields, graded again from their completion
+    (their 'correct' is the run's own)."""
+    def row(q, completion, correct, **fields):
+        return dict({"question_index": q, "sample_index": 0, "gold": "8", "completion": completion,
+                     "correct": correct, "truncated": False, "completion_tokens": 5}, **fields)
+    rows = [row(0, "so \\boxed{8}", True, stated=True, by_last_number=False),
+            row(1, "so she has 8 pens", True, stated=False, by_last_number=True),
+            row(2, "the answer is 7", False, stated=True, by_last_number=False),
+            row(3, "8 8 8 8 8 8 8 8", True),          # old rows: not stated, right by its last number
+            row(4, "The answer is 8.", True),         # stated
+            row(5, "I do not know.", False)]          # neither
+    m = metrics_from_rows(rows)
+    assert m["stated"] == pytest.approx(3 / 6) and m["no_answer"] == pytest.approx(3 / 6)
+    assert m["by_last_number"] == pytest.approx(2 / 6) and m["accuracy"] == pytest.approx(4 / 6)
+    assert m["accuracy"] - m["by_last_number"] == pytest.approx(2 / 6)   # the stated answers' score
 
 
 def test_doctests():
@@ -173,7 +193,12 @@ def test_protocols_differ_only_where_the_harness_falls_back_to_the_last_number(m
                         "--show", "0", "--checker", "builtin"]))
         rows = sorted(read_jsonl(os.path.join(out, "qa", "samples.jsonl")), key=lambda r: r["question_index"])
         results[name] = [(r["extracted"], r["correct"]) for r in rows]
+        assert [(r["stated"], r["by_last_number"]) for r in rows] == [
+            (True, False), (False, name == "qwen-math"), (False, False), (False, False)]
         summary = json.load(open(os.path.join(out, "qa", "summary.json")))
+        metrics = summary["metrics"]                # the no-answer failure, under both protocols
+        assert (metrics["stated"], metrics["no_answer"]) == (0.25, 0.75)
+        assert metrics["by_last_number"] == (0.25 if name == "qwen-math" else 0.0)
         proto = summary["protocol"]
         assert proto["name"] == name and proto["system_prompt"] == SYSTEM_PROMPT and proto["shots"] == 0
         assert (proto["temperature"], proto["top_p"], proto["samples"], proto["seed"]) == (0.0, None, 1, 0)

@@ -10,6 +10,7 @@ import doctest
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -17,7 +18,7 @@ import types
 import pytest
 import torch
 
-from data import PROTOCOLS, encode_prompt, pad_left, stop_token_ids
+from data import PROTOCOLS, UserError, encode_prompt, pad_left, stop_token_ids
 import rl
 from eksft import load_model_and_tokenizer
 from rl import (completion_mask_from_eos, generate_completions, group_advantages, kl_penalty,
@@ -566,6 +567,30 @@ def test_resume_continues_exactly(tmp_path):
     assert any("eval_accuracy" in l for l in lines)
 
 
+@pytest.mark.parametrize("fallback, expected", [([], 0.25), (["--reward-last-number"], 0.5)])
+def test_logged_accuracy_is_the_mean_reward(tmp_path, monkeypatch, fallback, expected):
+    """One verdict per completion (rl.grade): with --reward math and no format reward, the logged
+    accuracy IS the mean reward, fallback or not. Each group of 4: a right stated answer, the right
+    number stated nowhere (right only through the last-number fallback), a wrong stated answer and
+    no answer at all."""
+    replies = ["The answer is \\boxed{%s}.", "So it makes %s.", "The answer is \\boxed{1000}.",
+               "I do not know."]
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        out = []
+        for j, ids in enumerate(prompts):
+            i = int(re.search(r"(\d+)\+\1\?", tokenizer.decode(ids))[1])   # "i+i?", gold 2i
+            text = replies[j % 4].replace("%s", str(2 * i))
+            out.append({"completion_ids": tokenizer(text)["input_ids"], "truncated": False,
+                        "text": text})
+        return out
+
+    monkeypatch.setattr(rl, "generate_completions", fake_generate)
+    history = train(quick_args(tmp_path, "--reward", "math", "--checker", "builtin", *fallback,
+                               "--max-steps", "1", "--eval-size", "0", "--save-every", "0"))[2]
+    assert history[0]["accuracy"] == history[0]["reward"] == expected
+
+
 def test_kl_and_ppo_epochs_run(tmp_path):
     """--kl-coef loads the reference (KL logged, 0 at the first step: policy == start) and
     --ppo-epochs 2 reuses the batch with a clipped ratio."""
@@ -595,13 +620,17 @@ def test_bad_jsonl_row_is_one_clear_message(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("completion, default, strict", [
-    ("So Kim has 70 apples now.", 1.0, 0.0),                # no stated answer: only the lenient reward reads 70
+@pytest.mark.parametrize("completion, default, last_number", [
+    ("So Kim has 70 apples now.", 0.0, 1.0),                # not stated: only the fallback reads 70
     ("So Kim has 71 apples now.", 0.0, 0.0),
     ("Kim has 70. The answer is \\boxed{70}.", 1.0, 1.0),   # a stated answer: both read it
     ("The answer is \\boxed{7}. So 70.", 0.0, 0.0),         # a stated wrong answer is never overruled
 ])
-def test_strict_reward_drops_the_last_number_fallback(completion, default, strict):
+def test_the_default_reward_scores_only_a_stated_answer(completion, default, last_number):
     base = ["--model", "tiny", "--reward", "math", "--checker", "builtin"]
-    assert rl.reward_function(rl.parse_args(base))(completion, "70") == default
-    assert rl.reward_function(rl.parse_args(base + ["--strict-reward"]))(completion, "70") == strict
+    reward = lambda argv: rl.reward_function(rl.parse_args(base + argv))(completion, "70")[0]
+    assert reward([]) == default
+    assert reward(["--strict-reward"]) == default           # the default now, kept for old commands
+    assert reward(["--reward-last-number"]) == last_number  # the qwen-math protocol's rule
+    with pytest.raises(UserError, match="not allowed with"):
+        rl.parse_args(base + ["--strict-reward", "--reward-last-number"])
