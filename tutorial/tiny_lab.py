@@ -227,10 +227,10 @@ def pretrain(cfg, tokenizer, device, seed, val_problems, log=print):
     """Train a fresh tiny Qwen2 (initial weights and data order from `seed`) on packed prose with
     plain next-token cross-entropy, until the prose skill on `val_problems` has converged.
 
-    The loss is eksft_loss with ratio 0 and both lambdas 0 and labels = input_ids: that is exactly
-    cross-entropy on every next token (the "response" is the whole text). Returns the model and the
-    curve: {"step", "loss", "lr"} per step and {"step", "prose_accuracy"} per evaluation, and
-    whether the rule fired before pretrain_max_steps."""
+    The loss is eksft_loss_lean with ratio 0 and both lambdas 0 and labels = input_ids: that is
+    exactly cross-entropy on every next token (the "response" is the whole text). Returns the model
+    and the curve: {"step", "loss", "lr"} per step and {"step", "prose_accuracy"} per evaluation,
+    and whether the rule fired before pretrain_max_steps."""
     model = eksft.tiny_model(tokenizer, seed=seed, hidden_size=cfg["hidden_size"],
                              num_layers=cfg["num_layers"]).to(device)
     documents = pretraining_documents(cfg, tokenizer)
@@ -259,7 +259,7 @@ def pretrain(cfg, tokenizer, device, seed, val_problems, log=print):
         model.train()
         batch = rows[torch.randint(len(rows), (cfg["pretrain_batch"],), generator=generator)].to(device)
         logits = model(input_ids=batch).logits                                 # (B, block, V)
-        loss, _ = eksft.eksft_loss(logits, batch, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
+        loss, _ = eksft.eksft_loss_lean(logits, batch, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -534,14 +534,17 @@ def token_kinds(text):
 def mask_by_kind(model_dir, base, examples, loss_kwargs, device):
     """Which kinds of response token EKSFT's selections drop: for each kind, its share of the
     response tokens and the share of it masked by entropy (E) and by KL (K), under the policy in
-    model_dir and the base as reference (eksft_loss with return_masks=True on training examples)."""
+    model_dir and the base as reference (eksft_loss_lean, the loop's, with return_masks=True on
+    training examples)."""
     model, tokenizer = eksft.load_model_and_tokenizer(model_dir, device)
     model.eval()
     counts = {k: {"tokens": 0, "E": 0, "K": 0} for k in TOKEN_KINDS}
     for e in examples:
         batch = {k: v.to(device) for k, v in data.collate([e], tokenizer.pad_token_id).items()}
-        _, st = eksft.eksft_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"],
-                                 base(input_ids=batch["input_ids"]).logits, return_masks=True, **loss_kwargs)
+        logits = model(input_ids=batch["input_ids"]).logits
+        base_logits = base(input_ids=batch["input_ids"]).logits
+        _, st = eksft.eksft_loss_lean(logits, batch["labels"], base_logits, return_masks=True,
+                                      **loss_kwargs)
         targets = batch["labels"][0, 1:]                                        # (T-1,)
         response = (targets != data.IGNORE_INDEX).nonzero().flatten().tolist()
         pieces = [tokenizer.decode([int(targets[j])]) for j in response]
