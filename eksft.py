@@ -47,9 +47,9 @@ import time
 
 from tqdm import tqdm
 
-from data import (CHATML_TEMPLATE, SFT_ALIASES, ArgumentParser, HelpFormatter, UserError,
-                  build_sft_examples, collate, end_of_turn_ids, first_line, load_conversations,
-                  require, run_cli, source_kind, step_batches)
+from data import (CHATML_TEMPLATE, SFT_ALIASES, ArgumentParser, HelpFormatter, ModelDefaults,
+                  UserError, build_sft_examples, collate, end_of_turn_ids, first_line,
+                  load_conversations, require, run_cli, source_kind, step_batches)
 
 # -----------------------------------------------------------------------------
 # The loss: a pure function (torch only) to paste into any trainer
@@ -455,16 +455,24 @@ def train(args):
 
 # -----------------------------------------------------------------------------
 # The command line
-TINY_DEFAULTS = dict(data="synthetic", lr=3e-3, batch_size=16, micro_batch_size=8, max_len=512,
-                     num_samples=480, epochs=1, warmup=0.1)
-HUB_DEFAULTS = dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2, max_len=4096,
-                    num_samples=3000, epochs=8, warmup=0.01)
+MODEL_DEFAULTS = {  # the defaults that depend on --model's kind (model_kind)
+    # the tiny model on synthetic data: seconds on a CPU
+    "tiny": dict(data="synthetic", lr=3e-3, batch_size=16, micro_batch_size=8, max_len=512,
+                 num_samples=480, epochs=1, warmup=0.1),
+    # SmolLM2 (135M), a real model on a CPU
+    "smol": dict(data="gsm8k", lr=1e-5, batch_size=8, micro_batch_size=4, max_len=1024,
+                 num_samples=512, epochs=1, warmup=0.05),
+    # any other model: the released recipe, on one GPU
+    "hub": dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2, max_len=4096,
+                num_samples=3000, epochs=8, warmup=0.01),
+}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="EKSFT (or plain SFT, or DFT) on a chat-format data set.",
                        formatter_class=HelpFormatter)
-    add = p.add_argument   # a default left out (None) comes from TINY_DEFAULTS or HUB_DEFAULTS
+    defaults = ModelDefaults(p, MODEL_DEFAULTS)
+    add = defaults.add   # a default left out (None) comes from MODEL_DEFAULTS, by the model's kind
     add("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
     add("--method", default="eksft", choices=["eksft", "sft", "dft"], help="sft: ratio 0, "
         "lambdas 0; dft: the same, each token's CE weighted by its detached p(target)")
@@ -503,14 +511,9 @@ def parse_args(argv=None):
     add("--resume", action="store_true", help="continue from --output-dir's newest checkpoint")
     add("--allow-changed-args", action="store_true", help="--resume even with other settings")
     add("--show-mask", type=int, default=0, metavar="N", help="show N examples' masked tokens")
-    for action in p._actions:   # --help states the defaults that depend on --model
-        if action.dest in HUB_DEFAULTS:
-            action.help += f" ({HUB_DEFAULTS[action.dest]}; {TINY_DEFAULTS[action.dest]} for tiny)"
     args = p.parse_args(argv)
-    args.model_kind = model_kind(args.model)   # tiny, or a directory trained from it
-    for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.model_kind = model_kind(args.model)   # tiny, smol or hub (a run: its model's)
+    defaults.fill(args, args.model_kind)
     minimum = dict(num_samples=1, max_len=2, batch_size=1, micro_batch_size=1, epochs=1,
                    max_steps=0, weight_decay=0, log_every=1, save_every=0, keep_checkpoints=0,
                    show_mask=0)   # max_steps None: all epochs

@@ -47,7 +47,8 @@ import torch
 
 import eksft   # plumbing: device, model loading, checkpoints, resume checks, Ctrl-C, JSON files
 from data import (MAX_ANSWER_CHARS, PROTOCOLS, SYSTEM_PROMPT, TAIL_CHARS, ArgumentParser,
-                  HelpFormatter, UserError, boxed_answer, encode_prompt, extract_answer,
+                  HelpFormatter, ModelDefaults, UserError, boxed_answer, encode_prompt,
+                  extract_answer,
                   last_formula_or_number, normalise_answer, pad_left, pad_right, require, run_cli,
                   split_top_level, stop_token_ids, train_eval_sets)
 
@@ -456,17 +457,25 @@ def evaluate_accuracy(model, tokenizer, rows, args, autocast):
 # ----------------------------------------------------------------------------
 # 4. The command line
 
-TINY_DEFAULTS = dict(data="synthetic", reward="digits", lr=1e-3, prompts_per_step=4,
-                     max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16,
-                     print_every=5)
-HUB_DEFAULTS = dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, max_new_tokens=1024,
-                    micro_batch_size=4, max_steps=300, eval_size=200, print_every=10)
+MODEL_DEFAULTS = {  # the defaults that depend on --model's kind (eksft.model_kind)
+    # the tiny model and a toy reward: seconds on a CPU
+    "tiny": dict(data="synthetic", reward="digits", lr=1e-3, prompts_per_step=4,
+                 max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16,
+                 print_every=5),
+    # SmolLM2 (135M), a real model on a CPU
+    "smol": dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=4, max_new_tokens=256,
+                 micro_batch_size=8, max_steps=20, eval_size=32, print_every=5),
+    # any other model: one GPU
+    "hub": dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, max_new_tokens=1024,
+                micro_batch_size=4, max_steps=300, eval_size=200, print_every=10),
+}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="RL with verifiable rewards (GRPO) for maths.",
                        formatter_class=HelpFormatter)
-    add = p.add_argument   # a default left out (None) comes from TINY_DEFAULTS or HUB_DEFAULTS
+    defaults = ModelDefaults(p, MODEL_DEFAULTS)
+    add = defaults.add   # a default left out (None) comes from MODEL_DEFAULTS, by the model's kind
     add("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B)")
     add("--data", help="gsm8k (its test split held out) | math500 | synthetic | local file")
     add("--output-dir", help="checkpoints, metrics, final model (default runs/rl-MODEL)")
@@ -510,14 +519,9 @@ def parse_args(argv=None):
     add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints (0: all)")
     add("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     add("--allow-changed-args", action="store_true", help="--resume with other settings")
-    for action in p._actions:   # --help states the defaults that depend on --model
-        if action.dest in HUB_DEFAULTS:
-            action.help += f" ({HUB_DEFAULTS[action.dest]}; {TINY_DEFAULTS[action.dest]} for tiny)"
     args = p.parse_args(argv)
-    args.model_kind = eksft.model_kind(args.model)   # tiny, or a directory trained from it
-    for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.model_kind = eksft.model_kind(args.model)   # tiny, smol or hub (a run: its model's)
+    defaults.fill(args, args.model_kind)
     minimum = dict(group_size=2, prompts_per_step=1, max_new_tokens=1, ppo_epochs=1,
                    micro_batch_size=1, max_steps=1, log_every=1, eval_size=0, eval_every=0,
                    print_every=0, save_every=0, keep_checkpoints=0, kl_coef=0)
