@@ -665,12 +665,13 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
     if "\\cup" in a + b:                                   # a union of intervals, in any order
         return _same_elements(a.split("\\cup"), b.split("\\cup"), depth)
     pa, pb = _bracketed(a), _bracketed(b)
-    sets = [p is not None and p[:2] == ("{", "}") for p in (pa, pb)]
+    sets = [p is not None and p.brackets == "{}" for p in (pa, pb)]
     if any(sets):                                          # a set: an unordered list
-        return _equiv(pa[2] if sets[0] else a, a_pct, pb[2] if sets[1] else b, b_pct, depth + 1)
+        return _equiv(pa.inside if sets[0] else a, a_pct, pb.inside if sets[1] else b, b_pct,
+                      depth + 1)
     if pa and pb:                                          # tuples, intervals, matrices
-        ea, eb = split_top_level(pa[2]), split_top_level(pb[2])
-        return (pa[:2] == pb[:2] and len(ea) == len(eb)
+        ea, eb = split_top_level(pa.inside), split_top_level(pb.inside)
+        return (pa.brackets == pb.brackets and len(ea) == len(eb)
                 and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
     if not pa and not pb and ("," in a or "," in b):       # "1, 2" vs "2,1,1": sets of solutions
         return _same_elements(split_top_level(a), split_top_level(b), depth)
@@ -732,8 +733,14 @@ def _same_function(a, b):
     return True
 
 
+class _Bracketed(NamedTuple):
+    brackets: str   # the opening and the closing one: "(]"
+    inside: str     # what they enclose: "1,2"
+
+
 def _bracketed(s):
-    """'(1,2]' -> ('(', ']', '1,2') when one bracket pair encloses the whole string, else None."""
+    """'(1,2]' -> _Bracketed("(]", "1,2") when one bracket pair encloses the whole string, else
+    None."""
     s = s.replace("\\{", "{").replace("\\}", "}")
     if len(s) < 2 or s[0] not in "([{" or s[-1] not in ")]}":
         return None
@@ -742,7 +749,7 @@ def _bracketed(s):
         depth += (ch in "([{") - (ch in ")]}")
         if depth == 0:                                     # closed before the end: "(1)+(2)"
             return None
-    return s[0], s[-1], s[1:-1]
+    return _Bracketed(s[0] + s[-1], s[1:-1])
 
 
 class _NotANumber(Exception):
@@ -806,7 +813,10 @@ def _to_number(s, variables=None):
         if peek() in ("-", "+"):
             return (-1 if take() == "-" else 1) * unary(depth + 1)
         base = atom(depth)
-        return _power(base, (take(), unary(depth + 1))[1]) if peek() == "^" else base
+        if peek() != "^":
+            return base
+        take("^")
+        return _power(base, unary(depth + 1))
 
     def atom(depth, brace=False):
         tok = take("{" if brace else None)
@@ -819,14 +829,21 @@ def _to_number(s, variables=None):
         if tok == "\\frac":
             return atom(depth + 1, brace=True) / atom(depth + 1, brace=True)
         if tok == "\\sqrt":                                # \sqrt[3]{8} = 2
-            n = (take(), expr(depth + 1), take("]"))[1] if peek() == "[" else Fraction(2)
+            n = Fraction(2)
+            if peek() == "[":
+                take("[")
+                n = expr(depth + 1)
+                take("]")
             return _power(atom(depth + 1, brace=True), 1 / n)
         if tok == "\\pi":
             return math.pi
         if tok in _FUNCTIONS:                              # \sin^2 x = (\sin x)^2
-            exponent = tokens[pos:pos + 1] == ["^"] and (take(), unary(depth + 1))[1]
+            exponent = None
+            if peek() == "^":
+                take("^")
+                exponent = unary(depth + 1)
             value = _FUNCTIONS[tok](unary(depth + 1))
-            return _power(value, exponent) if exponent else value
+            return _power(value, exponent) if exponent is not None else value
         if tok in variables:
             return variables[tok]
         raise _NotANumber
