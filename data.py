@@ -621,6 +621,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ModelDefaults:
+    """The flags whose default depends on the kind of model ("tiny", "smol", "hub"): add is the
+    parser's add_argument that appends every kind's default to the flag's help, and after
+    parsing, fill gives each of those flags left out (None) the default of the model's kind."""
+
+    def __init__(self, parser, by_kind):
+        self.parser, self.by_kind = parser, by_kind      # by_kind: kind -> {dest: default}
+
+    def add(self, *flags, **kwargs):
+        action = self.parser.add_argument(*flags, **kwargs)
+        per_kind = [f"{kind}: {defaults[action.dest]}" for kind, defaults
+                    in sorted(self.by_kind.items()) if action.dest in defaults]
+        if per_kind:   # --help: "peak learning rate (hub: 1e-05; smol: 1e-05; tiny: 0.003)"
+            action.help += f" ({'; '.join(per_kind)})"
+        return action
+
+    def fill(self, args, kind):
+        for dest, default in self.by_kind[kind].items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, default)
+
+
 def require(parser, args, rules):
     """parser.error for the first (name, ok, what) rule that fails: "--name VALUE: must be WHAT"."""
     for name, ok, what in rules:

@@ -11,16 +11,24 @@ EKSFT leaves out of the imitation loss the response tokens where the policy is m
 (top ratio by entropy) or has drifted furthest from the frozen starting model (top ratio by
 KL(policy || reference)), and adds a small entropy bonus and KL penalty on those tokens:
 
-    loss = CE(kept tokens) - lambda_entropy * mean_E(H / log V) + lambda_kl * mean_K(KL)
+    loss =                    sum_{t kept} CE_t / N
+           - lambda_entropy * sum_{t in E} (H_t / log V) / S
+           + lambda_kl      * sum_{t in K} KL_t / S
 
-The file reads: the loss (pure torch, to paste into any trainer), the training loop, the command
-line, then an appendix: models, checkpoints, Ctrl-C, --show-mask, the Trainer adapter (many GPUs).
+N: the step's response tokens; S: its selection slots, sum over its sequences of floor(ratio * n)
+(both counted before the step's first forward pass; eksft_loss alone: the kept count, |E|, |K|).
+
+The file reads: the loss (pure torch, to paste into any trainer: eksft_loss in plain autograd,
+then eksft_loss_lean, the same loss without a tokens x vocab fp32 tensor, which the loop uses),
+the training loop, the command line, then an appendix: models, checkpoints, Ctrl-C, --show-mask,
+the Trainer adapter (many GPUs).
 
 Where it differs from the released trainer (README.md, "Where we differ", says why):
   1. Entropy, KL, the mask and the CE all refer to the same (logit row, target token) pair.
   2. The KL penalty is the real KL, sum p (log p - log q), not sum p (p - log q).
   3. Two forward passes per step, not three: the statistics come from the grad pass's logits.
-  4. Statistics in row chunks (no tokens x vocab fp32 copies); regularisers on selected rows only.
+  4. The loop's loss (eksft_loss_lean) keeps no tokens x vocab fp32 tensor: statistics in row
+     chunks, the regularisers' log q on the selected rows only.
   5. No "dynamic lambda" (a constant +-5%).
   6. KL selects only tokens with KL > --kl-threshold: at step one KL is 0 everywhere.
   7. Every term is normalised over the whole optimizer step: gradient accumulation changes nothing.
@@ -42,13 +50,15 @@ import urllib.parse
 
 from tqdm import tqdm
 
-from data import (CHATML_TEMPLATE, SFT_ALIASES, ArgumentParser, HelpFormatter, UserError,
-                  build_sft_examples, collate, end_of_turn_ids, first_line, load_conversations,
-                  require, run_cli, source_kind, step_batches)
+from data import (CHATML_TEMPLATE, SFT_ALIASES, ArgumentParser, HelpFormatter, ModelDefaults,
+                  UserError, build_sft_examples, collate, end_of_turn_ids, first_line,
+                  load_conversations, require, run_cli, source_kind, step_batches)
 
 # -----------------------------------------------------------------------------
 # The loss: a pure function (torch only) to paste into any trainer
-# Self-contained: copy from this banner to the next one; it needs only the imports below.
+# Self-contained: copy from this banner to the next one; it needs only the imports below. It opens
+# with eksft_loss, the formula in plain autograd; eksft_loss_lean, the same loss without any
+# (tokens x vocab) fp32 tensor, follows: the training loop and the Trainer adapter use that one.
 import math
 
 import torch
@@ -60,11 +70,11 @@ IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's and t
 def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                lambda_entropy=0.05, lambda_kl=0.05, scope="sequence",
                select_largest_entropy=True, select_largest_kl=True, kl_threshold=1e-3,
-               entropy_threshold=None, dft=False, ignore_index=IGNORE_INDEX, chunk_size=1024,
+               entropy_threshold=None, dft=False, ignore_index=IGNORE_INDEX,
                ce_normalizer=None, reg_normalizer=None, return_masks=False):
-    """The EKSFT loss: returns (loss, stats), stats detached 0-dim tensors (ce, entropy, kl,
-    masked fractions, iou, counts). logits, ref_logits: (B, T, V), any float dtype (statistics in
-    fp32; ref_logits None when ratio == 0 == lambda_kl); labels: (B, T) unshifted.
+    """The EKSFT loss in plain autograd: returns (loss, stats), stats detached 0-dim tensors (ce,
+    entropy, kl, masked fractions, iou, counts). logits, ref_logits: (B, T, V), any float dtype
+    (computed in fp32; ref_logits None when ratio == 0 == lambda_kl); labels: (B, T) unshifted.
       ratio, combine   k = floor(ratio * n) selected by entropy (E) and by KL (K); M = E union K
                        (the released recipe) or E intersection K
       scope            "sequence": k per sequence (released recipe); "batch": over this call
@@ -72,36 +82,77 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                        (None: none; inf: E is empty); select_largest_*=False: the smallest
       dft              each kept CE_t weighted by its own p(target), detached (DFT, 2508.05629)
       ce_normalizer    divides the kept CE sum (None: the kept count here); reg_normalizer
-                       divides the regulariser sums (None: |E| and |K| here)"""
-    if combine not in ("union", "intersection") or scope not in ("sequence", "batch"):
-        raise ValueError(f"combine must be union|intersection and scope sequence|batch, "
-                         f"got {combine!r}, {scope!r}")
-    if ref_logits is None and (ratio > 0 or lambda_kl != 0):
-        raise ValueError("ref_logits is required when ratio > 0 or lambda_kl != 0")
+                       divides the regulariser sums (None: |E| and |K| here)
+    Autograd keeps four (B, T-1, V) fp32 tensors for the backward pass: eksft_loss_lean none."""
+    check_loss_options(ref_logits, ratio, combine, lambda_kl, scope)
+    # the causal shift, once: logits[:, t] predicts labels[:, t+1]
+    targets = labels[:, 1:].long()                                        # (B, T-1)
+    response = targets != ignore_index                                    # (B, T-1)
+    lowest = torch.finfo(torch.float32).min   # log 0 = -inf (a masked entry) raised: 0 log 0 = 0
+    logp = F.log_softmax(logits[:, :-1].float(), -1).clamp(min=lowest)    # (B, T-1, V)
+    p = logp.exp()
+
+    # 1. per token: H_t = -sum_v p log p, KL_t = sum_v p (log p - log q), CE_t = -log p(target)
+    entropy = torch.where(response, -(p * logp).sum(-1), 0.0)            # (B, T-1)
+    kl = torch.zeros_like(entropy)                        # no reference: nothing is selected by KL
+    if ref_logits is not None:
+        logq = F.log_softmax(ref_logits[:, :-1].detach().float(), -1).clamp(min=lowest)
+        kl = torch.where(response, (p * (logp - logq)).sum(-1), 0.0)      # (B, T-1)
+    token_ce = -logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)   # (B, T-1)
+
+    # 2. E: the top k by entropy (above entropy_threshold if given); K: the top k by KL among the
+    #    tokens with KL > kl_threshold (at step one KL is 0 everywhere). No gradient through them.
+    h, d = entropy.detach(), kl.detach()
+    above = response if entropy_threshold is None else response & (h > entropy_threshold)
+    by_entropy = top_k_mask(h, response, ratio, scope, select_largest_entropy, above)
+    by_kl = top_k_mask(d, response, ratio, scope, select_largest_kl, response & (d > kl_threshold))
+    masked = (by_entropy | by_kl) if combine == "union" else (by_entropy & by_kl)   # M
+
+    # 3. CE over the kept tokens (DFT: each weighted by its p(target), a constant), the entropy
+    #    bonus over E, the KL penalty over K, each sum divided by its normaliser (default: its own
+    #    count):  sum_kept w_t CE_t / N,   sum_E H_t / log V / S,   sum_K KL_t / S
+    kept = response & ~masked                                             # (B, T-1)
+    weight = torch.exp(-token_ce.detach()) if dft else 1.0
+    ce = torch.where(kept, weight * token_ce, 0.0).sum() / normaliser(ce_normalizer, kept)
+    ent_reg = (torch.where(by_entropy, entropy, 0.0).sum() / math.log(logits.shape[-1])
+               / normaliser(reg_normalizer, by_entropy))
+    kl_reg = torch.where(by_kl, kl, 0.0).sum() / normaliser(reg_normalizer, by_kl)
+    loss = ce - lambda_entropy * ent_reg + lambda_kl * kl_reg
+    return loss, loss_stats(response, by_entropy, by_kl, masked, entropy,
+                            kl if ref_logits is not None else None, ce, ent_reg, kl_reg,
+                            return_masks)
+
+
+def eksft_loss_lean(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
+                    lambda_entropy=0.05, lambda_kl=0.05, scope="sequence",
+                    select_largest_entropy=True, select_largest_kl=True, kl_threshold=1e-3,
+                    entropy_threshold=None, dft=False, ignore_index=IGNORE_INDEX,
+                    ce_normalizer=None, reg_normalizer=None, return_masks=False, chunk_size=1024):
+    """eksft_loss, memory-lean: the same arguments, and chunk_size (logit rows per chunk), the same
+    results (tested, value and gradient, every option), and no (tokens x vocab) fp32 tensor. The
+    statistics come from one no-grad pass in row chunks; LossGradient (below) writes the gradient
+    out chunk by chunk, derived by hand. With ratio 0 (no dft) it is F.cross_entropy to the bit."""
+    check_loss_options(ref_logits, ratio, combine, lambda_kl, scope)
     # the causal shift, once: logits[:, t] predicts labels[:, t+1]
     labels = labels.long()
     targets = labels[:, 1:]                                        # (B, T-1)
     response = targets != ignore_index                             # (B, T-1)
-    n_response = response.sum()
 
     # 1. statistics (no gradient), one pass in row chunks: H_t, KL_t and the cross-entropy CE_t
     entropy, kl, token_ce = token_statistics(logits, labels, ref_logits, ignore_index, chunk_size,
                                              return_ce=True)                      # each (B, T-1)
+    token_kl = kl if kl is not None else torch.zeros_like(entropy)  # None: no reference
 
-    # 2. selection: E = top-k by entropy, K = top-k by KL among tokens with KL > threshold
-    if ratio > 0:
-        above = response if entropy_threshold is None else response & (entropy > entropy_threshold)
-        by_entropy = top_k_mask(entropy, response, ratio, scope, select_largest_entropy, above)
-        by_kl = top_k_mask(kl, response, ratio, scope, select_largest_kl,
-                           candidates=response & (kl > kl_threshold))
-    else:
-        by_entropy = by_kl = torch.zeros_like(response)
+    # 2. selection, as in eksft_loss: E by entropy, K by KL above kl_threshold, M = E u K or E n K
+    above = response if entropy_threshold is None else response & (entropy > entropy_threshold)
+    by_entropy = top_k_mask(entropy, response, ratio, scope, select_largest_entropy, above)
+    by_kl = top_k_mask(token_kl, response, ratio, scope, select_largest_kl,
+                       candidates=response & (token_kl > kl_threshold))
     masked = (by_entropy | by_kl) if combine == "union" else (by_entropy & by_kl)
     kept = response & ~masked                                      # (B, T-1)
 
     # 3. the loss, from the per-token statistics of step 1 (the CE needs no pass of its own):
     #    CE over the kept tokens, entropy bonus H_t / log V over E, KL penalty over K
-    n_kept = int(kept.sum())
     # DFT: w_t = p(target) = exp(-CE_t), a constant (no gradient through it); otherwise w_t = 1
     weight = torch.exp(-token_ce) if dft else torch.ones_like(token_ce)    # (B, T-1)
     # F.nll_loss on one column only adds the kept w_t CE_t up, in the order F.cross_entropy does:
@@ -109,18 +160,18 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     ce_sum = F.nll_loss(-(weight * token_ce).reshape(-1, 1),
                         torch.where(kept, 0, ignore_index).flatten(),
                         ignore_index=ignore_index, reduction="sum")
-    ce_norm = ce_normalizer if ce_normalizer is not None else max(n_kept, 1)
+    ce_norm = normaliser(ce_normalizer, kept)
     ce = ce_sum / ce_norm                                          # sum_kept w_t CE_t / norm
     vocab_log = math.log(logits.shape[-1])                         # log V
     ent_reg = kl_reg = torch.zeros((), dtype=torch.float32, device=logits.device)
     ent_weight = kl_weight = 0.0                            # d loss / d H_t on E, d KL_t on K
     if by_entropy.any():  # the values are logged even when their lambda is 0
-        norm = reg_normalizer if reg_normalizer is not None else int(by_entropy.sum())
+        norm = normaliser(reg_normalizer, by_entropy)
         ent_reg = torch.where(by_entropy, entropy, 0.0).sum() / vocab_log / norm  # sum_E H/log V
         ent_weight = -lambda_entropy / vocab_log / norm
     if by_kl.any():
-        norm = reg_normalizer if reg_normalizer is not None else int(by_kl.sum())
-        kl_reg = torch.where(by_kl, kl, 0.0).sum() / norm                        # sum_K KL_t
+        norm = normaliser(reg_normalizer, by_kl)
+        kl_reg = torch.where(by_kl, token_kl, 0.0).sum() / norm                  # sum_K KL_t
         kl_weight = lambda_kl / norm
     loss = ce - lambda_entropy * ent_reg + lambda_kl * kl_reg
 
@@ -128,22 +179,47 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     #    (B, T-1); LossGradient (below) writes d loss / d logits out, chunk by chunk
     a = kept * weight / ce_norm                            # d loss / d CE_t = w_t / normaliser
     b, c = by_entropy * ent_weight, by_kl * kl_weight
-    loss = LossGradient.apply(loss, logits, ref_logits, targets, a, b, c, entropy,
-                              kl if kl is not None else torch.zeros_like(entropy), chunk_size)
+    loss = LossGradient.apply(loss, logits, ref_logits, targets, a, b, c, entropy, token_kl,
+                              chunk_size)
+    return loss, loss_stats(response, by_entropy, by_kl, masked, entropy, kl, ce, ent_reg, kl_reg,
+                            return_masks)
 
+
+def check_loss_options(ref_logits, ratio, combine, lambda_kl, scope):
+    """The ValueError of an option eksft_loss does not know, or of a reference that is missing."""
+    if combine not in ("union", "intersection") or scope not in ("sequence", "batch"):
+        raise ValueError(f"combine must be union|intersection and scope sequence|batch, "
+                         f"got {combine!r}, {scope!r}")
+    if ref_logits is None and (ratio > 0 or lambda_kl != 0):
+        raise ValueError("ref_logits is required when ratio > 0 or lambda_kl != 0")
+
+
+def normaliser(given, selected):
+    """What a term's sum is divided by: the given normaliser, else the number of selected tokens
+    (at least 1: an empty selection's sum is 0, and stays 0)."""
+    return given if given is not None else max(int(selected.sum()), 1)
+
+
+def loss_stats(response, by_entropy, by_kl, masked, entropy, kl, ce, ent_reg, kl_reg,
+               return_masks=False):
+    """The stats of eksft_loss and eksft_loss_lean: the three terms, the token means of H and KL
+    (kl None: no reference, NaN) and the selection's fractions and counts, each a detached 0-dim
+    tensor; with return_masks also the (B, T-1) masks and per-token values."""
+    n_response, n_masked = response.sum(), masked.sum()
     n_e, n_k = by_entropy.sum(), by_kl.sum()
     n_both, n_either = (by_entropy & by_kl).sum(), (by_entropy | by_kl).sum()
     denom = n_response.clamp(min=1).float()
+    entropy, kl = entropy.detach(), kl.detach() if kl is not None else None
     stats = {"ce": ce.detach(), "ent_reg": ent_reg.detach(), "kl_reg": kl_reg.detach(),
-             "entropy": entropy.sum() / denom, "kl": kl.sum() / denom if kl is not None
-             else torch.tensor(float("nan")), "masked_frac": masked.sum() / denom,
-             "masked_entropy_frac": n_e / denom, "masked_kl_frac": n_k / denom,
-             "iou": n_both / n_either.clamp(min=1), "n_response": n_response,
-             "n_kept": torch.tensor(n_kept), "n_masked": masked.sum(), "n_entropy": n_e,
-             "n_kl": n_k, "n_both": n_both, "n_either": n_either}
+             "entropy": entropy.sum() / denom,
+             "kl": kl.sum() / denom if kl is not None else torch.tensor(float("nan")),
+             "masked_frac": n_masked / denom, "masked_entropy_frac": n_e / denom,
+             "masked_kl_frac": n_k / denom, "iou": n_both / n_either.clamp(min=1),
+             "n_response": n_response, "n_kept": n_response - n_masked, "n_masked": n_masked,
+             "n_entropy": n_e, "n_kl": n_k, "n_both": n_both, "n_either": n_either}
     if return_masks:
         stats.update(by_entropy=by_entropy, by_kl=by_kl, token_entropy=entropy, token_kl=kl)
-    return loss, stats
+    return stats
 
 
 def token_statistics(logits, labels, ref_logits=None, ignore_index=IGNORE_INDEX, chunk_size=1024,
@@ -298,8 +374,8 @@ def train_step(model, ref_model, step_examples, micro_batch_size, pad_id, loss_k
             logits = model(**inputs).logits                                     # (B, T, V)
         with torch.no_grad(), autocast():                                       # (B, T, V)
             ref_logits = ref_model(**inputs).logits if ref_model is not None else None
-        loss, stats = eksft_loss(logits, batch["labels"], ref_logits, **loss_kwargs,
-                                 ce_normalizer=ce_normalizer, reg_normalizer=reg_normalizer)
+        loss, stats = eksft_loss_lean(logits, batch["labels"], ref_logits, **loss_kwargs,
+                                      ce_normalizer=ce_normalizer, reg_normalizer=reg_normalizer)
         loss.backward()
         add_micro_batch(sums, loss.detach(), stats, tokens=int(batch["attention_mask"].sum()))
     return step_metrics(sums)
@@ -382,16 +458,24 @@ def train(args):
 
 # -----------------------------------------------------------------------------
 # The command line
-TINY_DEFAULTS = dict(data="synthetic", lr=3e-3, batch_size=16, micro_batch_size=8, max_len=512,
-                     num_samples=480, epochs=1, warmup=0.1)
-HUB_DEFAULTS = dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2, max_len=4096,
-                    num_samples=3000, epochs=8, warmup=0.01)
+MODEL_DEFAULTS = {  # the defaults that depend on --model's kind (model_kind)
+    # the tiny model on synthetic data: seconds on a CPU
+    "tiny": dict(data="synthetic", lr=3e-3, batch_size=16, micro_batch_size=8, max_len=512,
+                 num_samples=480, epochs=1, warmup=0.1),
+    # SmolLM2 (135M), a real model on a CPU
+    "smol": dict(data="gsm8k", lr=1e-5, batch_size=8, micro_batch_size=4, max_len=1024,
+                 num_samples=512, epochs=1, warmup=0.05),
+    # any other model: the released recipe, on one GPU
+    "hub": dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2, max_len=4096,
+                num_samples=3000, epochs=8, warmup=0.01),
+}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="EKSFT (or plain SFT, or DFT) on a chat-format data set.",
                        formatter_class=HelpFormatter)
-    add = p.add_argument   # a default left out (None) comes from TINY_DEFAULTS or HUB_DEFAULTS
+    defaults = ModelDefaults(p, MODEL_DEFAULTS)
+    add = defaults.add   # a default left out (None) comes from MODEL_DEFAULTS, by the model's kind
     add("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
     add("--method", default="eksft", choices=["eksft", "sft", "dft"], help="sft: ratio 0, "
         "lambdas 0; dft: the same, each token's CE weighted by its detached p(target)")
@@ -430,14 +514,9 @@ def parse_args(argv=None):
     add("--resume", action="store_true", help="continue from --output-dir's newest checkpoint")
     add("--allow-changed-args", action="store_true", help="--resume even with other settings")
     add("--show-mask", type=int, default=0, metavar="N", help="show N examples' masked tokens")
-    for action in p._actions:   # --help states the defaults that depend on --model
-        if action.dest in HUB_DEFAULTS:
-            action.help += f" ({HUB_DEFAULTS[action.dest]}; {TINY_DEFAULTS[action.dest]} for tiny)"
     args = p.parse_args(argv)
-    args.model_kind = model_kind(args.model)   # tiny, or a directory trained from it
-    for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.model_kind = model_kind(args.model)   # tiny, smol or hub (a run: its model's)
+    defaults.fill(args, args.model_kind)
     minimum = dict(num_samples=1, max_len=2, batch_size=1, micro_batch_size=1, epochs=1,
                    max_steps=0, weight_decay=0, log_every=1, save_every=0, keep_checkpoints=0,
                    show_mask=0)   # max_steps None: all epochs
@@ -971,7 +1050,7 @@ def show_mask_after_training(args, run_args, model, ref_model, tokenizer, exampl
         with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
             logits = model(input_ids=batch["input_ids"]).logits
             ref = ref_model(input_ids=batch["input_ids"]).logits
-        _, stats = eksft_loss(logits, batch["labels"], ref, return_masks=True, **options)
+        _, stats = eksft_loss_lean(logits, batch["labels"], ref, return_masks=True, **options)
         # the masks refer to targets labels[:, 1:]; shift them back onto the token ids
         by_e, by_k = ([False] + stats[key][0].tolist() for key in ("by_entropy", "by_kl"))
         print(render_tokens(tokenizer, example["input_ids"], example["labels"], by_e, by_k, color)
@@ -981,10 +1060,11 @@ def show_mask_after_training(args, run_args, model, ref_model, tokenizer, exampl
 # -----------------------------------------------------------------------------
 # Appendix E. The Trainer adapter: the same loss in transformers.Trainer / trl.SFTTrainer, many GPUs
 def eksft_trainer_class(base):
-    """A subclass of `base` (transformers.Trainer, trl.SFTTrainer, ...) training with eksft_loss
-    (eksft_options: its keyword arguments; tutorial/trainer_eksft.py runs one), with a frozen
-    reference placed like the model. The Trainer counts the response tokens (num_items_in_batch),
-    this class the selection slots, over all processes: the result equals eksft.py's own loop."""
+    """A subclass of `base` (transformers.Trainer, trl.SFTTrainer, ...) training with
+    eksft_loss_lean (eksft_options: its keyword arguments; tutorial/trainer_eksft.py runs one),
+    with a frozen reference placed like the model. The Trainer counts the response tokens
+    (num_items_in_batch), this class the selection slots, over all processes: the result equals
+    eksft.py's own loop."""
 
     class EKSFTTrainer(base):
         def __init__(self, *args, ref_model=None, eksft_options=None, **kwargs):
@@ -1028,9 +1108,9 @@ def eksft_trainer_class(base):
             with torch.no_grad():
                 ref_logits = self.ref_model(**inputs).logits if self.ref_model is not None else None
             accumulated = model.training and num_items_in_batch is not None
-            loss, stats = eksft_loss(outputs.logits, labels, ref_logits, **self.eksft_options,
-                                     ce_normalizer=num_items_in_batch if accumulated else None,
-                                     reg_normalizer=self._slots if accumulated else None)
+            loss, stats = eksft_loss_lean(outputs.logits, labels, ref_logits, **self.eksft_options,
+                                          ce_normalizer=num_items_in_batch if accumulated else None,
+                                          reg_normalizer=self._slots if accumulated else None)
             if accumulated and self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients; the counts were global
             if model.training:  # summed, so the logged means cover every micro-batch

@@ -28,8 +28,14 @@ Simplifications (choices, not accidents):
      completion that states none earns 0, even when its last number is the gold. Measured on
      SmolLM2-135M-Instruct with the last-number fallback, 7 of 9 correct samples were looping,
      truncated text that happened to end on the gold number. --reward-last-number adds that
-     fallback (evaluate.py's qwen-math protocol reads answers so). A truncated completion (no EOS
-     within --max-new-tokens) is graded like any other: a stated answer counts.
+     fallback (evaluate.py's qwen-math protocol reads answers so).
+  8. A truncated completion (no EOS within --max-new-tokens) is wrong and earns 0, whatever it
+     states: on SmolLM2-135M-Instruct the truncated completions were loops, and those that state
+     an answer state it inside the loop ("The answer is 18." 30 times over; 6 of 16 truncated of
+     64 greedy GSM8K test answers at 512 tokens; 10 of 16 samples at temperature 1 and 256 tokens
+     were truncated, none stated one). Paying them would teach the model not to stop; with
+     --mask-truncated they would still lift their group's mean and push finished answers down.
+     --reward-truncated grades them like any other completion (evaluate.py does).
 """
 import atexit
 import dataclasses
@@ -52,8 +58,8 @@ from typing import NamedTuple
 import torch
 
 import eksft   # plumbing: device, model loading, checkpoints, resume checks, Ctrl-C, JSON files
-from data import (PROTOCOLS, SYSTEM_PROMPT, ArgumentParser, HelpFormatter, UserError,
-                  encode_prompt, pad_left, pad_right, require, run_cli, stop_token_ids,
+from data import (PROTOCOLS, SYSTEM_PROMPT, ArgumentParser, HelpFormatter, ModelDefaults,
+                  UserError, encode_prompt, pad_left, pad_right, require, run_cli, stop_token_ids,
                   train_eval_sets)
 
 # ----------------------------------------------------------------------------
@@ -377,7 +383,8 @@ def train(args):
                 seed=args.seed * 1_000_003 + step)
         gen_seconds = time.perf_counter() - t0
         texts = [out["text"] for out in rollouts]
-        scored = [reward_fn(t, g) for t, g in zip(texts, golds)]   # (reward, Verdict): one grade
+        scored = [reward_fn(out["text"], gold, out["truncated"])   # (reward, Verdict): one grade
+                  for out, gold in zip(rollouts, golds)]
         rewards = torch.tensor([float(reward) for reward, _ in scored])                # (N,)
         correct = [verdict.correct for _, verdict in scored]
 
@@ -438,13 +445,16 @@ def train(args):
 
 
 def reward_function(args):
-    """reward(text, gold) -> (reward, Verdict): the completion graded once (grade, with --checker
-    and --reward-last-number), its reward from --reward and --format-reward. Its verdict is also
-    the logged accuracy and the printed 'extracted'."""
-    def reward(text, gold):
+    """reward(text, gold, truncated) -> (reward, Verdict): the completion graded once (grade, with
+    --checker and --reward-last-number), its reward from --reward and --format-reward; a truncated
+    one is wrong and earns 0 (docstring, item 8) unless --reward-truncated. Its verdict is also the
+    logged accuracy and the printed 'extracted'."""
+    def reward(text, gold, truncated=False):
         verdict = grade(text, gold, checker=args.checker, last_number=args.reward_last_number)
         if args.reward == "digits":   # a toy dense reward: the share of characters that are digits
             return sum(c.isdigit() for c in text) / max(len(text), 1), verdict
+        if truncated and not args.reward_truncated:
+            return 0.0, verdict._replace(correct=False)
         return verdict_reward(verdict, text, args.format_reward), verdict
     return reward
 
@@ -466,17 +476,25 @@ def evaluate_accuracy(model, tokenizer, rows, args, autocast):
 # ----------------------------------------------------------------------------
 # 4. The command line
 
-TINY_DEFAULTS = dict(data="synthetic", reward="digits", lr=1e-3, prompts_per_step=4,
-                     max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16,
-                     print_every=5)
-HUB_DEFAULTS = dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, max_new_tokens=1024,
-                    micro_batch_size=4, max_steps=300, eval_size=200, print_every=10)
+MODEL_DEFAULTS = {  # the defaults that depend on --model's kind (eksft.model_kind)
+    # the tiny model and a toy reward: seconds on a CPU
+    "tiny": dict(data="synthetic", reward="digits", lr=1e-3, prompts_per_step=4,
+                 max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16,
+                 print_every=5),
+    # SmolLM2 (135M), a real model on a CPU
+    "smol": dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=4, max_new_tokens=256,
+                 micro_batch_size=8, max_steps=20, eval_size=32, print_every=5),
+    # any other model: one GPU
+    "hub": dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, max_new_tokens=1024,
+                micro_batch_size=4, max_steps=300, eval_size=200, print_every=10),
+}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description="RL with verifiable rewards (GRPO) for maths.",
                        formatter_class=HelpFormatter)
-    add = p.add_argument   # a default left out (None) comes from TINY_DEFAULTS or HUB_DEFAULTS
+    defaults = ModelDefaults(p, MODEL_DEFAULTS)
+    add = defaults.add   # a default left out (None) comes from MODEL_DEFAULTS, by the model's kind
     add("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B)")
     add("--data", help="gsm8k (its test split held out) | math500 | synthetic | local file")
     add("--output-dir", help="checkpoints, metrics, final model (default runs/rl-MODEL)")
@@ -498,6 +516,8 @@ def parse_args(argv=None):
     add("--temperature", type=float, default=1.0, help="sampling temperature, also in the loss")
     add("--top-p", type=float, default=1.0, help="nucleus sampling")
     add("--mask-truncated", action="store_true", help="no loss on completions without an EOS")
+    add("--reward-truncated", action="store_true", help="grade a completion without an EOS like "
+        "any other (default: it is wrong and earns 0; see the docstring)")
     add("--static-cache", action="store_true", help="static KV cache (compiled decoding on CUDA)")
     # loss
     add("--no-std", action="store_true", help="advantage r - mean, not divided by std (Dr. GRPO)")
@@ -525,14 +545,9 @@ def parse_args(argv=None):
     add("--keep-checkpoints", type=int, default=2, help="keep the N newest checkpoints (0: all)")
     add("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     add("--allow-changed-args", action="store_true", help="--resume with other settings")
-    for action in p._actions:   # --help states the defaults that depend on --model
-        if action.dest in HUB_DEFAULTS:
-            action.help += f" ({HUB_DEFAULTS[action.dest]}; {TINY_DEFAULTS[action.dest]} for tiny)"
     args = p.parse_args(argv)
-    args.model_kind = eksft.model_kind(args.model)   # tiny, or a directory trained from it
-    for key, value in (TINY_DEFAULTS if args.model_kind == "tiny" else HUB_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.model_kind = eksft.model_kind(args.model)   # tiny, smol or hub (a run: its model's)
+    defaults.fill(args, args.model_kind)
     minimum = dict(group_size=2, prompts_per_step=1, max_new_tokens=1, ppo_epochs=1,
                    micro_batch_size=1, max_steps=1, log_every=1, eval_size=0, eval_every=0,
                    print_every=0, save_every=0, keep_checkpoints=0, kl_coef=0)
@@ -1027,12 +1042,13 @@ def _equiv(a, a_pct, b, b_pct, depth=0):
     if "\\cup" in a + b:                                   # a union of intervals, in any order
         return _same_elements(a.split("\\cup"), b.split("\\cup"), depth)
     pa, pb = _bracketed(a), _bracketed(b)
-    sets = [p is not None and p[:2] == ("{", "}") for p in (pa, pb)]
+    sets = [p is not None and p.brackets == "{}" for p in (pa, pb)]
     if any(sets):                                          # a set: an unordered list
-        return _equiv(pa[2] if sets[0] else a, a_pct, pb[2] if sets[1] else b, b_pct, depth + 1)
+        return _equiv(pa.inside if sets[0] else a, a_pct, pb.inside if sets[1] else b, b_pct,
+                      depth + 1)
     if pa and pb:                                          # tuples, intervals, matrices
-        ea, eb = split_top_level(pa[2]), split_top_level(pb[2])
-        return (pa[:2] == pb[:2] and len(ea) == len(eb)
+        ea, eb = split_top_level(pa.inside), split_top_level(pb.inside)
+        return (pa.brackets == pb.brackets and len(ea) == len(eb)
                 and all(_equiv(u, False, v, False, depth + 1) for u, v in zip(ea, eb)))
     if not pa and not pb and ("," in a or "," in b):       # "1, 2" vs "2,1,1": sets of solutions
         return _same_elements(split_top_level(a), split_top_level(b), depth)
@@ -1094,8 +1110,14 @@ def _same_function(a, b):
     return True
 
 
+class _Bracketed(NamedTuple):
+    brackets: str   # the opening and the closing one: "(]"
+    inside: str     # what they enclose: "1,2"
+
+
 def _bracketed(s):
-    """'(1,2]' -> ('(', ']', '1,2') when one bracket pair encloses the whole string, else None."""
+    """'(1,2]' -> _Bracketed("(]", "1,2") when one bracket pair encloses the whole string, else
+    None."""
     s = s.replace("\\{", "{").replace("\\}", "}")
     if len(s) < 2 or s[0] not in "([{" or s[-1] not in ")]}":
         return None
@@ -1104,7 +1126,7 @@ def _bracketed(s):
         depth += (ch in "([{") - (ch in ")]}")
         if depth == 0:                                     # closed before the end: "(1)+(2)"
             return None
-    return s[0], s[-1], s[1:-1]
+    return _Bracketed(s[0] + s[-1], s[1:-1])
 
 
 class _NotANumber(Exception):
@@ -1168,7 +1190,10 @@ def _to_number(s, variables=None):
         if peek() in ("-", "+"):
             return (-1 if take() == "-" else 1) * unary(depth + 1)
         base = atom(depth)
-        return _power(base, (take(), unary(depth + 1))[1]) if peek() == "^" else base
+        if peek() != "^":
+            return base
+        take("^")
+        return _power(base, unary(depth + 1))
 
     def atom(depth, brace=False):
         tok = take("{" if brace else None)
@@ -1181,14 +1206,21 @@ def _to_number(s, variables=None):
         if tok == "\\frac":
             return atom(depth + 1, brace=True) / atom(depth + 1, brace=True)
         if tok == "\\sqrt":                                # \sqrt[3]{8} = 2
-            n = (take(), expr(depth + 1), take("]"))[1] if peek() == "[" else Fraction(2)
+            n = Fraction(2)
+            if peek() == "[":
+                take("[")
+                n = expr(depth + 1)
+                take("]")
             return _power(atom(depth + 1, brace=True), 1 / n)
         if tok == "\\pi":
             return math.pi
         if tok in _FUNCTIONS:                              # \sin^2 x = (\sin x)^2
-            exponent = tokens[pos:pos + 1] == ["^"] and (take(), unary(depth + 1))[1]
+            exponent = None
+            if peek() == "^":
+                take("^")
+                exponent = unary(depth + 1)
             value = _FUNCTIONS[tok](unary(depth + 1))
-            return _power(value, exponent) if exponent else value
+            return _power(value, exponent) if exponent is not None else value
         if tok in variables:
             return variables[tok]
         raise _NotANumber

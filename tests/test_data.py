@@ -439,3 +439,54 @@ def test_too_long_drop_and_truncate_against_hand_counted_tokens():
          "the first 20)"])
     with pytest.raises(ValueError, match="too_long must be 'drop' or 'truncate'"):
         build(20, "cut")
+
+
+# ----------------------------------------------------------------------------
+# defaults that depend on the model's kind (data.ModelDefaults, used by eksft.py and rl.py)
+
+
+def test_model_defaults_states_every_kind_in_help_and_fills_what_is_left_out():
+    p = data.ArgumentParser(formatter_class=data.HelpFormatter)
+    defaults = data.ModelDefaults(p, {"tiny": dict(lr=3e-3), "smol": dict(lr=1e-5),
+                                      "hub": dict(lr=2e-5)})
+    defaults.add("--lr", type=float, help="peak learning rate")
+    defaults.add("--seed", type=int, default=0, help="a seed")
+    help_text = " ".join(p.format_help().split())
+    assert "peak learning rate (hub: 2e-05; smol: 1e-05; tiny: 0.003)" in help_text
+    assert "a seed (default: 0)" in help_text
+    for kind, lr in (("tiny", 3e-3), ("smol", 1e-5), ("hub", 2e-5)):
+        args = p.parse_args([])
+        defaults.fill(args, kind)
+        assert (args.lr, args.seed) == (lr, 0)
+    args = p.parse_args(["--lr", "0.5"])   # a flag given keeps its value
+    defaults.fill(args, "smol")
+    assert args.lr == 0.5
+
+
+SMOL = {  # issue #25's defaults for SmolLM2 (135M) on a CPU, written out here, not read from code
+    "eksft": dict(data="gsm8k", lr=1e-5, batch_size=8, micro_batch_size=4, max_len=1024,
+                  num_samples=512, epochs=1, warmup=0.05),
+    "rl": dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=4, max_new_tokens=256,
+               micro_batch_size=8, max_steps=20, eval_size=32, print_every=5),
+}
+
+
+@pytest.mark.parametrize("script", ["eksft", "rl"])
+def test_both_scripts_fill_the_smol_kind_and_state_three_kinds(script, monkeypatch, capsys):
+    import eksft
+    import rl
+    module = {"eksft": eksft, "rl": rl}[script]
+    assert set(module.MODEL_DEFAULTS) == {"tiny", "smol", "hub"}
+    assert all(d.keys() == module.MODEL_DEFAULTS["hub"].keys()
+               for d in module.MODEL_DEFAULTS.values())
+    monkeypatch.setattr(eksft, "model_kind", lambda name: "smol")   # as appendix A will say
+    args = module.parse_args(["--model", "HuggingFaceTB/SmolLM2-135M"])
+    assert args.model_kind == "smol"
+    assert {key: getattr(args, key) for key in SMOL[script]} == SMOL[script]
+    assert module.parse_args(["--model", "HuggingFaceTB/SmolLM2-135M", "--lr", "0.1"]).lr == 0.1
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    lr = {"eksft": "(hub: 1e-05; smol: 1e-05; tiny: 0.003)",
+          "rl": "(hub: 1e-06; smol: 1e-06; tiny: 0.001)"}[script]
+    assert lr in help_text

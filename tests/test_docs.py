@@ -61,9 +61,11 @@ def test_the_defaults_table_is_there_and_covers_the_speed_switch():
 
 
 @pytest.mark.parametrize("flag,script,stated", stated_defaults())
-@pytest.mark.parametrize("model", ["tiny", "Qwen2.5-0.5B"])
-def test_stated_default_is_the_parsers(flag, script, stated, model):
-    """Both model kinds: a default the table states must not depend on the model."""
+@pytest.mark.parametrize("model", ["tiny", "HuggingFaceTB/SmolLM2-135M", "Qwen2.5-0.5B"])
+def test_stated_default_is_the_parsers(flag, script, stated, model, monkeypatch):
+    """Every model kind (tiny, smol, hub): a default the table states must not depend on it."""
+    if "SmolLM2" in model:
+        monkeypatch.setattr(eksft, "model_kind", lambda name: "smol")
     args = PARSERS[script](["--model", model])
     got = getattr(args, flag[2:].replace("-", "_"))
     if flag == "--checker":   # stated as "`auto` with math-verify installed, else `builtin`"

@@ -1,10 +1,14 @@
-"""eksft_loss against a naive full-vocabulary reference written from the method's description.
+"""eksft_loss and eksft_loss_lean against a naive full-vocabulary reference written from the
+method's description, and against each other.
 
 The reference below loops over sequences and tokens in float64 and never looks at eksft.py's
 internals: for every response token it takes the logit row that predicts it (logits[:, t] predicts
 labels[:, t+1]), computes H and KL from full softmaxes, ranks with Python's sorted() (ties: earlier
-position first), and builds the loss from plain sums. Run: python -m pytest tests/test_loss.py -q
+position first), and builds the loss from plain sums. The grid of options runs both losses against
+it; the other checks run the lean one (the loop's), and section 8 holds the plain one equal to the
+lean one for every option. Run: python -m pytest tests/test_loss.py -q
 """
+import functools
 import itertools
 import math
 from fractions import Fraction
@@ -13,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eksft import eksft_loss, selection_slots
+from eksft import eksft_loss, eksft_loss_lean, selection_slots
 
 IGNORE = -100
 
@@ -149,8 +153,12 @@ GRID = list(itertools.product(
 ))
 
 
+LOSSES = {"plain": eksft_loss, "lean": functools.partial(eksft_loss_lean, chunk_size=3)}
+
+
 @pytest.mark.parametrize("ratio,combine,scope,large_e,large_k,lambdas,normalise", GRID)
-def test_matches_reference(ratio, combine, scope, large_e, large_k, lambdas, normalise):
+@pytest.mark.parametrize("which", LOSSES)
+def test_matches_reference(which, ratio, combine, scope, large_e, large_k, lambdas, normalise):
     logits, labels, ref = make_batch(seed=1)
     lam_e, lam_k = lambdas
     opts = dict(ratio=ratio, combine=combine, lambda_entropy=lam_e, lambda_kl=lam_k, scope=scope,
@@ -158,7 +166,7 @@ def test_matches_reference(ratio, combine, scope, large_e, large_k, lambdas, nor
                 ce_normalizer=23.0 if normalise else None, reg_normalizer=5 if normalise else None)
 
     x = logits.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, ref, chunk_size=3, return_masks=True, **opts)
+    loss, stats = LOSSES[which](x, labels, ref, return_masks=True, **opts)
     loss.backward()
 
     y = logits.clone().requires_grad_(True)
@@ -197,7 +205,7 @@ def test_matches_reference_random_seeds(seed, dtype):
     """The released recipe's settings on other data, in float32 and float64."""
     logits, labels, ref = make_batch(seed=10 + seed, B=4, T=20, V=17, dtype=dtype)
     x = logits.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, ref, ratio=0.3, chunk_size=5)
+    loss, stats = eksft_loss_lean(x, labels, ref, ratio=0.3, chunk_size=5)
     loss.backward()
     y = logits.clone().requires_grad_(True)
     ref_loss, ref_stats, _, _ = reference_loss(y, labels, ref, ratio=0.3)
@@ -212,7 +220,7 @@ def test_chunk_size_does_not_matter():
     results = []
     for chunk in (1, 2, 3, 7, 1024):
         x = logits.clone().requires_grad_(True)
-        loss, stats = eksft_loss(x, labels, ref, ratio=0.5, chunk_size=chunk, return_masks=True)
+        loss, stats = eksft_loss_lean(x, labels, ref, ratio=0.5, chunk_size=chunk, return_masks=True)
         loss.backward()
         results.append((loss.detach(), x.grad, stats["by_entropy"], stats["by_kl"]))
     for loss, grad, e, k in results[1:]:
@@ -225,7 +233,7 @@ def test_custom_ignore_index():
     logits, labels, ref = make_batch(seed=3)
     labels = labels.masked_fill(labels == IGNORE, -1)
     x = logits.clone().requires_grad_(True)
-    loss, _ = eksft_loss(x, labels, ref, ratio=0.2, ignore_index=-1, chunk_size=3)
+    loss, _ = eksft_loss_lean(x, labels, ref, ratio=0.2, ignore_index=-1, chunk_size=3)
     loss.backward()
     y = logits.clone().requires_grad_(True)
     ref_loss, _, _, _ = reference_loss(y, labels, ref, ratio=0.2, ignore_index=-1)
@@ -256,7 +264,7 @@ def test_alignment_masks_the_target_of_the_uncertain_row():
     flat = 4
     x = logits.clone().requires_grad_(True)
     # 6 response tokens, ratio 0.2 -> k = 1; reference == policy -> K empty
-    loss, stats = eksft_loss(x, labels, logits.clone(), ratio=0.2, lambda_entropy=0.0, lambda_kl=0.0,
+    loss, stats = eksft_loss_lean(x, labels, logits.clone(), ratio=0.2, lambda_entropy=0.0, lambda_kl=0.0,
                              return_masks=True)
     loss.backward()
     by_e = stats["by_entropy"]                          # aligned with labels[:, 1:]
@@ -281,7 +289,7 @@ def test_alignment_entropy_bonus_lands_on_the_uncertain_row():
     logits, labels = peaked_case()
     flat, lam = 4, 0.5
     x = logits.clone().requires_grad_(True)
-    loss, _ = eksft_loss(x, labels, logits.clone(), ratio=0.2, lambda_entropy=lam, lambda_kl=0.0)
+    loss, _ = eksft_loss_lean(x, labels, logits.clone(), ratio=0.2, lambda_entropy=lam, lambda_kl=0.0)
     loss.backward()
     z = logits[0, flat].clone().requires_grad_(True)
     lp = torch.log_softmax(z, -1)
@@ -294,7 +302,7 @@ def test_alignment_with_prompt_boundary():
     one must mask labels[:, 2] (the first response label) and zero the gradient of row 1."""
     logits, labels = peaked_case(flat_row=1)
     x = logits.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, logits.clone(), ratio=0.2, lambda_entropy=0.0, lambda_kl=0.0,
+    loss, stats = eksft_loss_lean(x, labels, logits.clone(), ratio=0.2, lambda_entropy=0.0, lambda_kl=0.0,
                              return_masks=True)
     loss.backward()
     assert stats["by_entropy"][0].nonzero().flatten().tolist() == [1]
@@ -326,7 +334,7 @@ def naive_dft(logits, labels, normalizer=None):
 def test_dft_matches_a_naive_computation(dtype, normalizer, chunk_size):
     logits, labels, _ = make_batch(seed=7, dtype=dtype)
     x = logits.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0,
+    loss, stats = eksft_loss_lean(x, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0,
                              dft=True, ce_normalizer=normalizer, chunk_size=chunk_size)
     loss.backward()
     y = logits.clone().requires_grad_(True)
@@ -335,7 +343,7 @@ def test_dft_matches_a_naive_computation(dtype, normalizer, chunk_size):
     assert math.isclose(float(loss.detach()), float(expected.detach()), rel_tol=1e-5, abs_tol=1e-7)
     torch.testing.assert_close(x.grad.double(), y.grad.double(), rtol=1e-5, atol=1e-7)
     # with teeth: the weights matter (plain CE differs), and a weight with gradient would differ
-    plain, _ = eksft_loss(logits, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
+    plain, _ = eksft_loss_lean(logits, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
     assert abs(float(plain) - float(loss.detach())) > 0.1
     z = logits.clone().double().requires_grad_(True)
     log_p = torch.log_softmax(z[:, :-1], -1).gather(2, labels[:, 1:].clamp(0)[..., None])[..., 0]
@@ -351,7 +359,7 @@ def test_dft_with_selection_weights_only_the_kept_tokens():
     logits, labels, ref = make_batch(seed=1)
     opts = dict(ratio=0.3, lambda_entropy=0.2, lambda_kl=0.3)
     x = logits.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, ref, dft=True, chunk_size=4, return_masks=True, **opts)
+    loss, stats = eksft_loss_lean(x, labels, ref, dft=True, chunk_size=4, return_masks=True, **opts)
     loss.backward()
     y = logits.clone().requires_grad_(True)
     plain_ref, ref_stats, E, K = reference_loss(y, labels, ref, **opts)
@@ -377,7 +385,7 @@ def test_plain_sft_equals_cross_entropy(dtype):
     if dtype == torch.float64:
         logits = logits.float().double()   # eksft computes CE in float32; compare on fp32-exact inputs
     x = logits.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
+    loss, stats = eksft_loss_lean(x, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
     loss.backward()
     y = logits.float().clone().requires_grad_(True)
     expected = F.cross_entropy(y[:, :-1].reshape(-1, y.shape[-1]), labels[:, 1:].reshape(-1),
@@ -399,7 +407,7 @@ def test_plain_sft_is_bit_exact():
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[:, :5] = IGNORE
     labels[1, 40:] = IGNORE
-    loss, _ = eksft_loss(logits, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
+    loss, _ = eksft_loss_lean(logits, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
                                ignore_index=IGNORE)
     assert torch.equal(loss, expected), (loss.item(), expected.item())
@@ -408,7 +416,7 @@ def test_plain_sft_is_bit_exact():
 def test_ref_logits_required_when_selecting():
     logits, labels, _ = make_batch(seed=4)
     with pytest.raises(ValueError):
-        eksft_loss(logits, labels, None, ratio=0.2)
+        eksft_loss_lean(logits, labels, None, ratio=0.2)
 
 
 # ----------------------------------------------------------------------------
@@ -445,7 +453,7 @@ def hand_case(kl_rows=(2, 3, 4), n=10, V=4):
 ])
 def test_union_intersection_counts(kl_rows, combine, expect):
     logits, labels, ref = hand_case(kl_rows)
-    loss, stats = eksft_loss(logits, labels, ref, ratio=0.3, combine=combine, return_masks=True)
+    loss, stats = eksft_loss_lean(logits, labels, ref, ratio=0.3, combine=combine, return_masks=True)
     assert rows_of(stats["by_entropy"]) == {(0, 0), (0, 1), (0, 2)}
     for key, value in expect.items():
         assert math.isclose(float(stats[key]), value, abs_tol=1e-7), (key, float(stats[key]), value)
@@ -462,9 +470,9 @@ def test_kl_threshold_is_configurable():
         kls[i] = float((lp.exp() * (lp - lq)).sum())
     low, mid, _ = sorted(kls.values())
     assert mid - low > 1e-2
-    _, stats = eksft_loss(logits, labels, ref, ratio=0.3, kl_threshold=(low + mid) / 2, return_masks=True)
+    _, stats = eksft_loss_lean(logits, labels, ref, ratio=0.3, kl_threshold=(low + mid) / 2, return_masks=True)
     assert rows_of(stats["by_kl"]) == {(0, i) for i in (2, 3, 4) if kls[i] > low}
-    _, stats = eksft_loss(logits, labels, ref, ratio=0.3, kl_threshold=1e9, return_masks=True)
+    _, stats = eksft_loss_lean(logits, labels, ref, ratio=0.3, kl_threshold=1e9, return_masks=True)
     assert int(stats["n_kl"]) == 0
 
 
@@ -476,14 +484,14 @@ def test_entropy_threshold_is_configurable():
     ents = -(lp.exp() * lp).sum(-1)                               # H of rows 0..9
     second, third = ents.sort(descending=True).values[1:3].tolist()
     assert second - third > 1e-3                                   # k = 3 slots, but 2 candidates
-    _, plain = eksft_loss(logits, labels, ref, ratio=0.3, return_masks=True)
-    _, same = eksft_loss(logits, labels, ref, ratio=0.3, entropy_threshold=None, return_masks=True)
+    _, plain = eksft_loss_lean(logits, labels, ref, ratio=0.3, return_masks=True)
+    _, same = eksft_loss_lean(logits, labels, ref, ratio=0.3, entropy_threshold=None, return_masks=True)
     assert torch.equal(plain["by_entropy"], same["by_entropy"]) and int(plain["n_entropy"]) == 3
-    _, stats = eksft_loss(logits, labels, ref, ratio=0.3, entropy_threshold=(second + third) / 2,
+    _, stats = eksft_loss_lean(logits, labels, ref, ratio=0.3, entropy_threshold=(second + third) / 2,
                           return_masks=True)
     assert rows_of(stats["by_entropy"]) == {(0, i) for i in range(10) if ents[i] > (second + third) / 2}
     assert int(stats["n_entropy"]) == 2
-    _, stats = eksft_loss(logits, labels, ref, ratio=0.3, entropy_threshold=float("inf"),
+    _, stats = eksft_loss_lean(logits, labels, ref, ratio=0.3, entropy_threshold=float("inf"),
                           return_masks=True)
     assert int(stats["n_entropy"]) == 0 and torch.equal(stats["by_kl"], plain["by_kl"])
 
@@ -492,9 +500,9 @@ def test_kl_threshold_zero_still_excludes_zero_kl():
     """KL > threshold is strict: with threshold 0, rows whose reference equals the policy (KL
     exactly 0) are never selected by KL, even when k exceeds the positive-KL rows."""
     logits, labels, ref = hand_case((5,))
-    _, stats = eksft_loss(logits, labels, ref, ratio=0.3, kl_threshold=0.0, return_masks=True)
+    _, stats = eksft_loss_lean(logits, labels, ref, ratio=0.3, kl_threshold=0.0, return_masks=True)
     assert rows_of(stats["by_kl"]) == {(0, 5)}
-    _, stats = eksft_loss(logits, labels, logits.clone(), ratio=0.3, kl_threshold=0.0)
+    _, stats = eksft_loss_lean(logits, labels, logits.clone(), ratio=0.3, kl_threshold=0.0)
     assert int(stats["n_kl"]) == 0
 
 
@@ -502,7 +510,7 @@ def test_kl_threshold_zero_still_excludes_zero_kl():
 @pytest.mark.parametrize("combine", ["union", "intersection"])
 def test_policy_equal_reference_selects_nothing_by_kl(scope, combine):
     logits, labels, _ = make_batch(seed=5)
-    loss, stats = eksft_loss(logits, labels, logits.clone(), ratio=0.2, combine=combine, scope=scope)
+    loss, stats = eksft_loss_lean(logits, labels, logits.clone(), ratio=0.2, combine=combine, scope=scope)
     n, n_e = int(stats["n_response"]), int(stats["n_entropy"])
     assert int(stats["n_kl"]) == 0 and float(stats["kl"]) == 0.0 and float(stats["kl_reg"]) == 0.0
     assert n_e > 0
@@ -523,11 +531,11 @@ def test_ties_go_to_the_earlier_position():
     labels = torch.full((2, T), 1)
     labels[:, :3] = IGNORE                               # rows 2..7 predict responses: n = 6 each
     for largest in (True, False):
-        _, st = eksft_loss(logits, labels, ref, ratio=0.34, select_largest_entropy=largest,
+        _, st = eksft_loss_lean(logits, labels, ref, ratio=0.34, select_largest_entropy=largest,
                            select_largest_kl=largest, return_masks=True)   # k = 2 per sequence
         first_two = {(b, t) for b in range(2) for t in (2, 3)}
         assert rows_of(st["by_entropy"]) == first_two and rows_of(st["by_kl"]) == first_two
-        _, st = eksft_loss(logits, labels, ref, ratio=0.34, scope="batch",
+        _, st = eksft_loss_lean(logits, labels, ref, ratio=0.34, scope="batch",
                            select_largest_entropy=largest, select_largest_kl=largest,
                            return_masks=True)                             # k = floor(0.34*12) = 4
         first_four = {(0, t) for t in (2, 3, 4, 5)}
@@ -542,7 +550,7 @@ def test_ties_go_to_the_earlier_position():
 def test_no_gradient_on_masked_rows_without_regularisers(combine):
     logits, labels, ref = make_batch(seed=6)
     x = logits.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, ref, ratio=0.5, combine=combine, lambda_entropy=0.0,
+    loss, stats = eksft_loss_lean(x, labels, ref, ratio=0.5, combine=combine, lambda_entropy=0.0,
                              lambda_kl=0.0, return_masks=True)
     loss.backward()
     masked = rows_of(stats["by_entropy"] | stats["by_kl"] if combine == "union"
@@ -564,16 +572,16 @@ def test_low_precision_logits(dtype):
     logits, labels, ref = make_batch(seed=7, dtype=torch.float32)
     low, low_ref = logits.to(dtype), ref.to(dtype)
     x = low.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, low_ref, ratio=0.2, chunk_size=3)
+    loss, stats = eksft_loss_lean(x, labels, low_ref, ratio=0.2, chunk_size=3)
     loss.backward()
     assert torch.isfinite(loss) and x.grad.dtype == dtype and torch.isfinite(x.grad).all()
     for key in ("ce", "entropy", "kl", "ent_reg", "kl_reg"):
         assert stats[key].dtype == torch.float32, key
     # same as the float32 computation on the same (rounded) numbers ...
-    same, _ = eksft_loss(low.float(), labels, low_ref.float(), ratio=0.2)
+    same, _ = eksft_loss_lean(low.float(), labels, low_ref.float(), ratio=0.2)
     assert math.isclose(float(loss.detach()), float(same.detach()), rel_tol=1e-5)
     # ... and close to the full-precision result
-    full, _ = eksft_loss(logits, labels, ref, ratio=0.2)
+    full, _ = eksft_loss_lean(logits, labels, ref, ratio=0.2)
     assert math.isclose(float(loss.detach()), float(full.detach()), rel_tol=3e-2)
 
 
@@ -583,7 +591,7 @@ def test_all_ignored_is_finite_and_zero(ratio, lambdas, scope):
     logits, _, ref = make_batch(seed=8)
     labels = torch.full(logits.shape[:2], IGNORE)
     x = logits.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, ref, ratio=ratio, lambda_entropy=lambdas[0],
+    loss, stats = eksft_loss_lean(x, labels, ref, ratio=ratio, lambda_entropy=lambdas[0],
                              lambda_kl=lambdas[1], scope=scope)
     loss.backward()
     assert float(loss.detach()) == 0.0
@@ -601,7 +609,7 @@ def test_everything_masked_is_finite(combine, dtype):
     ref = ref + 0.0
     ref[:, :, 0] += 5.0                                 # every row above the KL threshold
     x = logits.clone().requires_grad_(True)
-    loss, stats = eksft_loss(x, labels, ref, ratio=1.0, combine=combine)
+    loss, stats = eksft_loss_lean(x, labels, ref, ratio=1.0, combine=combine)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     assert int(stats["n_kept"]) == 0 and float(stats["ce"]) == 0.0
@@ -624,7 +632,7 @@ def test_per_sequence_calls_sum_to_the_batch_call(ratio, lambdas, trim):
                 ce_normalizer=int((labels[:, 1:] != IGNORE).sum()),
                 reg_normalizer=max(1, selection_slots(labels, ratio, "sequence")), chunk_size=3)
     whole = logits.clone().requires_grad_(True)
-    loss, _ = eksft_loss(whole, labels, ref, **opts)
+    loss, _ = eksft_loss_lean(whole, labels, ref, **opts)
     loss.backward()
 
     parts = logits.clone().requires_grad_(True)
@@ -633,7 +641,7 @@ def test_per_sequence_calls_sum_to_the_batch_call(ratio, lambdas, trim):
         end = logits.shape[1]
         if trim:   # drop this sequence's trailing padding: the same example, unpadded
             end = int((labels[b] != IGNORE).nonzero().max()) + 1
-        part, _ = eksft_loss(parts[b:b + 1, :end], labels[b:b + 1, :end], ref[b:b + 1, :end], **opts)
+        part, _ = eksft_loss_lean(parts[b:b + 1, :end], labels[b:b + 1, :end], ref[b:b + 1, :end], **opts)
         part.backward()
         total += float(part.detach())
     assert math.isclose(total, float(loss.detach()), rel_tol=1e-6, abs_tol=1e-7)
@@ -661,7 +669,7 @@ def test_minus_inf_logits_give_no_nan():
     logits[..., -1] = float("-inf")
     ref[..., -1] = float("-inf")
     logits.requires_grad_(True)
-    loss, stats = eksft_loss(logits, labels, ref, ratio=0.3, lambda_entropy=0.0, lambda_kl=0.1)
+    loss, stats = eksft_loss_lean(logits, labels, ref, ratio=0.3, lambda_entropy=0.0, lambda_kl=0.1)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(stats[k]) for k in ("entropy", "kl", "ce"))
     assert torch.isfinite(logits.grad).all() and (logits.grad[..., -1] == 0).all()
@@ -670,14 +678,14 @@ def test_minus_inf_logits_give_no_nan():
                                                 lambda_entropy=0.0, lambda_kl=0.1)
     torch.testing.assert_close(loss.double(), expect.detach(), rtol=1e-5, atol=1e-6)
     assert float(stats["entropy"]) == pytest.approx(expect_stats["entropy"], rel=1e-5)
-    with_bonus, _ = eksft_loss(logits, labels, ref, ratio=0.3, lambda_entropy=0.1, lambda_kl=0.1)
+    with_bonus, _ = eksft_loss_lean(logits, labels, ref, ratio=0.3, lambda_entropy=0.1, lambda_kl=0.1)
     assert torch.isfinite(with_bonus)
 
 
 def test_int32_labels_and_regulariser_stats_without_lambdas():
     logits, labels, ref = make_batch(seed=4, dtype=torch.float32)
-    loss64, st64 = eksft_loss(logits, labels, ref, ratio=0.3, lambda_entropy=0.0, lambda_kl=0.0)
-    loss32, _ = eksft_loss(logits, labels.int(), ref, ratio=0.3, lambda_entropy=0.0, lambda_kl=0.0)
+    loss64, st64 = eksft_loss_lean(logits, labels, ref, ratio=0.3, lambda_entropy=0.0, lambda_kl=0.0)
+    loss32, _ = eksft_loss_lean(logits, labels.int(), ref, ratio=0.3, lambda_entropy=0.0, lambda_kl=0.0)
     assert torch.equal(loss64, loss32)
     # the regularisers' values are reported for a masking-only ablation too
     _, expect, _, _ = reference_loss(logits.double(), labels, ref.double(), ratio=0.3,
@@ -685,3 +693,152 @@ def test_int32_labels_and_regulariser_stats_without_lambdas():
     assert expect["ent_reg"] > 0 and expect["kl_reg"] > 0
     assert float(st64["ent_reg"]) == pytest.approx(expect["ent_reg"], rel=1e-5)
     assert float(st64["kl_reg"]) == pytest.approx(expect["kl_reg"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# 8. the plain eksft_loss (autograd) and eksft_loss_lean (chunks, gradient by hand) agree:
+#    value, gradient, stats and masks, for every option
+
+
+PLAIN_VS_LEAN = [
+    dict(),
+    dict(ratio=0.5, combine="intersection"),
+    dict(ratio=0.3, scope="batch"),
+    dict(ratio=0.3, select_largest_entropy=False),
+    dict(ratio=0.3, select_largest_kl=False),
+    dict(ratio=0.3, kl_threshold=0.0),
+    dict(ratio=0.3, kl_threshold=0.5),
+    dict(ratio=0.5, entropy_threshold=1.5),
+    dict(ratio=0.3, entropy_threshold=float("inf")),
+    dict(ratio=0.3, lambda_entropy=0.4, lambda_kl=0.7),
+    dict(ratio=0.3, lambda_entropy=0.0, lambda_kl=0.0),
+    dict(ratio=0.3, dft=True),
+    dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=True),
+    dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.3),      # the KL penalty without selection
+    dict(ratio=1.0),                                         # everything selected
+    dict(ratio=0.3, ce_normalizer=40, reg_normalizer=7),
+    dict(ratio=0.3, ce_normalizer=torch.tensor(40), reg_normalizer=torch.tensor(7)),
+    dict(ratio=0.5, combine="intersection", scope="batch", select_largest_entropy=False,
+         select_largest_kl=False, kl_threshold=0.0, entropy_threshold=0.5, dft=True,
+         lambda_entropy=0.2, lambda_kl=0.3, ce_normalizer=30, reg_normalizer=4),
+]
+
+
+def plain_and_lean(logits, labels, ref, **options):
+    """(loss, gradient, stats) of each loss on the same inputs, the lean one in chunks of 4 rows."""
+    results = []
+    for loss_fn in (eksft_loss, functools.partial(eksft_loss_lean, chunk_size=4)):
+        x = logits.clone().requires_grad_(True)
+        loss, stats = loss_fn(x, labels, ref, return_masks=True, **options)
+        loss.backward()
+        results.append((loss.detach(), x.grad, stats))
+    return results
+
+
+def assert_same_results(plain, lean, rtol=1e-5, atol=1e-6):
+    (loss_p, grad_p, stats_p), (loss_l, grad_l, stats_l) = plain, lean
+    assert loss_p.dtype == loss_l.dtype == torch.float32 and grad_p.dtype == grad_l.dtype
+    torch.testing.assert_close(loss_p, loss_l, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad_p, grad_l, rtol=rtol, atol=atol)
+    assert stats_p.keys() == stats_l.keys()
+    for key, value in stats_p.items():
+        if value is None or value.dtype in (torch.bool, torch.int64):    # masks and counts
+            assert (value is None and stats_l[key] is None) or torch.equal(value, stats_l[key]), key
+        else:
+            torch.testing.assert_close(value, stats_l[key], rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=key)
+
+
+@pytest.mark.parametrize("options", PLAIN_VS_LEAN, ids=lambda o: ",".join(
+    f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_plain_equals_lean(options):
+    logits, labels, ref = make_batch(seed=12, B=4, T=20, V=17, dtype=torch.float32)
+    plain, lean = plain_and_lean(logits, labels, ref, **options)
+    assert_same_results(plain, lean)
+    assert plain[1].abs().sum() > 0
+
+
+def test_plain_equals_lean_with_another_ignore_index_and_int32_labels():
+    logits, labels, ref = make_batch(seed=13, dtype=torch.float32)
+    labels = labels.masked_fill(labels == IGNORE, -1).int()
+    assert_same_results(*plain_and_lean(logits, labels, ref, ratio=0.3, ignore_index=-1))
+
+
+@pytest.mark.parametrize("options", [dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0),
+                                     dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=True)])
+def test_plain_equals_lean_without_a_reference(options):
+    logits, labels, _ = make_batch(seed=14, dtype=torch.float32)
+    plain, lean = plain_and_lean(logits, labels, None, **options)
+    assert_same_results(plain, lean)
+    assert torch.isnan(plain[2]["kl"]) and plain[2]["token_kl"] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_plain_equals_lean_in_other_dtypes(dtype):
+    """Both compute in float32 and return the gradient in the logits' dtype."""
+    logits, labels, ref = make_batch(seed=15, dtype=dtype)
+    plain, lean = plain_and_lean(logits, labels, ref.to(dtype), ratio=0.3)
+    assert plain[1].dtype == dtype
+    low = dtype in (torch.bfloat16, torch.float16)   # the gradient rounded to 8 or 11 bits
+    assert_same_results(plain, lean, rtol=1e-2 if low else 1e-5, atol=1e-4 if low else 1e-6)
+
+
+def test_plain_equals_lean_with_minus_inf_logits_and_when_all_is_ignored():
+    logits, labels, ref = make_batch(seed=16, dtype=torch.float32)
+    labels = torch.where(labels == logits.shape[-1] - 1, 0, labels)
+    logits[..., -1], ref[..., -1] = float("-inf"), float("-inf")    # a masked vocabulary entry
+    plain, lean = plain_and_lean(logits, labels, ref, ratio=0.3, lambda_kl=0.1)
+    assert_same_results(plain, lean)
+    assert torch.isfinite(plain[1]).all() and (plain[1][..., -1] == 0).all()
+    nothing = plain_and_lean(logits, torch.full_like(labels, IGNORE), ref, ratio=0.3)
+    assert_same_results(*nothing)
+    assert float(nothing[0][0]) == 0.0 and torch.count_nonzero(nothing[0][1]) == 0
+
+
+def test_plain_equals_lean_when_the_policy_is_the_reference():
+    """Step one: KL is 0 everywhere, nothing is selected by KL, the penalty is 0 in both."""
+    logits, labels, _ = make_batch(seed=17, dtype=torch.float32)
+    plain, lean = plain_and_lean(logits, labels, logits.clone(), ratio=0.3)
+    assert_same_results(plain, lean)
+    assert int(plain[2]["n_kl"]) == 0 and int(plain[2]["n_entropy"]) > 0
+
+
+def test_plain_loss_without_selection_is_cross_entropy():
+    logits, labels, _ = make_batch(seed=4, dtype=torch.float32)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = eksft_loss(x, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
+    loss.backward()
+    y = logits.clone().requires_grad_(True)
+    expected = F.cross_entropy(y[:, :-1].reshape(-1, y.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_plain_loss_keeps_four_vocabulary_sized_tensors_for_backward():
+    """The number the README states: autograd saves four (B, T-1, V) fp32 tensors (log p before
+    and after the clamp, p, log p - log q); the lean loss saves none of its own, only the logits
+    it was given (its backward recomputes the rest, chunk by chunk)."""
+    logits, labels, ref = make_batch(seed=1, dtype=torch.float32)
+    for loss_fn, expected in ((eksft_loss, 4), (eksft_loss_lean, 0)):
+        saved = set()
+
+        def pack(tensor):
+            if tensor.dim() == 3 and tensor.shape[-1] == logits.shape[-1]:
+                saved.add(tensor.untyped_storage().data_ptr())
+            return tensor
+        x = logits.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss_fn(x, labels, ref)
+        given = {t.untyped_storage().data_ptr() for t in (x, ref)}
+        assert len(saved - given) == expected, loss_fn.__name__
+
+
+def test_plain_loss_rejects_what_the_lean_one_rejects():
+    logits, labels, _ = make_batch(seed=4)
+    for loss_fn in (eksft_loss, eksft_loss_lean):
+        with pytest.raises(ValueError, match="ref_logits is required"):
+            loss_fn(logits, labels, None, ratio=0.2)
+        with pytest.raises(ValueError, match="combine must be"):
+            loss_fn(logits, labels, logits, combine="both")

@@ -1,5 +1,6 @@
 """The loss section of eksft.py pastes alone: its source text, from its banner to the next, runs in
-a fresh namespace with torch and math only, and gives the module's eksft_loss to the last bit."""
+a fresh namespace with torch and math only, and gives the module's eksft_loss (plain) and
+eksft_loss_lean to the last bit."""
 import ast
 import builtins
 import dis
@@ -57,7 +58,8 @@ def test_block_reads_no_name_it_does_not_define():
     code = compile(loss_block_source(), "pasted_loss.py", "exec")
     undefined = {n for n in global_names(code) if n not in namespace and not hasattr(builtins, n)}
     assert not undefined, f"the loss block uses names defined outside it: {sorted(undefined)}"
-    for name in ("eksft_loss", "token_statistics", "selection_slots", "IGNORE_INDEX"):
+    for name in ("eksft_loss", "eksft_loss_lean", "token_statistics", "selection_slots",
+                 "IGNORE_INDEX"):
         assert name in namespace
     assert namespace["IGNORE_INDEX"] == eksft.IGNORE_INDEX == -100
 
@@ -84,10 +86,12 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-def test_pasted_loss_equals_the_module_loss(options):
-    pasted_loss = pasted()["eksft_loss"]
+@pytest.mark.parametrize("name", ["eksft_loss", "eksft_loss_lean"])
+def test_pasted_loss_equals_the_module_loss(name, options):
+    if name == "eksft_loss":   # the plain loss has no chunks
+        options = {k: v for k, v in options.items() if k != "chunk_size"}
     results = []
-    for loss_fn in (eksft.eksft_loss, pasted_loss):
+    for loss_fn in (getattr(eksft, name), pasted()[name]):
         logits, ref_logits, labels = random_case(seed=0)
         logits.requires_grad_(True)
         loss, stats = loss_fn(logits, labels, ref_logits, return_masks=True, **options)
@@ -102,10 +106,11 @@ def test_pasted_loss_equals_the_module_loss(options):
     assert grad_a.abs().sum() > 0
 
 
-def test_pasted_loss_without_selection_is_cross_entropy():
+@pytest.mark.parametrize("name", ["eksft_loss", "eksft_loss_lean"])
+def test_pasted_loss_without_selection_is_cross_entropy(name):
     """An independent check of the pasted copy: ratio 0 and no regularisers is F.cross_entropy on
     the shifted labels, without a reference model."""
-    pasted_loss = pasted()["eksft_loss"]
+    pasted_loss = pasted()[name]
     logits, _, labels = random_case(seed=1)
     logits.requires_grad_(True)
     loss, _ = pasted_loss(logits, labels, None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)

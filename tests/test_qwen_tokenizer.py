@@ -216,7 +216,7 @@ def test_statistics_and_loss_on_a_qwen25_shaped_model(qwen):
         ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert logits.shape[-1] == 151936
     options = dict(ratio=0.2, lambda_entropy=0.05, lambda_kl=0.05)
-    loss, stats = eksft.eksft_loss(logits, labels, ref_logits, return_masks=True, **options)
+    loss, stats = eksft.eksft_loss_lean(logits, labels, ref_logits, return_masks=True, **options)
     (grad,) = torch.autograd.grad(loss, logits)                            # (B, T, V)
 
     # naive, full vocabulary, with autograd: logits[:, t] predicts labels[:, t+1]

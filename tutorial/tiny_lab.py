@@ -6,8 +6,8 @@ tutorial/tiny_lab.py: the EKSFT paper's experiment in miniature, on a laptop CPU
     python tutorial/tiny_lab.py --regime paper --seeds 3 --jobs 3 --output-dir runs/paper-ek \\
         --eksft-args "--ratio 0.4 --combine intersection"                                   # an exercise
 
-The story, one stage per banner below (tutorial/README.md is the lesson that goes with it), for
-each seed on its own:
+The plan: five stages, each under its banner below, in this order (tutorial/README.md is the
+lesson that goes with it; run_seed runs stages 1 to 4 for each seed on its own, then the report):
   1. Pre-train a small Qwen2-architecture model (character tokenizer) on arithmetic word problems
      written as plain prose, until its prose skill on validation questions stops moving (the
      convergence rule in `converged`), then cool the learning rate down. Each seed has its own
@@ -51,6 +51,7 @@ Simplifications (this is a miniature, not a replication):
 """
 import argparse
 import datetime
+import functools
 import json
 import math
 import multiprocessing
@@ -227,10 +228,10 @@ def pretrain(cfg, tokenizer, device, seed, val_problems, log=print):
     """Train a fresh tiny Qwen2 (initial weights and data order from `seed`) on packed prose with
     plain next-token cross-entropy, until the prose skill on `val_problems` has converged.
 
-    The loss is eksft_loss with ratio 0 and both lambdas 0 and labels = input_ids: that is exactly
-    cross-entropy on every next token (the "response" is the whole text). Returns the model and the
-    curve: {"step", "loss", "lr"} per step and {"step", "prose_accuracy"} per evaluation, and
-    whether the rule fired before pretrain_max_steps."""
+    The loss is eksft_loss_lean with ratio 0 and both lambdas 0 and labels = input_ids: that is
+    exactly cross-entropy on every next token (the "response" is the whole text). Returns the model
+    and the curve: {"step", "loss", "lr"} per step and {"step", "prose_accuracy"} per evaluation,
+    and whether the rule fired before pretrain_max_steps."""
     model = eksft.tiny_model(tokenizer, seed=seed, hidden_size=cfg["hidden_size"],
                              num_layers=cfg["num_layers"]).to(device)
     documents = pretraining_documents(cfg, tokenizer)
@@ -259,7 +260,7 @@ def pretrain(cfg, tokenizer, device, seed, val_problems, log=print):
         model.train()
         batch = rows[torch.randint(len(rows), (cfg["pretrain_batch"],), generator=generator)].to(device)
         logits = model(input_ids=batch).logits                                 # (B, block, V)
-        loss, _ = eksft.eksft_loss(logits, batch, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
+        loss, _ = eksft.eksft_loss_lean(logits, batch, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -439,7 +440,23 @@ def tune(cfg, method, base_dir, sft_data, seed_dir, seed, device, val_problems, 
 
 
 # -----------------------------------------------------------------------------
-# 3. Measures: accuracy and pass@k (evaluate.py), entropy and KL on held-out text (eksft.py)
+# 3. GRPO from each selected model, through rl.py's own loop
+
+
+def rl_args(cfg, model_dir, rl_data, out_dir, seed, device):
+    # the reward reads answers as the measure does: builtin checker, a stated answer only
+    return ["--model", model_dir, "--data", rl_data, "--reward", "math", "--checker", "builtin",
+            "--strict-reward", "--output-dir", out_dir,
+            "--max-steps", str(cfg["rl_steps"]), "--group-size", str(cfg["rl_group"]),
+            "--prompts-per-step", str(cfg["rl_prompts"]), "--max-new-tokens", str(cfg["max_new_tokens"]),
+            "--lr", str(cfg["rl_lr"]), "--temperature", str(cfg["temperature"]), "--micro-batch-size", "32",
+            "--eval-size", "0", "--seed", str(seed),
+            "--save-every", "0", "--keep-checkpoints", "1", "--print-every", "0",
+            "--log-every", str(max(1, cfg["rl_steps"] // 5)), "--device", device]
+
+
+# -----------------------------------------------------------------------------
+# 4. Measures: accuracy and pass@k (evaluate.py), entropy and KL on held-out text (eksft.py)
 
 
 @torch.no_grad()
@@ -534,14 +551,17 @@ def token_kinds(text):
 def mask_by_kind(model_dir, base, examples, loss_kwargs, device):
     """Which kinds of response token EKSFT's selections drop: for each kind, its share of the
     response tokens and the share of it masked by entropy (E) and by KL (K), under the policy in
-    model_dir and the base as reference (eksft_loss with return_masks=True on training examples)."""
+    model_dir and the base as reference (eksft_loss_lean, the loop's, with return_masks=True on
+    training examples)."""
     model, tokenizer = eksft.load_model_and_tokenizer(model_dir, device)
     model.eval()
     counts = {k: {"tokens": 0, "E": 0, "K": 0} for k in TOKEN_KINDS}
     for e in examples:
         batch = {k: v.to(device) for k, v in data.collate([e], tokenizer.pad_token_id).items()}
-        _, st = eksft.eksft_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"],
-                                 base(input_ids=batch["input_ids"]).logits, return_masks=True, **loss_kwargs)
+        logits = model(input_ids=batch["input_ids"]).logits
+        base_logits = base(input_ids=batch["input_ids"]).logits
+        _, st = eksft.eksft_loss_lean(logits, batch["labels"], base_logits, return_masks=True,
+                                      **loss_kwargs)
         targets = batch["labels"][0, 1:]                                        # (T-1,)
         response = (targets != data.IGNORE_INDEX).nonzero().flatten().tolist()
         pieces = [tokenizer.decode([int(targets[j])]) for j in response]
@@ -562,23 +582,7 @@ def mask_by_kind(model_dir, base, examples, loss_kwargs, device):
 
 
 # -----------------------------------------------------------------------------
-# 4. GRPO from each selected model, through rl.py's own loop
-
-
-def rl_args(cfg, model_dir, rl_data, out_dir, seed, device):
-    # the reward reads answers as the measure does: builtin checker, a stated answer only
-    return ["--model", model_dir, "--data", rl_data, "--reward", "math", "--checker", "builtin",
-            "--strict-reward", "--output-dir", out_dir,
-            "--max-steps", str(cfg["rl_steps"]), "--group-size", str(cfg["rl_group"]),
-            "--prompts-per-step", str(cfg["rl_prompts"]), "--max-new-tokens", str(cfg["max_new_tokens"]),
-            "--lr", str(cfg["rl_lr"]), "--temperature", str(cfg["temperature"]), "--micro-batch-size", "32",
-            "--eval-size", "0", "--seed", str(seed),
-            "--save-every", "0", "--keep-checkpoints", "1", "--print-every", "0",
-            "--log-every", str(max(1, cfg["rl_steps"] // 5)), "--device", device]
-
-
-# -----------------------------------------------------------------------------
-# 5. The pipeline for one seed
+# The pipeline for one seed: stages 1 to 4 in order
 
 
 def read_jsonl(path):
@@ -633,7 +637,8 @@ def run_seed(cfg, out, seed, methods, problems, val_problems, device, eksft_extr
             dirs[name] = os.path.join(seed_dir, f"{method}-rl")
             argv = rl_args(cfg, dirs[NAMES[method]], rl_data, dirs[name], seed, str(device))
             banner(f"seed {seed}: {name}  (python rl.py {shlex.join(argv)})")
-            curves[name] = timed(name, lambda: rl.train(rl.parse_args(argv))[2])
+            _model, _tokenizer, history = timed(name, lambda: rl.train(rl.parse_args(argv)))
+            curves[name] = history
     texts = held_out_texts(tokenizer, problems[:cfg["text_examples"]])
     banner(f"seed {seed}: measuring {len(dirs)} models on {len(problems)} held-out questions")
     results, per_question = {}, {}
@@ -655,9 +660,8 @@ def run_seed(cfg, out, seed, methods, problems, val_problems, device, eksft_extr
     return outcome
 
 
-def run_seed_in_worker(job):
+def run_seed_in_worker(seed, args, cfg, out, methods, problems, val_problems):
     """run_seed in a worker process (--jobs); its output goes to OUTPUT_DIR/seedN/log.txt."""
-    args, cfg, out, seed, methods, problems, val_problems = job
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.join(out, f"seed{seed}"), exist_ok=True)
     with open(os.path.join(out, f"seed{seed}", "log.txt"), "w", buffering=1) as log:  # line-buffered
@@ -671,7 +675,7 @@ def banner(text):
 
 
 # -----------------------------------------------------------------------------
-# 6. Statistics and the report
+# 5. Statistics and the report
 
 
 class Interval(NamedTuple):
@@ -927,9 +931,10 @@ def main(args):
     jobs = min(args.jobs, args.seeds)
     if jobs > 1:   # one process per seed, each with --threads threads: the same numbers as in sequence
         print(f"{args.seeds} seeds in {jobs} processes; each writes its output to {out}/seedN/log.txt")
-        work = [(args, cfg, out, seed, methods, problems, val_problems) for seed in range(args.seeds)]
+        worker = functools.partial(run_seed_in_worker, args=args, cfg=cfg, out=out, methods=methods,
+                                   problems=problems, val_problems=val_problems)
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            outcomes = pool.map(run_seed_in_worker, work, chunksize=1)
+            outcomes = pool.map(worker, range(args.seeds), chunksize=1)
     else:
         outcomes = [run_seed(cfg, out, seed, methods, problems, val_problems, device,
                              shlex.split(args.eksft_args), args.show_mask if seed == 0 else 0, args.bases)

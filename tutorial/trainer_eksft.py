@@ -9,7 +9,7 @@ EKSFT with Hugging Face's Trainer (or TRL's SFTTrainer), for many GPUs with acce
         --per-device-batch-size 1 --grad-accum 8 --max-len 20000 --bf16 --gradient-checkpointing
 
 The data and the loss are eksft.py's (data.load_conversations, data.build_sft_examples,
-eksft.eksft_trainer_class wrapping eksft_loss): only the engine changes. --method sft and
+eksft.eksft_trainer_class wrapping eksft_loss_lean): only the engine changes. --method sft and
 --method dft are the baselines, as in eksft.py. Defaults follow the released recipe: ratio 0.2,
 union, lambdas 0.05, lr 1e-5 cosine, 1% warmup, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0,
 8 epochs. The per-step log (loss, grad_norm, eksft/masked_frac, ...)

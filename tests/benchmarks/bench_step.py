@@ -11,8 +11,9 @@ bench_step.py: what one EKSFT optimizer step costs, next to plain SFT and the re
 A script, not a test: pytest collects only tests/test_*.py. Same model, same batch, same seed;
 each row is one whole optimizer step (forward passes, loss, backward, AdamW step):
   sft       plain SFT as transformers does it: one forward with labels, the model's own loss
-  sft-loop  what `eksft.py --method sft` runs: eksft_loss with ratio 0 and lambdas 0
-  eksft     what `eksft.py` runs: policy forward with grad, reference forward without, eksft_loss
+  sft-loop  what `eksft.py --method sft` runs: eksft_loss_lean with ratio 0 and lambdas 0
+  eksft     what `eksft.py` runs: policy forward with grad, reference forward without,
+            eksft_loss_lean
   released  the released trainer's computation, re-created from its description (defects kept,
             because this row is a cost model): three forward passes, full-vocabulary fp32
             log-probs of both models, probs, their difference, a softmax with grad everywhere
@@ -26,7 +27,7 @@ state and reference included). On CPU (Linux) it is measured by a second process
 that: the peak resident set size during a step (VmHWM, reset before the step, glibc told to hand
 freed memory back at once) and its rise over the resident size before the step. A second table
 measures the loss alone on random logits: the working memory of token_statistics and of
-eksft_loss + backward (which includes the logits' gradient) at two lengths and two chunk sizes,
+eksft_loss_lean + backward (which includes the logits' gradient) at two lengths and two chunk sizes,
 also in units of one (tokens x vocab) fp32 tensor. On this 2-core CPU, which other jobs share,
 --threads 1 gives much steadier times than torch's default of 2.
 Simplifications: no padding (every sequence has the full length); attention as transformers
@@ -52,7 +53,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from data import HelpFormatter  # noqa: E402
-from eksft import IGNORE_INDEX, eksft_loss, token_statistics  # noqa: E402
+from eksft import IGNORE_INDEX, eksft_loss_lean, token_statistics  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings: one CPU and one GPU configuration
@@ -139,24 +140,24 @@ def sft_loss(model, ref_model, batch, autocast):
         return model(**batch).loss  # transformers shifts the labels and upcasts logits to fp32
 
 
-CHUNK_SIZE = 1024  # eksft_loss's default; --chunk-size changes it for the rows below
+CHUNK_SIZE = 1024  # eksft_loss_lean's default; --chunk-size changes it for the rows below
 
 
 def sft_loop_loss(model, ref_model, batch, autocast):
     with autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return eksft_loss(logits, batch["labels"], None, ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0,
-                      chunk_size=CHUNK_SIZE)[0]
+    return eksft_loss_lean(logits, batch["labels"], None, ratio=0.0, lambda_entropy=0.0,
+                           lambda_kl=0.0, chunk_size=CHUNK_SIZE)[0]
 
 
 def eksft_step_loss(model, ref_model, batch, autocast):
-    """As eksft.train_step: two forward passes, then eksft_loss with the released recipe."""
+    """As eksft.train_step: two forward passes, then eksft_loss_lean with the released recipe."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with autocast():
         logits = model(**inputs).logits                                  # (B, T, V), with grad
         with torch.no_grad():
             ref_logits = ref_model(**inputs).logits                      # (B, T, V)
-    return eksft_loss(logits, batch["labels"], ref_logits, chunk_size=CHUNK_SIZE)[0]
+    return eksft_loss_lean(logits, batch["labels"], ref_logits, chunk_size=CHUNK_SIZE)[0]
 
 
 def released_loss(model, ref_model, batch, autocast, ratio=0.2, lambda_entropy=0.05, lambda_kl=0.05):
@@ -346,8 +347,8 @@ def bench_loss_memory(config, device, shapes, chunk_sizes, seed=0):
         for chunk in chunk_sizes:
             cases = {
                 "token_statistics": lambda x: token_statistics(x, labels, ref, chunk_size=chunk),
-                "eksft_loss + backward":
-                    lambda x: eksft_loss(x, labels, ref, chunk_size=chunk)[0].backward()}
+                "eksft_loss_lean + backward":
+                    lambda x: eksft_loss_lean(x, labels, ref, chunk_size=chunk)[0].backward()}
             for what, fn in cases.items():
                 x = logits.detach().requires_grad_("backward" in what)
                 sync(device)
@@ -445,7 +446,7 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="the GPU configuration (needs CUDA)")
     p.add_argument("--small", action="store_true", help="a tiny CPU configuration that only checks "
                    "that every row runs (no targets)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="eksft_loss chunk_size of the loop rows")
+    p.add_argument("--chunk-size", type=int, default=1024, help="eksft_loss_lean chunk_size of the loop rows")
     p.add_argument("--variants", default="sft,sft-loop,eksft,released", help="comma-separated rows")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 10 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 2 GPU)")
