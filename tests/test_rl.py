@@ -591,6 +591,30 @@ def test_logged_accuracy_is_the_mean_reward(tmp_path, monkeypatch, fallback, exp
     assert history[0]["accuracy"] == history[0]["reward"] == expected
 
 
+@pytest.mark.parametrize("flags, expected", [((), 0.25), (("--reward-truncated",), 0.5)])
+def test_a_truncated_completion_is_wrong_and_earns_nothing(tmp_path, monkeypatch, flags, expected):
+    """Each group of 4: a right stated answer that ended, the same answer stated inside a loop
+    that ran out of tokens (truncated), a wrong answer, no answer. By default the loop is wrong
+    and earns 0 (rl.py's docstring, item 8), in the reward and in the logged accuracy alike."""
+    replies = [("The answer is \\boxed{%s}.", False), ("The answer is %s. " * 5, True),
+               ("The answer is \\boxed{1000}.", False), ("I do not know.", False)]
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        out = []
+        for j, ids in enumerate(prompts):
+            i = int(re.search(r"(\d+)\+\1\?", tokenizer.decode(ids))[1])   # "i+i?", gold 2i
+            text, truncated = replies[j % 4]
+            text = text.replace("%s", str(2 * i))
+            out.append({"completion_ids": tokenizer(text)["input_ids"], "truncated": truncated,
+                        "text": text})
+        return out
+
+    monkeypatch.setattr(rl, "generate_completions", fake_generate)
+    history = train(quick_args(tmp_path, "--reward", "math", "--checker", "builtin", *flags,
+                               "--max-steps", "1", "--eval-size", "0", "--save-every", "0"))[2]
+    assert history[0]["accuracy"] == history[0]["reward"] == expected
+
+
 def test_kl_and_ppo_epochs_run(tmp_path):
     """--kl-coef loads the reference (KL logged, 0 at the first step: policy == start) and
     --ppo-epochs 2 reuses the batch with a clipped ratio."""
