@@ -70,7 +70,7 @@ IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's and t
 def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                lambda_entropy=0.05, lambda_kl=0.05, scope="sequence",
                select_largest_entropy=True, select_largest_kl=True, kl_threshold=1e-3,
-               entropy_threshold=None, dft=False, ignore_index=IGNORE_INDEX,
+               entropy_threshold=None, dft=False, keep_token_ids=None, ignore_index=IGNORE_INDEX,
                ce_normalizer=None, reg_normalizer=None, return_masks=False):
     """The EKSFT loss in plain autograd: returns (loss, stats), stats detached 0-dim tensors (ce,
     entropy, kl, masked fractions, iou, counts). logits, ref_logits: (B, T, V), any float dtype
@@ -81,6 +81,7 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
       kl_threshold     select by KL only where KL > kl_threshold; entropy_threshold likewise
                        (None: none; inf: E is empty); select_largest_*=False: the smallest
       dft              each kept CE_t weighted by its own p(target), detached (DFT, 2508.05629)
+      keep_token_ids   target ids never selected, always trained (an ablation, not the paper's)
       ce_normalizer    divides the kept CE sum (None: the kept count here); reg_normalizer
                        divides the regulariser sums (None: |E| and |K| here)
     Autograd keeps four (B, T-1, V) fp32 tensors for the backward pass: eksft_loss_lean none."""
@@ -103,9 +104,10 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     # 2. E: the top k by entropy (above entropy_threshold if given); K: the top k by KL among the
     #    tokens with KL > kl_threshold (at step one KL is 0 everywhere). No gradient through them.
     h, d = entropy.detach(), kl.detach()
-    above = response if entropy_threshold is None else response & (h > entropy_threshold)
+    selectable = selectable_tokens(response, targets, keep_token_ids)     # (B, T-1)
+    above = selectable if entropy_threshold is None else selectable & (h > entropy_threshold)
     by_entropy = top_k_mask(h, response, ratio, scope, select_largest_entropy, above)
-    by_kl = top_k_mask(d, response, ratio, scope, select_largest_kl, response & (d > kl_threshold))
+    by_kl = top_k_mask(d, response, ratio, scope, select_largest_kl, selectable & (d > kl_threshold))
     masked = (by_entropy | by_kl) if combine == "union" else (by_entropy & by_kl)   # M
 
     # 3. CE over the kept tokens (DFT: each weighted by its p(target), a constant), the entropy
@@ -126,8 +128,9 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
 def eksft_loss_lean(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
                     lambda_entropy=0.05, lambda_kl=0.05, scope="sequence",
                     select_largest_entropy=True, select_largest_kl=True, kl_threshold=1e-3,
-                    entropy_threshold=None, dft=False, ignore_index=IGNORE_INDEX,
-                    ce_normalizer=None, reg_normalizer=None, return_masks=False, chunk_size=1024):
+                    entropy_threshold=None, dft=False, keep_token_ids=None,
+                    ignore_index=IGNORE_INDEX, ce_normalizer=None, reg_normalizer=None,
+                    return_masks=False, chunk_size=1024):
     """eksft_loss, memory-lean: the same arguments, and chunk_size (logit rows per chunk), the same
     results (tested, value and gradient, every option), and no (tokens x vocab) fp32 tensor. The
     statistics come from one no-grad pass in row chunks; LossGradient (below) writes the gradient
@@ -144,10 +147,11 @@ def eksft_loss_lean(logits, labels, ref_logits=None, *, ratio=0.2, combine="unio
     token_kl = kl if kl is not None else torch.zeros_like(entropy)  # None: no reference
 
     # 2. selection, as in eksft_loss: E by entropy, K by KL above kl_threshold, M = E u K or E n K
-    above = response if entropy_threshold is None else response & (entropy > entropy_threshold)
+    selectable = selectable_tokens(response, targets, keep_token_ids)     # (B, T-1)
+    above = selectable if entropy_threshold is None else selectable & (entropy > entropy_threshold)
     by_entropy = top_k_mask(entropy, response, ratio, scope, select_largest_entropy, above)
     by_kl = top_k_mask(token_kl, response, ratio, scope, select_largest_kl,
-                       candidates=response & (token_kl > kl_threshold))
+                       candidates=selectable & (token_kl > kl_threshold))
     masked = (by_entropy | by_kl) if combine == "union" else (by_entropy & by_kl)
     kept = response & ~masked                                      # (B, T-1)
 
@@ -271,6 +275,14 @@ def top_k_mask(scores, response, ratio, scope="sequence", largest=True, candidat
     return chosen & candidates
 
 
+def selectable_tokens(response, targets, keep_token_ids=None):
+    """The response tokens that may be selected: all, or all but the targets in keep_token_ids
+    (k stays floor(ratio * n) of all n response tokens)."""
+    if not keep_token_ids:
+        return response
+    return response & ~torch.isin(targets, torch.as_tensor(keep_token_ids, device=targets.device))
+
+
 def num_slots(n, ratio):
     """k = floor(ratio * n); the 1e-6 keeps 0.29 * 100 from flooring to 28 in floating point."""
     return torch.floor(ratio * n.double() + 1e-6).long()
@@ -390,7 +402,7 @@ def train(args):
     print(f"device: {device} ({why})")
     resume_from = checkpoint_to_resume(args, run_args)                  # None: a fresh run
     model, tokenizer, ref_model = load_models(args, resume_from, device, amp_dtype)
-    loss_kwargs = loss_options(args)
+    loss_kwargs = loss_options(args, tokenizer)
     print(f"model: {args.model}, {model.num_parameters() / 1e6:.2f}M parameters; method "
           f"{args.method} {loss_kwargs if ref_model is not None else '(no reference model)'}")
 
@@ -463,8 +475,9 @@ MODEL_DEFAULTS = {  # the defaults that depend on --model's kind (model_kind)
     "tiny": dict(data="synthetic", lr=3e-3, batch_size=16, micro_batch_size=8, max_len=512,
                  num_samples=480, epochs=1, warmup=0.1),
     # SmolLM2 (135M), a real model on a CPU
-    "smol": dict(data="gsm8k", lr=1e-5, batch_size=8, micro_batch_size=4, max_len=1024,
-                 num_samples=512, epochs=1, warmup=0.05),
+    # (synthetic data: it runs offline; GSM8K is --data gsm8k or a local copy of its train file)
+    "smol": dict(data="synthetic", lr=1e-5, batch_size=8, micro_batch_size=4, max_len=1024,
+                 num_samples=256, epochs=1, warmup=0.05),
     # any other model: the released recipe, on one GPU
     "hub": dict(data="openr1-3k", lr=1e-5, batch_size=64, micro_batch_size=2, max_len=4096,
                 num_samples=3000, epochs=8, warmup=0.01),
@@ -492,6 +505,8 @@ def parse_args(argv=None):
     add("--lambda-kl", type=float, default=0.05, help="weight of the KL penalty on K")
     add("--kl-threshold", type=float, default=1e-3, help="select by KL only above this (nats)")
     add("--entropy-threshold", type=float, help="select by entropy only above this (inf: no E)")
+    add("--keep-end-of-turn", action="store_true", help="never select the end-of-turn token, so "
+        "every answer's end is trained (an ablation, a departure from the paper)")
     add("--ref-model", help="the frozen reference (default: the starting --model)")
     # optimisation
     add("--lr", type=float, help="peak learning rate")
@@ -525,6 +540,8 @@ def parse_args(argv=None):
         ("ratio", 0 <= args.ratio <= 1, "between 0 and 1"), ("lr", args.lr > 0, "positive"),
         ("warmup", 0 <= args.warmup <= 1, "between 0 and 1"),
         ("grad_clip", args.grad_clip > 0, "positive"),
+        ("keep_end_of_turn", not args.keep_end_of_turn or args.method == "eksft",
+         "used with --method eksft only"),
         ("ref_model", args.ref_model is None or args.method == "eksft",
          "used with --method eksft only")])
     if args.batch_size % args.micro_batch_size:
@@ -536,12 +553,17 @@ def parse_args(argv=None):
     return args
 
 
-def loss_options(args):
-    """eksft_loss's keyword arguments; sft and dft: no selection, no regularisers (ratio 0)."""
+def loss_options(args, tokenizer=None):
+    """eksft_loss's keyword arguments; sft and dft: no selection, no regularisers (ratio 0).
+    --keep-end-of-turn needs the tokenizer: its end-of-turn ids are never selected."""
     if args.method in ("sft", "dft"):
         return dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.0, dft=args.method == "dft")
-    return {key: getattr(args, key) for key in ("ratio", "combine", "lambda_entropy", "lambda_kl",
-                                                "scope", "kl_threshold", "entropy_threshold")}
+    options = {key: getattr(args, key) for key in ("ratio", "combine", "lambda_entropy",
+                                                   "lambda_kl", "scope", "kl_threshold",
+                                                   "entropy_threshold")}
+    if getattr(args, "keep_end_of_turn", False):
+        options["keep_token_ids"] = end_of_turn_ids(tokenizer)
+    return options
 
 
 def main(argv=None):
@@ -1039,7 +1061,7 @@ def show_mask_after_training(args, run_args, model, ref_model, tokenizer, exampl
     if not trained and not args.ref_model:
         print("note: no step was trained and the reference is this same model, so KL is 0 and no "
               "token is marked K; add --ref-model (e.g. the model before fine-tuning) to see them")
-    options = loss_options(argparse.Namespace(**{**run_args, "method": "eksft"}))
+    options = loss_options(argparse.Namespace(**{**run_args, "method": "eksft"}), tokenizer)
     ref_model = ref_model if ref_model is not None else copy.deepcopy(model).eval()
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     legend = (" ".join(MARKS[k][0] + k + "\033[0m" for k in MARKS) if color else

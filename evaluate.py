@@ -544,7 +544,7 @@ def parse_args(argv=None):
     add("--model", default="tiny", help="tiny | short name (Qwen2.5-0.5B) | hub id | local dir")
     add("--benchmarks", default=None, help="comma-separated: gsm8k, gsm8k-train, math500, "
         "synthetic, synthetic-train, or a local .jsonl/.json with question and answer fields "
-        "(default: synthetic for tiny, gsm8k,math500 otherwise)")
+        "(default: synthetic for tiny and SmolLM2, gsm8k,math500 otherwise)")
     add("--limit", type=int, default=None, help="evaluate the first N questions of each (all)")
     add("--samples", type=int, default=1, help="completions per question (avg@n, pass@k)")
     add("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -553,7 +553,8 @@ def parse_args(argv=None):
         "harness (published numbers; last-number fallback, 2048 tokens); strict: the RL "
         "reward's rules (1024 tokens)")
     add("--max-new-tokens", type=int, default=None, help="completion length limit (default: the "
-        "protocol's; 256 for tiny, whose synthetic solutions are under 160 characters)")
+        "protocol's; 256 for tiny, whose synthetic solutions are under 160 characters; 512 for "
+        "SmolLM2 on a CPU)")
     add("--batch-size", type=int, default=32, help="prompts per generate call")
     add("--static-cache", action="store_true", help="static KV cache: transformers compiles the "
         "decoding step on CUDA (greedy outputs unchanged)")
@@ -576,9 +577,10 @@ def parse_args(argv=None):
     if args.compare:
         return args
     args.model_kind = eksft.model_kind(args.model)   # tiny, or a directory trained from it
-    tiny = args.model_kind == "tiny"
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 256 if tiny else PROTOCOLS[args.protocol]["max_new_tokens"]
+    tiny, smol = args.model_kind == "tiny", args.model_kind == "smol"
+    if args.max_new_tokens is None:   # a CPU-sized budget for the small models
+        args.max_new_tokens = (256 if tiny else 512 if smol
+                               else PROTOCOLS[args.protocol]["max_new_tokens"])
     require(p, args, [
         ("samples", args.samples >= 1, "at least 1"),
         ("batch_size", args.batch_size >= 1, "at least 1"),
@@ -589,7 +591,7 @@ def parse_args(argv=None):
     if args.samples > 1 and args.temperature == 0:
         p.error("--samples > 1 needs --temperature > 0 (greedy completions are all the same)")
     if args.benchmarks is None:
-        args.benchmarks = "synthetic" if tiny else "gsm8k,math500"
+        args.benchmarks = "synthetic" if tiny or smol else "gsm8k,math500"   # offline for those
     if args.output_dir is None:
         model = re.sub(r"[^A-Za-z0-9.]+", "-", args.model.rstrip("/")).strip("-")
         sampling = f"-t{args.temperature:g}-n{args.samples}" if args.temperature > 0 else ""

@@ -482,7 +482,7 @@ MODEL_DEFAULTS = {  # the defaults that depend on --model's kind (eksft.model_ki
                  max_new_tokens=32, micro_batch_size=32, max_steps=20, eval_size=16,
                  print_every=5),
     # SmolLM2 (135M), a real model on a CPU
-    "smol": dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=4, max_new_tokens=256,
+    "smol": dict(data="synthetic", reward="math", lr=1e-6, prompts_per_step=4, max_new_tokens=256,
                  micro_batch_size=8, max_steps=20, eval_size=32, print_every=5),
     # any other model: one GPU
     "hub": dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=16, max_new_tokens=1024,

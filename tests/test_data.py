@@ -464,9 +464,9 @@ def test_model_defaults_states_every_kind_in_help_and_fills_what_is_left_out():
 
 
 SMOL = {  # issue #25's defaults for SmolLM2 (135M) on a CPU, written out here, not read from code
-    "eksft": dict(data="gsm8k", lr=1e-5, batch_size=8, micro_batch_size=4, max_len=1024,
-                  num_samples=512, epochs=1, warmup=0.05),
-    "rl": dict(data="gsm8k", reward="math", lr=1e-6, prompts_per_step=4, max_new_tokens=256,
+    "eksft": dict(data="synthetic", lr=1e-5, batch_size=8, micro_batch_size=4, max_len=1024,
+                  num_samples=256, epochs=1, warmup=0.05),
+    "rl": dict(data="synthetic", reward="math", lr=1e-6, prompts_per_step=4, max_new_tokens=256,
                micro_batch_size=8, max_steps=20, eval_size=32, print_every=5),
 }
 

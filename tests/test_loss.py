@@ -717,6 +717,7 @@ PLAIN_VS_LEAN = [
     dict(ratio=0.0, lambda_entropy=0.0, lambda_kl=0.3),      # the KL penalty without selection
     dict(ratio=1.0),                                         # everything selected
     dict(ratio=0.3, ce_normalizer=40, reg_normalizer=7),
+    dict(ratio=0.5, keep_token_ids=[3, 5]),                  # never select targets 3 or 5
     dict(ratio=0.3, ce_normalizer=torch.tensor(40), reg_normalizer=torch.tensor(7)),
     dict(ratio=0.5, combine="intersection", scope="batch", select_largest_entropy=False,
          select_largest_kl=False, kl_threshold=0.0, entropy_threshold=0.5, dft=True,
@@ -842,3 +843,18 @@ def test_plain_loss_rejects_what_the_lean_one_rejects():
             loss_fn(logits, labels, None, ratio=0.2)
         with pytest.raises(ValueError, match="combine must be"):
             loss_fn(logits, labels, logits, combine="both")
+
+
+@pytest.mark.parametrize("loss_fn", [eksft_loss, eksft_loss_lean])
+def test_keep_token_ids_are_never_selected_and_always_trained(loss_fn):
+    """ratio 1 selects every response token it may (by entropy, union): with keep_token_ids the
+    kept tokens are exactly the response positions whose target is one of those ids."""
+    logits, labels, ref = make_batch(seed=5, B=3, T=24, V=11, dtype=torch.float32)
+    _, stats = loss_fn(logits, labels, ref, ratio=1.0, keep_token_ids=[2, 7], return_masks=True)
+    targets = labels[:, 1:]
+    response = targets != -100
+    protected = response & ((targets == 2) | (targets == 7))
+    assert protected.any() and (response & ~protected).any()
+    masked = stats["by_entropy"] | stats["by_kl"]
+    assert torch.equal(response & ~masked, protected)
+    assert stats["n_kept"] == protected.sum()
