@@ -7,6 +7,8 @@ bench_step.py: what one EKSFT optimizer step costs, next to plain SFT and the re
                                                         # bf16; 1 x 2048 and 1 x 4096 tokens (minutes)
     python tests/benchmarks/bench_step.py --small --threads 1   # CPU, seconds: does it run
     python tests/benchmarks/bench_step.py --gpu --real-text   # the same on real BPE text (below)
+    python tests/benchmarks/bench_step.py --model SmolLM2-135M-Instruct --threads 1 \
+        --data /path/to/gsm8k/train.jsonl   # a real model, 4 GSM8K examples (~7 min on 1 core)
 
 A script, not a test: pytest collects only tests/test_*.py. Same model, same batch, same seed;
 each row is one whole optimizer step (forward passes, loss, backward, AdamW step):
@@ -20,7 +22,16 @@ The reference is a second random model, so KL is above the threshold everywhere 
 selections are full (at step 0 of a real run the reference equals the policy and nothing is
 selected by KL, which would flatter EKSFT).
 
-Time: median over --steps steps after --warmup steps; tokens/s = batch x length / step time.
+Time: median over --steps steps after --warmup steps, the variants taking turns (one step each
+per round, every step from the same weights), so that a shared machine's ups and downs fall on
+all of them alike; tokens/s = tokens in the batch (padding left out) / step time.
+--model PATH (any name eksft.load_model_and_tokenizer takes: a directory, a .gguf file, a short
+name) runs on that model, fp32 on the CPU, with the first --batch examples of --data rendered by
+data.build_sft_examples (chat template, labels on the answer only), right padded; the reference
+is a frozen copy of the policy, as eksft.py makes it. There sft-loop and eksft are eksft.train_step
+itself with eksft.py's own loss options (`--method sft`, `--method eksft`). At step 0 the
+reference equals the policy, so the KL selection is empty; the cost of a step barely depends on
+what is selected. No memory columns and no loss-alone table with --model.
 Memory: on GPU the peak of torch.cuda.max_memory_allocated during a step (weights, optimizer
 state and reference included). On CPU (Linux) it is measured by a second process that only does
 that: the peak resident set size during a step (VmHWM, reset before the step, glibc told to hand
