@@ -185,39 +185,115 @@ def completion_mask_from_eos(completion_ids, eos_ids):
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=0.0,
-                         top_p=1.0, batch_size=None, seed=None, static_cache=False):
+                         top_p=1.0, batch_size=None, seed=None, static_cache=False,
+                         use_generate=False):
     """Complete each prompt (a list of token ids) once; temperature 0 means greedy. Returns one
     dict per prompt: completion_ids (up to and including the first EOS), text (decoded without
     special tokens), truncated (no EOS within max_new_tokens). With a seed, batch b is sampled
-    after torch.manual_seed(seed + b). Sampling settings are explicit, so a checkpoint's
-    generation_config (top_k=20 for Qwen chat models) cannot change what the policy samples."""
+    after torch.manual_seed(seed + b): same seed, same completions. Sampling settings are
+    explicit, so a checkpoint's generation_config (top_k=20 for Qwen chat models) cannot change
+    what the policy samples.
+
+    decode_batch runs the batch: a row that has ended leaves it and the KV cache. Its greedy
+    completions are identical to transformers' generate; its samples come from the same
+    distribution, and are the same draws until a row of the batch ends (generate keeps drawing
+    for ended rows, which shifts the random numbers of the others). use_generate=True, or
+    static_cache=True (a KV cache of fixed size, whose decoding step transformers compiles on
+    a GPU), runs transformers' model.generate instead."""
     eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     batch_size = batch_size or max(len(prompt_ids), 1)
-    options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    if temperature <= 0:   # greedy; None unsets the sampling settings of generation_config
-        options = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     was_training, results = model.training, []
     model.eval()
     for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
         if seed is not None:
             torch.manual_seed(seed + b)
         input_ids, attention_mask = pad_left(prompt_ids[start:start + batch_size], pad_id)  # (b, P)
-        if static_cache:   # its length rounded up to 256, so that few shapes are compiled
-            length = 256 * math.ceil((input_ids.shape[1] + max_new_tokens) / 256)
-            options.update(cache_implementation="static", max_cache_len=length)
-        out = model.generate(                                               # (b, P + T)
-            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-            repetition_penalty=1.0, use_cache=True, **options)
-        completions = out[:, input_ids.shape[1]:].cpu()     # (b, T) T <= max_new_tokens
-        mask, truncated = completion_mask_from_eos(completions, eos_ids)
+        run = transformers_generate if static_cache or use_generate else decode_batch
+        completions = run(model, input_ids.to(model.device), attention_mask.to(model.device),
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          eos_ids=eos_ids, pad_id=pad_id, static_cache=static_cache).cpu()
+        mask, truncated = completion_mask_from_eos(completions, eos_ids)   # completions (b, T)
         for row, n, cut in zip(completions, mask.sum(dim=1).tolist(), truncated.tolist()):
             ids = row[:n].tolist()
             results.append({"completion_ids": ids, "truncated": cut,
                             "text": tokenizer.decode(ids, skip_special_tokens=True)})
     model.train(was_training)
     return results
+
+
+def decode_batch(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, eos_ids,
+                 pad_id, static_cache=False):
+    """(B, T) new tokens of B left-padded prompts, T <= max_new_tokens, pad_id after a row's EOS.
+
+    The loop generate runs (prefill, then one token per step with the KV cache), except that a
+    row that writes EOS leaves the batch and the cache at once: a batch then costs what its
+    running rows cost, not what its longest row costs at full width."""
+    from transformers import DynamicCache
+    cache_arg, keep_last = forward_arguments(model)
+    eos = torch.tensor(eos_ids, device=input_ids.device)
+    out = torch.full((input_ids.shape[0], max_new_tokens), pad_id, device=input_ids.device)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (b,) rows still running
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)    # (b, P) pads: 0, as generate
+    inputs = dict(input_ids=input_ids, position_ids=position_ids)
+    cache = DynamicCache(config=model.config)   # config: sliding-window layers where it has them
+    for t in range(max_new_tokens):
+        logits = model(**inputs, attention_mask=attention_mask, **{cache_arg: cache},
+                       use_cache=True, **keep_last).logits[:, -1].float()            # (b, V)
+        next_ids = (logits.argmax(dim=-1) if temperature <= 0 else                    # (b,)
+                    torch.multinomial(next_token_probs(logits, temperature, top_p), 1).squeeze(1))
+        out[rows, t] = next_ids
+        running = ~torch.isin(next_ids, eos)                                          # (b,)
+        if not running.all():            # rows that wrote EOS leave the batch and the cache
+            if not running.any():
+                return out[:, :t + 1]
+            keep = running.nonzero().squeeze(1)
+            rows, next_ids, attention_mask = rows[keep], next_ids[keep], attention_mask[keep]
+            position_ids = position_ids[keep]
+            cache.batch_select_indices(keep)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1                                       # (b, 1)
+        inputs = dict(input_ids=next_ids[:, None], position_ids=position_ids)
+    return out
+
+
+def next_token_probs(logits, temperature, top_p):
+    """(b, V) sampling probabilities from (b, V) logits as transformers' TemperatureLogitsWarper
+    and TopPLogitsWarper make them: softmax(logits / temperature) on the top-p nucleus, the
+    smallest set of most likely tokens whose probability reaches top_p."""
+    logits = logits / temperature
+    if top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)                                        # (b, V)
+        # drop the unlikely tail of total probability <= 1 - top_p; never the most likely token
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p                  # (b, V)
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def forward_arguments(model):
+    """The KV cache's keyword (transformers 5: cache, 4.x: past_key_values), and logits_to_keep=1
+    where the model takes it (the output layer for the last position only, as generate does)."""
+    import inspect
+    names = inspect.signature(model.forward).parameters
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in names else {}
+    return ("cache" if "cache" in names else "past_key_values"), keep_last
+
+
+def transformers_generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p,
+                          eos_ids, pad_id, static_cache=False):
+    """(B, T) new tokens from transformers' model.generate (a finished row is padded with pad_id
+    while the batch goes on), optionally with a static KV cache."""
+    options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    if temperature <= 0:   # greedy; None unsets the sampling settings of generation_config
+        options = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if static_cache:   # its length rounded up to 256, so that few shapes are compiled
+        length = 256 * math.ceil((input_ids.shape[1] + max_new_tokens) / 256)
+        options.update(cache_implementation="static", max_cache_len=length)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask,      # (B, P + T)
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                         repetition_penalty=1.0, use_cache=True, **options)
+    return out[:, input_ids.shape[1]:]
 
 
 class RolloutBatch(NamedTuple):

@@ -7,6 +7,8 @@ bench_step.py: what one EKSFT optimizer step costs, next to plain SFT and the re
                                                         # bf16; 1 x 2048 and 1 x 4096 tokens (minutes)
     python tests/benchmarks/bench_step.py --small --threads 1   # CPU, seconds: does it run
     python tests/benchmarks/bench_step.py --gpu --real-text   # the same on real BPE text (below)
+    python tests/benchmarks/bench_step.py --model SmolLM2-135M-Instruct --threads 1 \
+        --data /path/to/gsm8k/train.jsonl   # a real model, 4 GSM8K examples (~7 min on 1 core)
 
 A script, not a test: pytest collects only tests/test_*.py. Same model, same batch, same seed;
 each row is one whole optimizer step (forward passes, loss, backward, AdamW step):
@@ -21,7 +23,16 @@ The reference is a second random model, so KL is above the threshold everywhere 
 selections are full (at step 0 of a real run the reference equals the policy and nothing is
 selected by KL, which would flatter EKSFT).
 
-Time: median over --steps steps after --warmup steps; tokens/s = batch x length / step time.
+Time: median over --steps steps after --warmup steps, the variants taking turns (one step each
+per round, every step from the same weights), so that a shared machine's ups and downs fall on
+all of them alike; tokens/s = tokens in the batch (padding left out) / step time.
+--model PATH (any name eksft.load_model_and_tokenizer takes: a directory, a .gguf file, a short
+name) runs on that model, fp32 on the CPU, with the first --batch examples of --data rendered by
+data.build_sft_examples (chat template, labels on the answer only), right padded; the reference
+is a frozen copy of the policy, as eksft.py makes it. There sft-loop and eksft are eksft.train_step
+itself with eksft.py's own loss options (`--method sft`, `--method eksft`). At step 0 the
+reference equals the policy, so the KL selection is empty; the cost of a step barely depends on
+what is selected. No memory columns and no loss-alone table with --model.
 Memory: on GPU the peak of torch.cuda.max_memory_allocated during a step (weights, optimizer
 state and reference included). On CPU (Linux) it is measured by a second process that only does
 that: the peak resident set size during a step (VmHWM, reset before the step, glibc told to hand
@@ -69,6 +80,8 @@ CONFIGS = {
                            num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                            rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768),
                 shapes=[(1, 2048), (1, 4096)], dtype=torch.bfloat16, steps=10, warmup=2),
+    # --model: a real model on real SFT examples, fp32 on the CPU; one step is seconds long
+    "model": dict(dtype=None, steps=3, warmup=1),
     # --small: only checks that every row runs end to end (seconds on a CPU)
     "small": dict(model=dict(vocab_size=2048, hidden_size=64, intermediate_size=256,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
@@ -204,6 +217,40 @@ def released_top_k(scores, response, ratio):
 
 VARIANTS = {"sft": sft_loss, "sft-loop": sft_loop_loss, "eksft": eksft_step_loss,
             "released": released_loss}
+TRAIN_STEP = {}  # --model: sft-loop and eksft run eksft.train_step itself (real_model_setup)
+
+
+def train_step_variant(method, pad_id):
+    """A step as `eksft.py --method METHOD` runs it: eksft.train_step with the loss options of
+    eksft.py's own command line, the batch as one micro-batch. Its examples are taken back out
+    of the padded batch inside the timed step, as eksft.py collates them inside its step."""
+    import eksft
+    loss_kwargs = eksft.loss_options(eksft.parse_args(["--method", method]))
+
+    def step(model, ref_model, batch, device, dtype):
+        examples = [{"input_ids": ids[mask.bool()].tolist(), "labels": labels[mask.bool()].tolist()}
+                    for ids, mask, labels in zip(batch["input_ids"].cpu(),
+                                                 batch["attention_mask"].cpu(),
+                                                 batch["labels"].cpu())]
+        return eksft.train_step(model, ref_model if method == "eksft" else None, examples,
+                                len(examples), pad_id, loss_kwargs, device, dtype)
+    return step
+
+
+def real_model_setup(args, device):
+    """--model: (policy, reference, batch) as eksft.py builds them (the reference a frozen copy
+    of the starting policy) and the first --batch examples of --data, right padded."""
+    import copy
+    from data import build_sft_examples, collate, load_conversations
+    from eksft import load_model_and_tokenizer
+    policy, tokenizer = load_model_and_tokenizer(args.model, device)
+    ref_model = copy.deepcopy(policy)
+    examples = build_sft_examples(tokenizer, load_conversations(args.data), args.max_len,
+                                  args.batch, log=lambda line: print(line, file=sys.stderr))
+    TRAIN_STEP.update({"sft-loop": train_step_variant("sft", tokenizer.pad_token_id),
+                       "eksft": train_step_variant("eksft", tokenizer.pad_token_id)})
+    batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+    return policy, ref_model, batch
 
 # -----------------------------------------------------------------------------
 # Measuring: time and peak memory of one optimizer step
@@ -262,60 +309,70 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_steps(name, model, ref_model, batch, device, dtype, steps, warmup, lr=1e-5):
-    """Step times (s) after warmup, and the largest peak memory and rise over those steps."""
-    loss_fn = VARIANTS[name]
+def run_step(name, model, ref_model, batch, device, dtype, optimizer):
+    """(seconds, peak memory, rise) of one whole optimizer step of a variant."""
     autocast = lambda: torch.autocast(device.type, dtype, enabled=dtype is not None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     memory = PeakMemory(device)
-    times, peaks, rises = [], [], []
-    for i in range(warmup + steps):
-        memory.reset()
-        t0 = time.perf_counter()
-        loss = loss_fn(model, ref_model, batch, autocast)
+    memory.reset()
+    t0 = time.perf_counter()
+    if name in TRAIN_STEP:   # eksft.train_step runs its own forward and backward passes
+        loss = torch.tensor(TRAIN_STEP[name](model, ref_model, batch, device, dtype)["loss"])
+    else:
+        loss = VARIANTS[name](model, ref_model, batch, autocast)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        seconds = time.perf_counter() - t0
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{name}: loss is {float(loss)}")
-        del loss
-        peak, rise = memory.read()
-        if i >= warmup:
-            times.append(seconds)
-            peaks.append(peak)
-            rises.append(rise)
-    return times, max(peaks), max(rises)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{name}: loss is {float(loss)}")
+    del loss
+    return (seconds, *memory.read())
 
 
-def bench_steps(config, device, variants, steps, warmup, seed=0):
-    """One row per (shape, variant): step times, tokens/s, peak memory."""
-    model_kwargs = config["model"]
+def bench_steps(config, device, variants, steps, warmup, seed=0, models=None, batches=None,
+                lr=1e-5):
+    """One row per (shape, variant): step times, tokens/s, peak memory. The variants take turns,
+    one step each per round (warmup rounds, then timed ones), so that a machine that slows down
+    or speeds up meanwhile does so for all of them; every step starts from the same weights, and
+    one AdamW serves them all (its state is as large whichever variant made it)."""
     dtype = config["dtype"]
-    policy = build_model(model_kwargs, seed, device)
+    if models is None:
+        policy = build_model(config["model"], seed, device)
+        ref_model = build_model(config["model"], seed + 1, device)  # not the policy: full K
+    else:
+        policy, ref_model = models
     start_state = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
-    ref_model = build_model(model_kwargs, seed + 1, device)  # differs from the policy: full K
     ref_model.to(dtype or torch.float32).eval().requires_grad_(False)
     ref_bytes = sum(p.numel() * p.element_size() for p in ref_model.parameters())
     n_params = sum(p.numel() for p in policy.parameters())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, fused=device.type == "cuda")
+    if batches is None:
+        batches = [make_batch(batch_size, seq_len, config["model"]["vocab_size"], seed, device,
+                              config.get("tokenizer")) for batch_size, seq_len in config["shapes"]]
     rows = []
-    for batch_size, seq_len in config["shapes"]:
-        batch = make_batch(batch_size, seq_len, model_kwargs["vocab_size"], seed, device,
-                           config.get("tokenizer"))
+    for batch in batches:
+        batch_size, seq_len = batch["input_ids"].shape
+        measured = {name: [] for name in variants}     # name -> [(seconds, peak, rise)]
+        for i in range(warmup + steps):
+            for name in variants:
+                policy.load_state_dict(start_state)    # every step starts from the same weights
+                policy.train()
+                torch.manual_seed(seed)
+                result = run_step(name, policy, ref_model, batch, device, dtype, optimizer)
+                if i >= warmup:
+                    measured[name].append(result)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         for name in variants:
-            policy.load_state_dict(start_state)  # every variant starts from the same weights
-            policy.train()
-            torch.manual_seed(seed)
-            times, peak, rise = run_steps(name, policy, ref_model, batch, device, dtype, steps, warmup)
+            times, peaks, rises = zip(*measured[name])
             seconds = statistics.median(times)
+            tokens = int(batch["attention_mask"].sum())           # padding not counted
             rows.append(dict(variant=name, batch=batch_size, seq_len=seq_len, step_s=seconds,
-                             step_s_all=times, tokens_per_s=batch_size * seq_len / seconds,
-                             peak_bytes=peak, rise_bytes=rise))
+                             step_s_all=list(times), tokens_per_s=tokens / seconds,
+                             peak_bytes=max(peaks), rise_bytes=max(rises)))
             print(f"  {name:9s} {batch_size} x {seq_len}: {seconds * 1e3:8.1f} ms "
                   f"({' '.join(f'{t * 1e3:.0f}' for t in times)})", file=sys.stderr, flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     return rows, dict(ref_bytes=ref_bytes, n_params=n_params)
 
 
@@ -377,8 +434,12 @@ def step_table(rows):
         vs = lambda other: f"{r['step_s'] / base[other]:.2f}x" if other in base else "-"
         out.append(f"| {r['variant']} | {r['batch']} x {r['seq_len']} | {r['step_s'] * 1e3:.0f} | "
                    f"{r['tokens_per_s']:.0f} | {vs('sft')} | {vs('released')} | "
-                   f"{r['peak_bytes'] / 2**30:.2f} | {r['rise_bytes'] / 2**30:.2f} |")
+                   f"{gib(r['peak_bytes'])} | {gib(r['rise_bytes'])} |")
     return "\n".join(out)
+
+
+def gib(n_bytes):
+    return "-" if math.isnan(n_bytes) else f"{n_bytes / 2**30:.2f}"
 
 
 def loss_memory_table(rows):
@@ -391,7 +452,7 @@ def loss_memory_table(rows):
 
 
 def targets(rows, info, config_name):
-    """The targets (issue 14 on a GPU, the CPU ones otherwise), checked on the measured rows:
+    """The targets (issue 14 on a GPU, issue 24 with --model, the CPU ones otherwise), checked:
     list of (text, met). The small configuration only checks that everything runs: none."""
     found = []
     for (b, t) in sorted({(r["batch"], r["seq_len"]) for r in rows}):
@@ -399,12 +460,12 @@ def targets(rows, info, config_name):
         if "sft" not in row or config_name == "small":
             continue
         ratio = lambda v, base="sft": row[v]["step_s"] / row[base]["step_s"]
-        if "sft-loop" in row and config_name == "gpu":
+        if "sft-loop" in row and config_name in ("gpu", "model"):
             found.append((f"{b} x {t}: sft-loop step {ratio('sft-loop'):.2f}x sft (target <= 1.05)",
                           ratio("sft-loop") <= 1.05))
         if "eksft" not in row:
             continue
-        limit = 2.0 if config_name == "cpu" else 1.3 if t >= 4096 else None
+        limit = {"cpu": 2.0, "model": 1.4}.get(config_name, 1.3 if t >= 4096 else None)
         if limit:
             found.append((f"{b} x {t}: eksft step {ratio('eksft'):.2f}x sft (target <= {limit})",
                           ratio("eksft") <= limit))
@@ -443,11 +504,18 @@ def machine(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=HelpFormatter)
+    p.add_argument("--model", default=None, help="a real model (a directory, a .gguf file or a "
+                   "short name: eksft.load_model_and_tokenizer) on real SFT examples, CPU")
+    p.add_argument("--data", default="gsm8k", help="with --model: the SFT data "
+                   "(data.load_conversations: an alias or a local GSM8K-style .jsonl)")
+    p.add_argument("--batch", type=int, default=4, help="with --model: sequences per step")
+    p.add_argument("--max-len", type=int, default=1024, help="with --model: longest example kept")
     p.add_argument("--gpu", action="store_true", help="the GPU configuration (needs CUDA)")
     p.add_argument("--small", action="store_true", help="a tiny CPU configuration that only checks "
                    "that every row runs (no targets)")
     p.add_argument("--chunk-size", type=int, default=1024, help="eksft_loss_lean chunk_size of the loop rows")
-    p.add_argument("--variants", default="sft,sft-loop,eksft,released", help="comma-separated rows")
+    p.add_argument("--variants", default=None, help="comma-separated rows (default: "
+                   "sft,sft-loop,eksft,released; with --model sft,sft-loop,eksft)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 10 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 2 GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -459,11 +527,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = "gpu" if args.gpu else "small" if args.small else "cpu"
+    name = "model" if args.model else "gpu" if args.gpu else "small" if args.small else "cpu"
     if args.gpu and not torch.cuda.is_available():
         sys.exit("error: --gpu needs CUDA")
     if args.gpu and args.small:
         sys.exit("error: --small is a CPU configuration; leave out --gpu")
+    if args.model and (args.gpu or args.small or args.real_text):
+        sys.exit("error: --model runs alone on the CPU; leave out --gpu, --small, --real-text")
     global CHUNK_SIZE
     CHUNK_SIZE = args.chunk_size
     device = torch.device("cuda" if args.gpu else "cpu")
@@ -473,10 +543,27 @@ def main(argv=None):
         config = {**config, "model": model, "tokenizer": qwen25_tokenizer()}
     steps = args.steps or config["steps"]
     warmup = config["warmup"] if args.warmup is None else args.warmup
-    variants = args.variants.split(",")
+    variants = (args.variants or ("sft,sft-loop,eksft" if args.model else
+                                  "sft,sft-loop,eksft,released")).split(",")
     for v in variants:
         if v not in VARIANTS:
             sys.exit(f"error: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.model:   # no memory measurement: a second process would double the minutes
+        policy, ref_model, batch = real_model_setup(args, device)
+        print(f"# bench_step.py --model {args.model}: {machine(device)}")
+        print(f"# {args.batch} examples of {args.data} (data.build_sft_examples), right padded; "
+              f"fp32; median of {steps} steps after {warmup}; the variants take turns; "
+              f"sft-loop and eksft run eksft.train_step")
+        rows, info = bench_steps(config, device, variants, steps, warmup,
+                                 models=(policy, ref_model), batches=[batch])
+        for r in rows:   # measured in this process, memory would be the heap's history: none
+            r.update(peak_bytes=float("nan"), rise_bytes=float("nan"))
+        print(f"# {info['n_params'] / 1e6:.1f}M parameters, {int(batch['attention_mask'].sum())} "
+              f"tokens in the batch; no memory columns with --model\n")
+        print(step_table(rows) + "\n")
+        for text, met in targets(rows, info, name):
+            print(f"target {'met    ' if met else 'NOT met'}: {text}")
+        return
 
     # below the response length: full chunks
     chunks = {"cpu": [64, 128], "small": [32, 64], "gpu": [512, 1024]}[name]
