@@ -188,7 +188,7 @@ def load_conversations(source, seed=0, system_prompt=SYSTEM_PROMPT, log=print):
     kind = source_kind(source, SFT_ALIASES)
     if source == "synthetic":
         rows = [(i, {"problem": r["question"], "solution": r["solution"]})
-                for i, r in enumerate(synthetic_problems(2000, seed=seed + 1), start=1)]
+                for i, r in enumerate(synthetic_train(2000, seed=seed), start=1)]
     elif kind == "file":
         rows = read_local_rows(source)
         if any("generations" in row for _, row in rows):
@@ -243,9 +243,9 @@ def load_qa(source, limit=None, seed=0, log=print):
     which columns were read."""
     kind = source_kind(source, QA_ALIASES, "question/answer set", hub=False)
     if source in ("synthetic", "synthetic-train"):
-        # held-out and training sets come from different seeds of the same generator
-        offset = 1 if source == "synthetic-train" else 10_000
-        rows = synthetic_problems(limit or 500, seed=seed + offset)
+        # held-out (a fixed split of 500, as a test split) and training rows share no question
+        rows = (synthetic_train(limit or 500, seed) if source == "synthetic-train"
+                else synthetic_held_out(seed)[:limit])
         return [{"question": r["question"], "answer": r["answer"]} for r in rows]
     if source in ("gsm8k", "gsm8k-train"):
         split = "test" if source == "gsm8k" else "train"
@@ -788,15 +788,20 @@ ITEMS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbl
 
 
 def synthetic_problems(n, seed=0):
-    """n problems of 2-3 steps, each a dict(question, solution, answer); same seed, same rows.
+    """n problems of 2-3 steps, each a dict(question, solution, answer); same seed, same rows (the
+    first n of a longer list of the same seed are the same n).
 
     >>> p = synthetic_problems(1, seed=0)[0]
     >>> p["solution"].endswith("\\\\boxed{" + p["answer"] + "}.")
     True
     """
+    return list(itertools.islice(_synthetic_stream(seed), n))
+
+
+def _synthetic_stream(seed):
+    """synthetic_problems' rows, one after another, without end."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
+    while True:
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         total = rng.randint(2, 20)
         question = f"{name} has {total} {item}."
@@ -819,8 +824,28 @@ def synthetic_problems(n, seed=0):
                 total *= 2
         question += f" How many {item} does {name} have now?"
         solution = " ".join(steps) + f" The answer is \\boxed{{{total}}}."
-        rows.append({"question": question, "solution": solution, "answer": str(total)})
-    return rows
+        yield {"question": question, "solution": solution, "answer": str(total)}
+
+
+# The synthetic held-out set is a fixed test split, like GSM8K's: the first SYNTHETIC_HELD_OUT rows
+# of seed + 10,000. Training rows come from seed + 1, minus any question of that split, since one
+# generator writes both and a few questions recur (5 of the 500 of seed 0 are among the first 2,000
+# training rows of seed 1; none among the first 256, so the first 256 are what they were).
+SYNTHETIC_HELD_OUT = 500
+
+
+def synthetic_held_out(seed=0):
+    """The SYNTHETIC_HELD_OUT held-out problems of a seed (evaluate.py's: seed 0)."""
+    return synthetic_problems(SYNTHETIC_HELD_OUT, seed=seed + 10_000)
+
+
+def synthetic_train(n, seed=0):
+    """n training problems (eksft.py's SFT pool: 2,000; rl.py's RL pool: the first 500): the rows
+    of seed + 1 whose question is in neither the held-out set of this seed (rl.py's held-out
+    accuracy) nor that of seed 0 (evaluate.py's, whatever seed the model was trained with)."""
+    held_out = {p["question"] for s in {0, seed} for p in synthetic_held_out(s)}
+    kept = (p for p in _synthetic_stream(seed + 1) if p["question"] not in held_out)
+    return list(itertools.islice(kept, n))
 
 
 # -----------------------------------------------------------------------------

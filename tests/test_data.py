@@ -157,6 +157,41 @@ def test_synthetic_problems_are_seeded_and_correct():
     assert len(held_out & train) < 10
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_synthetic_held_out_shares_no_question_with_any_training_pool(seed):
+    """Whatever the seed, and at every size the scripts use: eksft.py's SFT pool (2,000 rows),
+    rl.py's training and held-out questions (--eval-size 16 for tiny, 200, or all), evaluate.py's
+    held-out set (seed 0, any --limit)."""
+    questions = lambda rows: {r.get("question") or r["messages"][-2]["content"] for r in rows}
+    sft = questions({"messages": m} for _, m in data.load_conversations("synthetic", seed=seed))
+    rl_train = questions(data.load_qa("synthetic-train", seed=seed))
+    assert len(rl_train) > 490 and len(sft) > 1980 and rl_train <= sft   # RL's are SFT's first 500
+    evaluated = questions(data.load_qa("synthetic", limit=10 ** 6))     # all 500, whatever --limit
+    assert len(data.load_qa("synthetic", limit=10 ** 6)) == data.SYNTHETIC_HELD_OUT == 500
+    for eval_size in (16, 200, 500):
+        train, held_out = data.train_eval_sets("synthetic", eval_size, seed)
+        assert len(held_out) == eval_size and questions(train) == rl_train
+        assert not questions(held_out) & (sft | rl_train)
+    assert not evaluated & (sft | rl_train)
+
+
+def test_synthetic_sets_keep_the_rows_the_lessons_used():
+    """Held-out: the generator's first 500 rows of seed 10,000, as before. Training: the first 256
+    rows of seed 1 as before (the first held-out question among seed 1's rows is row 495)."""
+    assert data.load_qa("synthetic") == [{"question": p["question"], "answer": p["answer"]}
+                                         for p in data.synthetic_problems(500, seed=10_000)]
+    before = data.synthetic_problems(494, seed=1)
+    assert data.synthetic_train(494) == before
+    assert [m for _, m in data.load_conversations("synthetic")[:256]] == [
+        data.row_to_messages({"problem": p["question"], "solution": p["solution"]}, "")
+        for p in before[:256]]
+    assert data.load_qa("synthetic-train", limit=256) == [
+        {"question": p["question"], "answer": p["answer"]} for p in before[:256]]
+    held_out = {p["question"] for p in data.synthetic_held_out()}
+    assert data.synthetic_problems(495, seed=1)[-1]["question"] in held_out   # now left out
+    assert data.synthetic_train(495)[-1] == data.synthetic_problems(496, seed=1)[-1]
+
+
 def test_step_batches_cover_each_example_once_and_group_lengths():
     lengths = [(i * 37) % 101 + 1 for i in range(256)]
     steps = data.step_batches(lengths, 16, seed=0)
