@@ -20,7 +20,9 @@ Aliases: openr1-3k (the paper's low-data setting), gsm8k, math500, synthetic.
 
 Choices made here (and why):
   1. A conversation without a system turn gets SYSTEM_PROMPT, so SFT, RL and evaluation all
-     show the model one prompt format.
+     show the model one prompt format. An empty one ('', rl.py --system-prompt '') is no system
+     turn at all: render also drops the default one a chat template writes when a conversation
+     has none (SmolLM2's and Qwen2.5's do).
   2. Examples longer than --max-len are DROPPED by default, not truncated: a cut chain of thought
      loses its final answer, and imitating half a solution teaches the model to stop mid-way.
      The count dropped is printed. The released EKSFT recipe truncates instead (at 20,000
@@ -98,7 +100,7 @@ def row_to_messages(row, where, system_prompt=SYSTEM_PROMPT):
     if messages[first - 1]["role"] != "user":
         raise DataError(f"{where}: turn {first} is the assistant's, but the first turn after the "
                         f"system prompt must be the user's")
-    if system_prompt and messages[0]["role"] != "system":
+    if system_prompt is not None and messages[0]["role"] != "system":   # '': none (render)
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
 
@@ -649,10 +651,29 @@ def stop_token_ids(model, tokenizer):
 
 
 def render(tokenizer, messages, add_generation_prompt=False):
+    """The text of a conversation in the tokenizer's chat template. An empty system turn means no
+    system turn (--system-prompt ''): it is left out, and so is the one many templates write by
+    themselves when a conversation has none (SmolLM2's "You are a helpful AI assistant named
+    SmolLM, trained by Hugging Face", Qwen2.5's "You are Qwen, created by Alibaba Cloud. You are a
+    helpful assistant.")."""
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE  # a base tokenizer without one gets ChatML
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    apply = lambda m, end=add_generation_prompt: tokenizer.apply_chat_template(
+        m, tokenize=False, add_generation_prompt=end)
+    if not (messages and messages[0]["role"] == "system" and messages[0]["content"] == ""):
+        return apply(messages)
+    text = apply(messages[1:])
+    # Where a system turn goes, and how it ends, from a sentinel system message: with one,
+    # the text is `before` SENTINEL `after`; `after` starts with the end of a system turn (`close`).
+    # A text of `before` DEFAULT `after` has a system turn the template wrote: what follows it is
+    # the conversation without one. (Text the template writes before its system turn goes too; a
+    # ChatML template writes none.)
+    sentinel = {"role": "system", "content": "<SYSTEM PROMPT SENTINEL>"}
+    before, _, after = apply([sentinel] + messages[1:]).partition(sentinel["content"])
+    close = apply([sentinel], end=False).partition(sentinel["content"])[2]
+    wrote_one = (text.startswith(before) and text.endswith(after) and after.startswith(close)
+                 and len(text) >= len(before) + len(after))
+    return after[len(close):] if wrote_one else text
 
 
 def encode_conversation(tokenizer, messages, where="conversation"):
@@ -723,8 +744,9 @@ def build_sft_examples(tokenizer, conversations, max_len, num_samples=None, log=
 
 
 def prompt_messages(question, system_prompt=SYSTEM_PROMPT):
-    """The chat prompt used by SFT data, RL rollouts and evaluation alike."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    """The chat prompt used by SFT data, RL rollouts and evaluation alike. system_prompt None: no
+    system message (the template may write its own); '': no system turn at all (render)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     return system + [{"role": "user", "content": question}]
 
 

@@ -485,7 +485,8 @@ def parse_args(argv=None):
     add("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B)")
     add("--data", help="gsm8k (its test split held out) | math500 | synthetic | local file")
     add("--output-dir", help="checkpoints, metrics, final model (default runs/rl-MODEL)")
-    add("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none)")
+    add("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none: "
+        "not even the default one SmolLM2's and Qwen2.5's chat templates write without one)")
     # reward
     add("--reward", choices=["math", "digits"], help="math: 1 for a right answer; digits: a toy")
     add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence")

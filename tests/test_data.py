@@ -67,6 +67,71 @@ def test_an_existing_system_turn_is_kept():
     assert data.row_to_messages(row, "f")[0] == {"role": "system", "content": "S"}
 
 
+# -----------------------------------------------------------------------------
+# --system-prompt '': no system turn, also where the chat template writes a default one
+
+# SmolLM2-135M-Instruct's chat template, as its tokenizer_config.json has it
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+QWEN25_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "shared", "fixtures", "qwen2.5_chat_template.jinja")
+SMOLLM2_DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QWEN25_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def tokenizer_with(template):
+    tok = char_tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+def qwen25_template():
+    if not os.path.exists(QWEN25_TEMPLATE):
+        pytest.skip(f"Qwen2.5's chat template fixture is not at {QWEN25_TEMPLATE}")
+    with open(QWEN25_TEMPLATE, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("template,default", [(SMOLLM2_TEMPLATE, SMOLLM2_DEFAULT),
+                                              ("qwen2.5", QWEN25_DEFAULT),
+                                              (data.CHATML_TEMPLATE, None)])
+def test_an_empty_system_prompt_is_no_system_turn(template, default):
+    """'' renders no system turn at all; None leaves the template's default (as before); the
+    project's prompt is the project's. Exact strings, for each template."""
+    tok = tokenizer_with(qwen25_template() if template == "qwen2.5" else template)
+    turn = lambda role, text: f"<|im_start|>{role}\n{text}<|im_end|>\n"
+    user, assistant = turn("user", "What is 2+3?"), "<|im_start|>assistant\n"
+    prompt = lambda system: data.render(tok, data.prompt_messages("What is 2+3?", system),
+                                        add_generation_prompt=True)
+    assert prompt("") == user + assistant
+    assert prompt(None) == (turn("system", default) if default else "") + user + assistant
+    assert prompt(data.SYSTEM_PROMPT) == turn("system", data.SYSTEM_PROMPT) + user + assistant
+    assert tok.decode(data.encode_prompt(tok, "What is 2+3?", "")) == user + assistant
+    # SFT data alike: no system turn, and the labels still cover the answer and its end
+    messages = data.row_to_messages({"question": "What is 2+3?", "answer": "5"}, "f", "")
+    ids, labels = data.encode_conversation(tok, messages)
+    assert tok.decode(ids) == user + turn("assistant", "5")
+    assert trained_text(ids, labels) == ["5<|im_end|>"]
+    conversation = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    assert data.render(tok, data.row_to_messages({"messages": conversation}, "f", None)) == (
+        (turn("system", default) if default else "") + turn("user", "Q") + turn("assistant", "A"))
+
+
+@pytest.mark.skipif(not os.environ.get("SMOLLM2_DIR"), reason="set SMOLLM2_DIR to a directory "
+                    "of SmolLM2-135M-Instruct's tokenizer to check its own template")
+def test_no_system_turn_with_smollm2s_own_tokenizer():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.environ["SMOLLM2_DIR"])
+    user = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(data.encode_prompt(tok, "What is 2+3?", "")) == user
+    assert tok.decode(data.encode_prompt(tok, "What is 2+3?", None)) == (
+        f"<|im_start|>system\n{SMOLLM2_DEFAULT}<|im_end|>\n" + user)
+
+
 GOOD = '{"question": "q", "answer": "a"}\n'
 BAD_ROWS = [  # (file content, message fragment); the bad row is always the second line
     (GOOD + '{"question": "q"\n', "row 2: not valid JSON"),
