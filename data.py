@@ -663,11 +663,11 @@ def render(tokenizer, messages, add_generation_prompt=False):
     if not (messages and messages[0]["role"] == "system" and messages[0]["content"] == ""):
         return apply(messages)
     text = apply(messages[1:])
-    # Where a system turn goes, and how it ends, from a sentinel system message: with one,
-    # the text is `before` SENTINEL `after`; `after` starts with the end of a system turn (`close`).
-    # A text of `before` DEFAULT `after` has a system turn the template wrote: what follows it is
-    # the conversation without one. (Text the template writes before its system turn goes too; a
-    # ChatML template writes none.)
+    # Which text is a system turn, learned from a sentinel system prompt: with it the text is
+    # `before` SENTINEL `after`, and `after` begins with the end of a system turn, `close` (from a
+    # sentinel turn alone). If the text without a system message is `before` + something + `after`,
+    # the template wrote a system turn of its own: the rest of `after` is the text without it.
+    # (Text a template writes before its system turn would go too; ChatML templates write none.)
     sentinel = {"role": "system", "content": "<SYSTEM PROMPT SENTINEL>"}
     before, _, after = apply([sentinel] + messages[1:]).partition(sentinel["content"])
     close = apply([sentinel], end=False).partition(sentinel["content"])[2]
