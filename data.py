@@ -20,7 +20,9 @@ Aliases: openr1-3k (the paper's low-data setting), gsm8k, math500, synthetic.
 
 Choices made here (and why):
   1. A conversation without a system turn gets SYSTEM_PROMPT, so SFT, RL and evaluation all
-     show the model one prompt format.
+     show the model one prompt format. An empty one ('', rl.py --system-prompt '') is no system
+     turn at all: render also drops the default one a chat template writes when a conversation
+     has none (SmolLM2's and Qwen2.5's do).
   2. Examples longer than --max-len are DROPPED by default, not truncated: a cut chain of thought
      loses its final answer, and imitating half a solution teaches the model to stop mid-way.
      The count dropped is printed. The released EKSFT recipe truncates instead (at 20,000
@@ -97,7 +99,7 @@ def row_to_messages(row, where, system_prompt=SYSTEM_PROMPT):
     if messages[first - 1]["role"] != "user":
         raise DataError(f"{where}: turn {first} is the assistant's, but the first turn after the "
                         f"system prompt must be the user's")
-    if system_prompt and messages[0]["role"] != "system":
+    if system_prompt is not None and messages[0]["role"] != "system":   # '': none (render)
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
 
@@ -187,7 +189,7 @@ def load_conversations(source, seed=0, system_prompt=SYSTEM_PROMPT, log=print):
     kind = source_kind(source, SFT_ALIASES)
     if source == "synthetic":
         rows = [(i, {"problem": r["question"], "solution": r["solution"]})
-                for i, r in enumerate(synthetic_problems(2000, seed=seed + 1), start=1)]
+                for i, r in enumerate(synthetic_train(2000, seed=seed), start=1)]
     elif kind == "file":
         rows = read_local_rows(source)
         if any("generations" in row for _, row in rows):
@@ -240,10 +242,29 @@ def stop_token_ids(model, tokenizer):
 
 
 def render(tokenizer, messages, add_generation_prompt=False):
+    """The text of a conversation in the tokenizer's chat template. An empty system turn means no
+    system turn (--system-prompt ''): it is left out, and so is the one many templates write by
+    themselves when a conversation has none (SmolLM2's "You are a helpful AI assistant named
+    SmolLM, trained by Hugging Face", Qwen2.5's "You are Qwen, created by Alibaba Cloud. You are a
+    helpful assistant.")."""
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE  # a base tokenizer without one gets ChatML
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    apply = lambda m, end=add_generation_prompt: tokenizer.apply_chat_template(
+        m, tokenize=False, add_generation_prompt=end)
+    if not (messages and messages[0]["role"] == "system" and messages[0]["content"] == ""):
+        return apply(messages)
+    text = apply(messages[1:])
+    # Which text is a system turn, learned from a sentinel system prompt: with it the text is
+    # `before` SENTINEL `after`, and `after` begins with the end of a system turn, `close` (from a
+    # sentinel turn alone). If the text without a system message is `before` + something + `after`,
+    # the template wrote a system turn of its own: the rest of `after` is the text without it.
+    # (Text a template writes before its system turn would go too; ChatML templates write none.)
+    sentinel = {"role": "system", "content": "<SYSTEM PROMPT SENTINEL>"}
+    before, _, after = apply([sentinel] + messages[1:]).partition(sentinel["content"])
+    close = apply([sentinel], end=False).partition(sentinel["content"])[2]
+    wrote_one = (text.startswith(before) and text.endswith(after) and after.startswith(close)
+                 and len(text) >= len(before) + len(after))
+    return after[len(close):] if wrote_one else text
 
 
 def encode_conversation(tokenizer, messages, where="conversation"):
@@ -314,8 +335,9 @@ def build_sft_examples(tokenizer, conversations, max_len, num_samples=None, log=
 
 
 def prompt_messages(question, system_prompt=SYSTEM_PROMPT):
-    """The chat prompt used by SFT data, RL rollouts and evaluation alike."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    """The chat prompt used by SFT data, RL rollouts and evaluation alike. system_prompt None: no
+    system message (the template may write its own); '': no system turn at all (render)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     return system + [{"role": "user", "content": question}]
 
 
@@ -361,9 +383,9 @@ def load_qa(source, limit=None, seed=0, log=print):
     which columns were read."""
     kind = source_kind(source, QA_ALIASES, "question/answer set", hub=False)
     if source in ("synthetic", "synthetic-train"):
-        # held-out and training sets come from different seeds of the same generator
-        offset = 1 if source == "synthetic-train" else 10_000
-        rows = synthetic_problems(limit or 500, seed=seed + offset)
+        # held-out (a fixed split of 500, as a test split) and training rows share no question
+        rows = (synthetic_train(limit or 500, seed) if source == "synthetic-train"
+                else synthetic_held_out(seed)[:limit])
         return [{"question": r["question"], "answer": r["answer"]} for r in rows]
     if source in ("gsm8k", "gsm8k-train"):
         split = "test" if source == "gsm8k" else "train"
@@ -466,15 +488,20 @@ ITEMS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbl
 
 
 def synthetic_problems(n, seed=0):
-    """n problems of 2-3 steps, each a dict(question, solution, answer); same seed, same rows.
+    """n problems of 2-3 steps, each a dict(question, solution, answer); same seed, same rows (the
+    first n of a longer list of the same seed are the same n).
 
     >>> p = synthetic_problems(1, seed=0)[0]
     >>> p["solution"].endswith("\\\\boxed{" + p["answer"] + "}.")
     True
     """
+    return list(itertools.islice(_synthetic_stream(seed), n))
+
+
+def _synthetic_stream(seed):
+    """synthetic_problems' rows, one after another, without end."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
+    while True:
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         total = rng.randint(2, 20)
         question = f"{name} has {total} {item}."
@@ -497,8 +524,28 @@ def synthetic_problems(n, seed=0):
                 total *= 2
         question += f" How many {item} does {name} have now?"
         solution = " ".join(steps) + f" The answer is \\boxed{{{total}}}."
-        rows.append({"question": question, "solution": solution, "answer": str(total)})
-    return rows
+        yield {"question": question, "solution": solution, "answer": str(total)}
+
+
+# The synthetic held-out set is a fixed test split, like GSM8K's: the first SYNTHETIC_HELD_OUT rows
+# of seed + 10,000. Training rows come from seed + 1, minus any question of that split, since one
+# generator writes both and a few questions recur (5 of the 500 of seed 0 are among the first 2,000
+# training rows of seed 1; none among the first 256, so the first 256 are what they were).
+SYNTHETIC_HELD_OUT = 500
+
+
+def synthetic_held_out(seed=0):
+    """The SYNTHETIC_HELD_OUT held-out problems of a seed (evaluate.py's: seed 0)."""
+    return synthetic_problems(SYNTHETIC_HELD_OUT, seed=seed + 10_000)
+
+
+def synthetic_train(n, seed=0):
+    """n training problems (eksft.py's SFT pool: 2,000; rl.py's RL pool: the first 500): the rows
+    of seed + 1 whose question is in neither the held-out set of this seed (rl.py's held-out
+    accuracy) nor that of seed 0 (evaluate.py's, whatever seed the model was trained with)."""
+    held_out = {p["question"] for s in {0, seed} for p in synthetic_held_out(s)}
+    kept = (p for p in _synthetic_stream(seed + 1) if p["question"] not in held_out)
+    return list(itertools.islice(kept, n))
 
 
 # -----------------------------------------------------------------------------

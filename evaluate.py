@@ -27,6 +27,8 @@ and the share right only through the last-number fallback (by_last_number; 0 und
 model that states nothing still scores under qwen-math, and these columns show it. no_answer, in
 summary.json, is now 1 - stated under every protocol; it used to count, under qwen-math, only the
 completions without a single number (0.0 for nearly every model).
+A benchmark's folder is its name: the alias, or a file's stem (gsm8k/test.jsonl: test), or where
+two files share a stem, folder-stem (gsm8k-test and math500-test; benchmark_names).
 
 Simplifications and choices:
   1. Zero-shot only; no few-shot prompts, no majority voting, no answer-format retries.
@@ -462,14 +464,33 @@ def benchmark_name(source):
     return os.path.splitext(os.path.basename(source))[0] if os.path.splitext(source)[1] else source
 
 
+def benchmark_names(sources):
+    """{name: source} of --benchmarks. A name is an output folder and --compare's key, so two
+    benchmarks must never share one (the second would overwrite the first's samples). An alias is
+    its own name, a file its stem (fixtures/gsm8k.jsonl: gsm8k), except where stems clash: then
+    each file of that stem is named folder-stem (gsm8k/test.jsonl, math500/test.jsonl: gsm8k-test,
+    math500-test). Names that still clash (one file given twice) are refused, naming both."""
+    stems = [benchmark_name(s) for s in sources]
+    names = {}
+    for source, stem in zip(sources, stems):
+        name = stem
+        if stems.count(stem) > 1 and name != source:      # a file whose stem another one shares
+            name = f"{os.path.basename(os.path.dirname(os.path.abspath(source)))}-{stem}"
+        if name in names:
+            raise UserError(f"--benchmarks: {names[name]} and {source} would both be named "
+                            f"'{name}' (one output folder); give each benchmark once")
+        names[name] = source
+    return names
+
+
 def run(args):
     eksft.set_seed(args.seed)
     if args.checker != "builtin" and importlib.util.find_spec("math_verify") is None:
         raise UserError(f"--checker {args.checker} needs the math-verify package: "
                         "pip install 'math-verify[antlr4_13_2]'")
     is_equiv("1", "1", args.checker)     # starts math-verify's worker (auto) while the model loads
-    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    benchmarks = {benchmark_name(b): load_qa(b, limit=args.limit) for b in names}
+    names = benchmark_names([b.strip() for b in args.benchmarks.split(",") if b.strip()])
+    benchmarks = {name: load_qa(source, limit=args.limit) for name, source in names.items()}
     for name, problems in benchmarks.items():
         print(f"benchmark {name}: {len(problems)} questions")
     if args.model != "tiny":

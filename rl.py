@@ -305,8 +305,19 @@ class RolloutBatch(NamedTuple):
     loss_mask: torch.Tensor        # (B, T) bool: the completion's tokens, up to its first EOS
 
     def rows(self, index, device):
-        """The micro-batch of these rows (a list of row numbers), on device."""
-        return RolloutBatch(*(tensor[index].to(device) for tensor in self))
+        """The micro-batch of these rows (a list of row numbers), on device, cut to ITS longest
+        prompt and completion: the columns where all its rows are padding go (they change no
+        log-prob: padding is masked out of attention, and position ids count real tokens only)."""
+        P = self.input_ids.shape[1] - self.completion_ids.shape[1]        # prompt columns
+        attention = self.attention_mask[index]                             # (b, P + T)
+        prompt = int(attention[:, :P].sum(dim=1).max())      # prompts end at column P (left pad)
+        completion = int(attention[:, P:].sum(dim=1).max())  # completions start at P (right pad)
+        columns = slice(P - prompt, P + completion)          # (b, prompt + completion) kept
+        return RolloutBatch(self.input_ids[index][:, columns].to(device),
+                            attention[:, columns].to(device),
+                            self.position_ids[index][:, columns].to(device),
+                            self.completion_ids[index][:, :completion].to(device),
+                            self.loss_mask[index][:, :completion].to(device))
 
 
 def rollout_tensors(prompt_ids, completion_ids, pad_id):
@@ -346,8 +357,12 @@ def rl_step(model, ref_model, optimizer, prompts, rollouts, advantages, args, pa
     normaliser = loss_normaliser(mask, args.loss_agg, args.max_new_tokens)   # once, for all N
     has_loss = mask.any(dim=1)                                          # (N,)
     needs_grad = has_loss & ((advantages != 0) | (args.kl_coef > 0))   # (N,)
+    # micro-batches of rows of similar lengths (sorted by completion, then prompt length), each
+    # cut to its own longest row (RolloutBatch.rows): a long completion no longer pads them all
+    by_length = torch.tensor(sorted(range(len(rollouts)), key=lambda i: (
+        len(rollouts[i]["completion_ids"]), len(prompts[i]))), dtype=torch.long)   # (N,)
     size = args.micro_batch_size         # row numbers of the rows kept, size at a time
-    chunks = lambda keep: [rows for rows in keep.nonzero().flatten().split(size) if len(rows)]
+    chunks = lambda keep: [rows for rows in by_length[keep[by_length]].split(size) if len(rows)]
     micro = chunks(needs_grad)
     sums = dict(tokens=mask.sum().item(), clipped_tokens=0, kl_sum=0.0, entropy_sum=0.0,
                 loss=None, grad_norm=None, train_tokens=0)
@@ -574,7 +589,8 @@ def parse_args(argv=None):
     add("--model", default="tiny", help="checkpoint dir | hub id | short name (Qwen2.5-0.5B)")
     add("--data", help="gsm8k (its test split held out) | math500 | synthetic | local file")
     add("--output-dir", help="checkpoints, metrics, final model (default runs/rl-MODEL)")
-    add("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none)")
+    add("--system-prompt", default=SYSTEM_PROMPT, help="system turn of every prompt ('' for none: "
+        "not even the default one SmolLM2's and Qwen2.5's chat templates write without one)")
     # reward
     add("--reward", choices=["math", "digits"], help="math: 1 for a right answer; digits: a toy")
     add("--checker", default=default_checker(), choices=CHECKERS, help="answer equivalence")

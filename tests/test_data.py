@@ -67,6 +67,71 @@ def test_an_existing_system_turn_is_kept():
     assert data.row_to_messages(row, "f")[0] == {"role": "system", "content": "S"}
 
 
+# -----------------------------------------------------------------------------
+# --system-prompt '': no system turn, also where the chat template writes a default one
+
+# SmolLM2-135M-Instruct's chat template, as its tokenizer_config.json has it
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+QWEN25_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "shared", "fixtures", "qwen2.5_chat_template.jinja")
+SMOLLM2_DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QWEN25_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def tokenizer_with(template):
+    tok = char_tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+def qwen25_template():
+    if not os.path.exists(QWEN25_TEMPLATE):
+        pytest.skip(f"Qwen2.5's chat template fixture is not at {QWEN25_TEMPLATE}")
+    with open(QWEN25_TEMPLATE, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("template,default", [(SMOLLM2_TEMPLATE, SMOLLM2_DEFAULT),
+                                              ("qwen2.5", QWEN25_DEFAULT),
+                                              (data.CHATML_TEMPLATE, None)])
+def test_an_empty_system_prompt_is_no_system_turn(template, default):
+    """'' renders no system turn at all; None leaves the template's default (as before); the
+    project's prompt is the project's. Exact strings, for each template."""
+    tok = tokenizer_with(qwen25_template() if template == "qwen2.5" else template)
+    turn = lambda role, text: f"<|im_start|>{role}\n{text}<|im_end|>\n"
+    user, assistant = turn("user", "What is 2+3?"), "<|im_start|>assistant\n"
+    prompt = lambda system: data.render(tok, data.prompt_messages("What is 2+3?", system),
+                                        add_generation_prompt=True)
+    assert prompt("") == user + assistant
+    assert prompt(None) == (turn("system", default) if default else "") + user + assistant
+    assert prompt(data.SYSTEM_PROMPT) == turn("system", data.SYSTEM_PROMPT) + user + assistant
+    assert tok.decode(data.encode_prompt(tok, "What is 2+3?", "")) == user + assistant
+    # SFT data alike: no system turn, and the labels still cover the answer and its end
+    messages = data.row_to_messages({"question": "What is 2+3?", "answer": "5"}, "f", "")
+    ids, labels = data.encode_conversation(tok, messages)
+    assert tok.decode(ids) == user + turn("assistant", "5")
+    assert trained_text(ids, labels) == ["5<|im_end|>"]
+    conversation = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    assert data.render(tok, data.row_to_messages({"messages": conversation}, "f", None)) == (
+        (turn("system", default) if default else "") + turn("user", "Q") + turn("assistant", "A"))
+
+
+@pytest.mark.skipif(not os.environ.get("SMOLLM2_DIR"), reason="set SMOLLM2_DIR to a directory "
+                    "of SmolLM2-135M-Instruct's tokenizer to check its own template")
+def test_no_system_turn_with_smollm2s_own_tokenizer():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.environ["SMOLLM2_DIR"])
+    user = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(data.encode_prompt(tok, "What is 2+3?", "")) == user
+    assert tok.decode(data.encode_prompt(tok, "What is 2+3?", None)) == (
+        f"<|im_start|>system\n{SMOLLM2_DEFAULT}<|im_end|>\n" + user)
+
+
 GOOD = '{"question": "q", "answer": "a"}\n'
 BAD_ROWS = [  # (file content, message fragment); the bad row is always the second line
     (GOOD + '{"question": "q"\n', "row 2: not valid JSON"),
@@ -155,6 +220,41 @@ def test_synthetic_problems_are_seeded_and_correct():
     held_out = {r["question"] for r in data.load_qa("synthetic", limit=200)}
     train = {r["question"] for r in data.load_qa("synthetic-train", limit=200)}
     assert len(held_out & train) < 10
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_synthetic_held_out_shares_no_question_with_any_training_pool(seed):
+    """Whatever the seed, and at every size the scripts use: eksft.py's SFT pool (2,000 rows),
+    rl.py's training and held-out questions (--eval-size 16 for tiny, 200, or all), evaluate.py's
+    held-out set (seed 0, any --limit)."""
+    questions = lambda rows: {r.get("question") or r["messages"][-2]["content"] for r in rows}
+    sft = questions({"messages": m} for _, m in data.load_conversations("synthetic", seed=seed))
+    rl_train = questions(data.load_qa("synthetic-train", seed=seed))
+    assert len(rl_train) > 490 and len(sft) > 1980 and rl_train <= sft   # RL's are SFT's first 500
+    evaluated = questions(data.load_qa("synthetic", limit=10 ** 6))     # all 500, whatever --limit
+    assert len(data.load_qa("synthetic", limit=10 ** 6)) == data.SYNTHETIC_HELD_OUT == 500
+    for eval_size in (16, 200, 500):
+        train, held_out = data.train_eval_sets("synthetic", eval_size, seed)
+        assert len(held_out) == eval_size and questions(train) == rl_train
+        assert not questions(held_out) & (sft | rl_train)
+    assert not evaluated & (sft | rl_train)
+
+
+def test_synthetic_sets_keep_the_rows_the_lessons_used():
+    """Held-out: the generator's first 500 rows of seed 10,000, as before. Training: the first 256
+    rows of seed 1 as before (the first held-out question among seed 1's rows is row 495)."""
+    assert data.load_qa("synthetic") == [{"question": p["question"], "answer": p["answer"]}
+                                         for p in data.synthetic_problems(500, seed=10_000)]
+    before = data.synthetic_problems(494, seed=1)
+    assert data.synthetic_train(494) == before
+    assert [m for _, m in data.load_conversations("synthetic")[:256]] == [
+        data.row_to_messages({"problem": p["question"], "solution": p["solution"]}, "")
+        for p in before[:256]]
+    assert data.load_qa("synthetic-train", limit=256) == [
+        {"question": p["question"], "answer": p["answer"]} for p in before[:256]]
+    held_out = {p["question"] for p in data.synthetic_held_out()}
+    assert data.synthetic_problems(495, seed=1)[-1]["question"] in held_out   # now left out
+    assert data.synthetic_train(495)[-1] == data.synthetic_problems(496, seed=1)[-1]
 
 
 def test_step_batches_cover_each_example_once_and_group_lengths():

@@ -196,7 +196,8 @@ def script_main(folder, module, function):
 
 @pytest.mark.parametrize("script", [".:eksft:parse_args", ".:rl:parse_args", ".:evaluate:parse_args",
                                     ".:data:main", "tutorial:tiny_lab:parse_args",
-                                    "tests/benchmarks:bench_step:main", "tests/benchmarks:bench_rollout:main"])
+                                    "tests/benchmarks:bench_step:main", "tests/benchmarks:bench_rollout:main",
+                                    "tests/benchmarks:bench_update:main"])
 def test_help_prints_each_default_once(capsys, script):
     parse = script_main(*script.split(":"))
     with pytest.raises(SystemExit) as e:

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -227,6 +228,40 @@ def test_resume_refuses_another_protocol_seed_or_unknown_origin(tmp_path):
     os.remove(os.path.join(out, "synthetic", "summary.json"))
     with pytest.raises(UserError, match="no summary.json beside it"):
         run(parse_args(argv))
+
+
+def test_two_files_of_one_name_get_two_names(tmp_path):
+    """gsm8k/test.jsonl and math500/test.jsonl are both 'test' by their stem: each is named by its
+    folder too, so both results are kept (neither overwrites the other)."""
+    fixtures = os.path.join(ROOT, "tests", "fixtures")
+    for name in ("gsm8k", "math500"):
+        (tmp_path / name).mkdir()
+        shutil.copy(os.path.join(fixtures, f"{name}.jsonl"), tmp_path / name / "test.jsonl")
+    gsm8k, math500 = (str(tmp_path / name / "test.jsonl") for name in ("gsm8k", "math500"))
+    out = str(tmp_path / "eval")
+    summaries = run(parse_args(["--benchmarks", f"{gsm8k},{math500},synthetic", "--limit", "2",
+                                "--max-new-tokens", "4", "--output-dir", out, "--no-progress",
+                                "--show", "0", "--checker", "builtin"]))
+    assert [s["benchmark"] for s in summaries] == ["gsm8k-test", "math500-test", "synthetic"]
+    for name, source in (("gsm8k-test", gsm8k), ("math500-test", math500)):
+        with open(os.path.join(out, name, "samples.jsonl")) as f:
+            rows = sorted((json.loads(line) for line in f), key=lambda r: r["question_index"])
+        assert [r["question"] for r in rows] == [r["question"] for r in load_qa(source, limit=2)]
+    assert sorted(evaluate.load_summaries(out)) == ["gsm8k-test", "math500-test", "synthetic"]
+    # a lone file keeps its stem; an alias keeps its name beside a file of that stem
+    assert evaluate.benchmark_names([gsm8k]) == {"test": gsm8k}
+    assert evaluate.benchmark_names(["gsm8k", "data/gsm8k.jsonl"]) == {
+        "gsm8k": "gsm8k", "data-gsm8k": "data/gsm8k.jsonl"}
+
+
+def test_one_benchmark_given_twice_is_refused_before_anything_runs(tmp_path):
+    out = tmp_path / "eval"
+    source = os.path.join(ROOT, "tests", "fixtures", "gsm8k.jsonl")
+    for benchmarks in (f"{source},{source}", "synthetic,synthetic"):
+        with pytest.raises(UserError) as refused:
+            run(parse_args(["--benchmarks", benchmarks, "--output-dir", str(out)]))
+        assert "would both be named" in str(refused.value) and "\n" not in str(refused.value)
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------

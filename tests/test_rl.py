@@ -449,6 +449,83 @@ def test_kl_pulls_on_a_step_of_only_flat_groups(step_inputs):
     assert update.abs().max() == 0 and sums["loss"] is None and sums["entropy_sum"] > 0
 
 
+@pytest.fixture(scope="module")
+def uneven_rollouts(tiny):
+    """16 completions of 4 prompts of different lengths: some stop after a few tokens, some run to
+    the 40-token budget (truncated); advantages of 4 groups of 4, the last one flat."""
+    model, tok = tiny
+    prompts = prompts_of(tok, QUESTIONS * 4)
+    rollouts = generate_completions(model, tok, prompts, max_new_tokens=40, temperature=3.0, seed=1)
+    lengths = sorted(len(r["completion_ids"]) for r in rollouts)
+    assert lengths[0] < 20 and lengths[-1] == 40 and any(r["truncated"] for r in rollouts)
+    rewards = torch.tensor([1., 0., 0., 1., 0., 0., 0., 1., 1., 1., 0., 1., 1., 1., 1., 1.])
+    return prompts, rollouts, group_advantages(rewards, 4)[0]
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "dr-grpo"])
+@pytest.mark.parametrize("extra", [[], ["--mask-truncated"], ["--kl-coef", "0.3"],
+                                   ["--mask-truncated", "--kl-coef", "0.3"]])
+def test_micro_batches_cut_to_their_own_lengths_give_the_padded_update(tiny, uneven_rollouts,
+                                                                       monkeypatch, agg, extra):
+    """rl_step sorts rows by length and cuts each micro-batch to its own longest prompt and
+    completion: the same loss, metric sums and parameter update (plain SGD at lr 1: minus the
+    gradient) as every micro-batch padded to the step's longest, as rl.py did before."""
+    model, tok = tiny
+    prompts, rollouts, advantages = uneven_rollouts
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    args = parse_args(["--model", "tiny", "--micro-batch-size", "3", "--max-new-tokens", "40",
+                       "--grad-clip", "1e9", "--loss-agg", agg, *extra])
+    widths = []
+    record = lambda model, batch, temperature: (widths.append(batch.input_ids.shape[1]),
+                                                sequence_logprobs(model, batch, temperature))[1]
+    monkeypatch.setattr(rl, "sequence_logprobs", record)
+
+    def step():
+        policy = copy.deepcopy(model)
+        before = [p.detach().clone() for p in policy.parameters()]
+        sums = rl_step(policy, ref_model if args.kl_coef else None,
+                       torch.optim.SGD(policy.parameters(), lr=1.0), prompts, rollouts, advantages,
+                       args, tok.pad_token_id, CPU, contextlib.nullcontext)
+        changes = [(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]
+        return torch.cat(changes), sums
+
+    cut, cut_sums = step()
+    cut_widths, widths[:] = widths[:], []
+    with monkeypatch.context() as m:                # the rows at the width of the whole step
+        m.setattr(rl.RolloutBatch, "rows",
+                  lambda self, index, device: rl.RolloutBatch(*(t[index].to(device) for t in self)))
+        padded, padded_sums = step()
+    full_width = max(map(len, prompts)) + 40
+    assert set(widths) == {full_width} and min(cut_widths) < full_width - 20
+    assert padded.abs().max() > 1e-3
+    assert torch.allclose(cut, padded, atol=1e-6)
+    assert cut_sums.keys() == padded_sums.keys()
+    for key, value in padded_sums.items():
+        assert cut_sums[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_micro_batches_group_similar_lengths(tiny, uneven_rollouts, monkeypatch):
+    """Each micro-batch holds completions of neighbouring lengths: sorted, 3 at a time."""
+    model, tok = tiny
+    prompts, rollouts, advantages = uneven_rollouts
+    seen = []
+    record = lambda model, batch, temperature: (seen.append(batch.loss_mask.sum(dim=1).tolist()),
+                                                sequence_logprobs(model, batch, temperature))[1]
+    monkeypatch.setattr(rl, "sequence_logprobs", record)
+    args = parse_args(["--model", "tiny", "--micro-batch-size", "3", "--max-new-tokens", "40"])
+    rl_step(copy.deepcopy(model), None, torch.optim.SGD(model.parameters(), lr=0.0), prompts,
+            rollouts, advantages, args, tok.pad_token_id, CPU, contextlib.nullcontext)
+    trained = sorted(len(r["completion_ids"]) for r, a in zip(rollouts, advantages) if a != 0)
+    flat = sorted(len(r["completion_ids"]) for r, a in zip(rollouts, advantages) if a == 0)
+    flat_batches = -(-len(flat) // 3)               # the flat group's entropy-only forwards first
+    assert [sorted(b) for b in seen] == ([flat[i:i + 3] for i in range(0, len(flat), 3)]
+                                         + [trained[i:i + 3] for i in range(0, len(trained), 3)])
+    assert len(seen) == flat_batches + -(-len(trained) // 3)
+
+
 # ----------------------------------------------------------------------------
 # the same loss as TRL's GRPOTrainer on the same per-token log-probs
 

@@ -411,6 +411,27 @@ def test_checked_solution_checks_each_step():
         "So Ava has 11 apples now. The answer is \\boxed{11}.")
 
 
+@pytest.mark.parametrize("regime,quick", [("lesson", False), ("lesson", True), ("paper", True)])
+def test_lab_held_out_shares_no_question_with_its_training_sets(tmp_path, regime, quick):
+    """At the lab's sizes and for 3 seeds: no held-out question is in the pre-training corpus, an
+    SFT set or an RL set (the paper regime's full size: the test above). The lesson's held-out
+    questions are data.py's first ones, the ones its published numbers used."""
+    cfg = tiny_lab.settings_for(tiny_lab.parse_args(["--regime", regime] + ["--quick"] * quick))
+    held_out = tiny_lab.held_out_problems(cfg, regime)
+    if regime == "lesson":
+        assert held_out == tiny_lab.data.synthetic_problems(cfg["eval_questions"], seed=10_000)
+    questions = {p["question"] for p in held_out}
+    assert len(questions) == cfg["eval_questions"]
+    assert not questions & {p["question"] for p in tiny_lab.pretraining_problems(cfg)}
+    validation = tiny_lab.validation_problems(cfg, regime, held_out)
+    for seed in range(3):
+        paths = tiny_lab.write_data(cfg, regime, seed, held_out + validation,
+                                    str(tmp_path / str(seed)))
+        sft = {json.loads(line)["problem"] for line in open(paths["sft"])}
+        rl_questions = {json.loads(line)["question"] for line in open(paths["rl"])}
+        assert len(sft) == cfg["sft_examples"] and not questions & (sft | rl_questions)
+
+
 def test_paper_regime_held_out_is_harder_than_every_sft_example(tmp_path):
     cfg = tiny_lab.settings_for(tiny_lab.parse_args(["--regime", "paper"]))
     held_out = tiny_lab.held_out_problems(cfg, "paper")
