@@ -209,11 +209,15 @@ def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temper
         if seed is not None:
             torch.manual_seed(seed + b)
         input_ids, attention_mask = pad_left(prompt_ids[start:start + batch_size], pad_id)  # (b, P)
-        run = transformers_generate if static_cache or use_generate else decode_batch
-        completions = run(model, input_ids.to(model.device), attention_mask.to(model.device),
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          eos_ids=eos_ids, pad_id=pad_id, static_cache=static_cache).cpu()
-        mask, truncated = completion_mask_from_eos(completions, eos_ids)   # completions (b, T)
+        batch = dict(input_ids=input_ids.to(model.device), max_new_tokens=max_new_tokens,
+                     attention_mask=attention_mask.to(model.device), temperature=temperature,
+                     top_p=top_p, eos_ids=eos_ids, pad_id=pad_id)
+        if static_cache or use_generate:
+            completions = transformers_generate(model, **batch, static_cache=static_cache)
+        else:
+            completions = decode_batch(model, **batch)
+        completions = completions.cpu()                              # (b, T) T <= max_new_tokens
+        mask, truncated = completion_mask_from_eos(completions, eos_ids)
         for row, n, cut in zip(completions, mask.sum(dim=1).tolist(), truncated.tolist()):
             ids = row[:n].tolist()
             results.append({"completion_ids": ids, "truncated": cut,
@@ -223,7 +227,7 @@ def generate_completions(model, tokenizer, prompt_ids, *, max_new_tokens, temper
 
 
 def decode_batch(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_p, eos_ids,
-                 pad_id, static_cache=False):
+                 pad_id):
     """(B, T) new tokens of B left-padded prompts, T <= max_new_tokens, pad_id after a row's EOS.
 
     The loop generate runs (prefill, then one token per step with the KV cache), except that a
@@ -240,8 +244,10 @@ def decode_batch(model, input_ids, attention_mask, *, max_new_tokens, temperatur
     for t in range(max_new_tokens):
         logits = model(**inputs, attention_mask=attention_mask, **{cache_arg: cache},
                        use_cache=True, **keep_last).logits[:, -1].float()            # (b, V)
-        next_ids = (logits.argmax(dim=-1) if temperature <= 0 else                    # (b,)
-                    torch.multinomial(next_token_probs(logits, temperature, top_p), 1).squeeze(1))
+        if temperature <= 0:
+            next_ids = logits.argmax(dim=-1)                                          # (b,)
+        else:   # one draw per running row (generate draws for every row, ended or not)
+            next_ids = torch.multinomial(next_token_probs(logits, temperature, top_p), 1)[:, 0]
         out[rows, t] = next_ids
         running = ~torch.isin(next_ids, eos)                                          # (b,)
         if not running.all():            # rows that wrote EOS leave the batch and the cache

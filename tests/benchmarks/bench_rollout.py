@@ -3,7 +3,8 @@ bench_rollout.py: RL rollout speed, rl.generate_completions' own loop next to tr
 
     python tests/benchmarks/bench_rollout.py --model SmolLM2-135M-Instruct --threads 1 \
         --data /path/to/gsm8k/train.jsonl         # a real model, real questions: batch 32,
-                                                  # 128 new tokens, greedy and sampled (~8 min)
+                                                  # 128 new tokens, greedy and sampled (~10 min
+                                                  # on a loaded core; 32,64 x 256 tokens: ~45)
     python tests/benchmarks/bench_rollout.py --gpu         # GPU: Qwen2.5-0.5B's shape, random
                                                            # weights, fp32 + bf16 autocast as rl.py;
                                                            # G = 8 x 16 prompts, 1,024 new tokens
