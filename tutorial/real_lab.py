@@ -323,11 +323,11 @@ def sft_args(cfg, base_dir, sft_data, run_dir, seed, method, lr, device):
 
 def answers(model, tokenizer, problems, cfg):
     """Greedy completions scored as evaluate.py scores them (stated answers only): per question,
-    right (1/0), stated (1/0: extract_answer found one) and truncated (1/0: no end of turn)."""
+    right (1/0), stated (1/0: rl.grade found one) and truncated (1/0: no end of turn)."""
     rows, _ = evaluate.evaluate_model(model, tokenizer, problems, batch_size=cfg["eval_batch"],
                                       max_new_tokens=cfg["max_new_tokens"], progress=False)
     return {"correct": [int(bool(r["correct"])) for r in rows],
-            "stated": [int(r["extracted"] is not None) for r in rows],
+            "stated": [int(r["stated"]) for r in rows],
             "truncated": [int(r["truncated"]) for r in rows],
             "first_completion": rows[0]["completion"]}
 
