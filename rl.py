@@ -16,8 +16,10 @@ Simplifications (choices, not accidents):
      REINFORCE with a group-mean baseline. K > 1 reuses a batch for K steps with PPO's clip.
   2. No value network, no GAE: every token of a completion gets that completion's advantage;
      a constant learning rate, no weight decay, one optimiser step per PPO epoch.
-  3. Generation is transformers' generate in the training process (no vLLM): simple, and most of
-     a step's time (--static-cache lets transformers compile the decoding step on a GPU).
+  3. Generation runs in the training process (no vLLM), in our own decoding loop (decode_batch):
+     a row leaves the batch and the KV cache as soon as it ends, where transformers' generate
+     keeps decoding it until the longest row ends; greedy output is identical (tested). It is
+     most of a step's time. --static-cache uses generate (compiled decoding on a GPU).
   4. No KL penalty by default (--kl-coef 0: no reference model is loaded). With one, k3 is added
      to the loss as GRPO does, not subtracted from the reward (kl_penalty: which KL it follows).
   5. Flat groups (all G rewards equal) are kept, not resampled as DAPO does: advantage 0, still in
