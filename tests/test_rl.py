@@ -644,25 +644,30 @@ def test_resume_continues_exactly(tmp_path):
     assert any("eval_accuracy" in l for l in lines)
 
 
+def scripted_generate(replies):
+    """A generate_completions stand-in: prompt j of a step gets replies[j % len(replies)], a
+    (text, truncated) pair whose %s is the gold of its "i+i?" question (2i)."""
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        out = []
+        for j, ids in enumerate(prompts):
+            i = int(re.search(r"(\d+)\+\1\?", tokenizer.decode(ids))[1])
+            text, truncated = replies[j % len(replies)]
+            text = text.replace("%s", str(2 * i))
+            out.append({"completion_ids": tokenizer(text)["input_ids"], "truncated": truncated,
+                        "text": text})
+        return out
+    return fake_generate
+
+
 @pytest.mark.parametrize("fallback, expected", [([], 0.25), (["--reward-last-number"], 0.5)])
 def test_logged_accuracy_is_the_mean_reward(tmp_path, monkeypatch, fallback, expected):
     """One verdict per completion (rl.grade): with --reward math and no format reward, the logged
     accuracy IS the mean reward, fallback or not. Each group of 4: a right stated answer, the right
     number stated nowhere (right only through the last-number fallback), a wrong stated answer and
     no answer at all."""
-    replies = ["The answer is \\boxed{%s}.", "So it makes %s.", "The answer is \\boxed{1000}.",
-               "I do not know."]
-
-    def fake_generate(model, tokenizer, prompts, **kwargs):
-        out = []
-        for j, ids in enumerate(prompts):
-            i = int(re.search(r"(\d+)\+\1\?", tokenizer.decode(ids))[1])   # "i+i?", gold 2i
-            text = replies[j % 4].replace("%s", str(2 * i))
-            out.append({"completion_ids": tokenizer(text)["input_ids"], "truncated": False,
-                        "text": text})
-        return out
-
-    monkeypatch.setattr(rl, "generate_completions", fake_generate)
+    replies = [("The answer is \\boxed{%s}.", False), ("So it makes %s.", False),
+               ("The answer is \\boxed{1000}.", False), ("I do not know.", False)]
+    monkeypatch.setattr(rl, "generate_completions", scripted_generate(replies))
     history = train(quick_args(tmp_path, "--reward", "math", "--checker", "builtin", *fallback,
                                "--max-steps", "1", "--eval-size", "0", "--save-every", "0"))[2]
     assert history[0]["accuracy"] == history[0]["reward"] == expected
@@ -675,18 +680,7 @@ def test_a_truncated_completion_is_wrong_and_earns_nothing(tmp_path, monkeypatch
     and earns 0 (rl.py's docstring, item 8), in the reward and in the logged accuracy alike."""
     replies = [("The answer is \\boxed{%s}.", False), ("The answer is %s. " * 5, True),
                ("The answer is \\boxed{1000}.", False), ("I do not know.", False)]
-
-    def fake_generate(model, tokenizer, prompts, **kwargs):
-        out = []
-        for j, ids in enumerate(prompts):
-            i = int(re.search(r"(\d+)\+\1\?", tokenizer.decode(ids))[1])   # "i+i?", gold 2i
-            text, truncated = replies[j % 4]
-            text = text.replace("%s", str(2 * i))
-            out.append({"completion_ids": tokenizer(text)["input_ids"], "truncated": truncated,
-                        "text": text})
-        return out
-
-    monkeypatch.setattr(rl, "generate_completions", fake_generate)
+    monkeypatch.setattr(rl, "generate_completions", scripted_generate(replies))
     history = train(quick_args(tmp_path, "--reward", "math", "--checker", "builtin", *flags,
                                "--max-steps", "1", "--eval-size", "0", "--save-every", "0"))[2]
     assert history[0]["accuracy"] == history[0]["reward"] == expected
