@@ -121,17 +121,6 @@ def test_an_empty_system_prompt_is_no_system_turn(template, default):
         (turn("system", default) if default else "") + turn("user", "Q") + turn("assistant", "A"))
 
 
-@pytest.mark.skipif(not os.environ.get("SMOLLM2_DIR"), reason="set SMOLLM2_DIR to a directory "
-                    "of SmolLM2-135M-Instruct's tokenizer to check its own template")
-def test_no_system_turn_with_smollm2s_own_tokenizer():
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(os.environ["SMOLLM2_DIR"])
-    user = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.decode(data.encode_prompt(tok, "What is 2+3?", "")) == user
-    assert tok.decode(data.encode_prompt(tok, "What is 2+3?", None)) == (
-        f"<|im_start|>system\n{SMOLLM2_DEFAULT}<|im_end|>\n" + user)
-
-
 GOOD = '{"question": "q", "answer": "a"}\n'
 BAD_ROWS = [  # (file content, message fragment); the bad row is always the second line
     (GOOD + '{"question": "q"\n', "row 2: not valid JSON"),

@@ -105,6 +105,15 @@ def test_prompt_and_sft_data_use_our_system_prompt_never_the_models_default(smol
         f"<|im_start|>system\n{SMOL_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
 
 
+def test_an_empty_system_prompt_is_no_system_turn_with_smollm2s_own_template(smol):
+    """--system-prompt '': no system turn at all, not the one SmolLM2's template writes itself."""
+    _, tokenizer = smol
+    user = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(data.encode_prompt(tokenizer, "What is 2+3?", "")) == user
+    assert tokenizer.decode(data.encode_prompt(tokenizer, "What is 2+3?", None)) == (
+        f"<|im_start|>system\n{SMOL_SYSTEM}<|im_end|>\n" + user)
+
+
 def test_label_mask_with_pad_equal_to_eos(smol):
     """pad = eos = <|im_end|> (id 2): each answer's closing <|im_end|> is trained, padding never."""
     _, tokenizer = smol
