@@ -107,7 +107,8 @@ def eksft_loss(logits, labels, ref_logits=None, *, ratio=0.2, combine="union",
     selectable = selectable_tokens(response, targets, keep_token_ids)     # (B, T-1)
     above = selectable if entropy_threshold is None else selectable & (h > entropy_threshold)
     by_entropy = top_k_mask(h, response, ratio, scope, select_largest_entropy, above)
-    by_kl = top_k_mask(d, response, ratio, scope, select_largest_kl, selectable & (d > kl_threshold))
+    by_kl = top_k_mask(d, response, ratio, scope, select_largest_kl,
+                       selectable & (d > kl_threshold))
     masked = (by_entropy | by_kl) if combine == "union" else (by_entropy & by_kl)   # M
 
     # 3. CE over the kept tokens (DFT: each weighted by its p(target), a constant), the entropy
