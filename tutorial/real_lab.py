@@ -80,7 +80,8 @@ import data  # noqa: E402
 import eksft  # noqa: E402
 import evaluate  # noqa: E402
 import rl  # noqa: E402
-from tiny_lab import banner, cell, machine, paired_bootstrap, read_jsonl, summarise  # noqa: E402
+from tiny_lab import (banner, cell, machine, paired_bootstrap, publish, read_jsonl,  # noqa: E402
+                      summarise)
 
 # -----------------------------------------------------------------------------
 # 0. Settings: the full run and --quick (the same stages, tiny sizes)
@@ -655,10 +656,7 @@ def write_report(args, cfg, out, methods, outcomes, plan, planned, counts, start
                f"GRPO training reward:\n\n{rewards}\n\n" if with_rl
                else "No RL (--rl-steps 0).\n\n")
             + f"{times}\n")
-    banner("results")
-    print(text)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
+    publish(out, text)
     report = {"command": args.command, "args": vars(args), "settings": cfg, "machine": info,
               "methods": methods, "rows": list(summary), "summary": summary,
               "per_seed": [{n: flat(r) for n, r in m.items()} for m in per_seed],

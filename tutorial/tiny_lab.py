@@ -670,6 +670,14 @@ def run_seed_in_worker(seed, args, cfg, out, methods, problems, val_problems):
                         shlex.split(args.eksft_args), args.show_mask if seed == 0 else 0, args.bases)
 
 
+def publish(out, text):
+    """Print the report under a banner and write it to OUT/results.md."""
+    banner("results")
+    print(text)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+
+
 def banner(text):
     print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
 
@@ -1006,10 +1014,7 @@ def write_report(args, cfg, out, methods, outcomes, problems, val_problems, star
             + "".join(f"Which response tokens EKSFT drops (seed 0, its first 64 training examples, "
                       f"percent), {name}:\n\n{kinds_table(t)}\n\n" for name, t in outcomes[0].kinds.items())
             + f"{times}\n")
-    banner("results")
-    print(text)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
+    publish(out, text)
     report = {"command": args.command, "args": vars(args), "settings": cfg, "machine": info,
               "methods": methods, "rows": list(summary), "summary": summary,
               "per_seed": [o.results for o in outcomes], "per_question": per_question,
