@@ -103,6 +103,22 @@ def test_carved_sets_are_disjoint_and_seeded():
     assert quick["validation"] == full["validation"][:2]
 
 
+def test_synthetic_task_keeps_each_story_and_its_answer():
+    import data
+    stories = data.synthetic_train(300)
+    rows = real_lab.synthetic_task_rows(300)
+    assert [r["question"] for r in rows] == [p["question"] for p in stories]
+    for row, story in zip(rows, stories):
+        assert data.gsm8k_gold(row["answer"]) == story["answer"]
+        # the new format is the story's own solution with its last sentence reworded
+        assert real_lab.new_solution(row["answer"]) == story["solution"].replace(
+            " The answer is \\boxed", "\nThe final answer is \\boxed")
+    sets = real_lab.carve(rows, dict(real_lab.FULL, held_out_questions=64), seed=0)
+    assert [len(sets[k]) for k in ("held_out", "validation", "sft")] == [64, 16, 24]
+    texts = {k: {r["question"] for r in v} for k, v in sets.items()}
+    assert not any(texts[a] & texts[b] for a in texts for b in texts if a != b)
+
+
 # -----------------------------------------------------------------------------
 # One --quick run through the real model
 

@@ -24,11 +24,13 @@ model and GSM8K as the task. The story, one banner per stage:
   4. One report (results.md, results.json): counts beside every mean, paired bootstrap intervals,
      whether RL lowered accuracy, the plan beside the real time, the versions and the machine.
 
-The task: GSM8K problems whose reference solution takes at most TASK_MAX_STEPS calculator steps
-("<<...>>" marks). A 135M model gets about 2% of all GSM8K test questions right; on the short ones
-there is room to move. Four disjoint sets, compared by question text (carve asserts it): held-out
-and validation (fixed, CARVE_SEED), the SFT set and the RL questions (drawn per seed). The GSM8K
-test file is used for reporting only.
+The task (--task gsm8k): GSM8K problems whose reference solution takes at most TASK_MAX_STEPS
+calculator steps ("<<...>>" marks). A 135M model gets about 2% of all GSM8K test questions right;
+the hope was room to move on the short ones (the first full run found almost none: section 5 of
+tutorial/README.md). --task synthetic: data.py's arithmetic stories, where a few dozen SFT steps
+moved the same model's accuracy by tens of points. Four disjoint sets, compared by question text
+(carve asserts it): held-out and validation (fixed, CARVE_SEED), the SFT set and the RL questions
+(drawn per seed). The GSM8K test file is used for reporting only, with either task.
 
 The two SFT settings (--settings), the same questions and steps, only the ending differs:
   familiar  the GSM8K solution without its <<...>> marks, ending "#### N\\nThe answer is: N": the
@@ -107,6 +109,11 @@ NAMES = {"sft": "SFT", "dft": "DFT", "eksft": "EKSFT", "eksft-keep-eot": "EKSFT-
 SETTINGS = ("familiar", "new")
 TASK_MAX_STEPS = 2        # the task: GSM8K train problems with at most this many "<<...>>" steps
 CARVE_SEED = 0            # the held-out and validation questions: the same for every seed
+SYNTHETIC_POOL = 3000     # --task synthetic: how many of data.py's arithmetic stories to carve
+TASKS = {                 # --task -> what the report calls the training task
+    "gsm8k": f"GSM8K train problems with at most {TASK_MAX_STEPS} steps",
+    "synthetic": "data.py's synthetic arithmetic stories (2-3 steps)",
+}
 MAX_LEN = 512             # longest SFT example in tokens (the task's longest is ~350)
 # relative cost of one training token, from the step times measured on a 2-core CPU
 # (SFT 14-22 s, DFT 15-17 s, EKSFT 19-25 s for 8 sequences): EKSFT adds the reference's forward
@@ -204,6 +211,16 @@ def write_data(sets, seed_dir, settings):
         write_jsonl(paths[setting], [{"problem": r["question"], "solution": FORMATS[setting](
             r["answer"])} for r in sets["sft"]])
     return paths
+
+
+def synthetic_task_rows(n=SYNTHETIC_POOL):
+    """--task synthetic: the arithmetic stories eksft.py trains on offline, in GSM8K's shape (the
+    worked steps, then "#### N"), so that carving and both SFT formats apply unchanged. The base
+    gets few of them right (1.6% of 64 in #24's trial) and 32 SFT steps took SFT to 37.5%: a task
+    where a 135M model's accuracy can move on a CPU budget."""
+    return [{"question": p["question"],
+             "answer": p["solution"].rpartition(" The answer is")[0] + f"\n#### {p['answer']}"}
+            for p in data.synthetic_train(n)]
 
 
 def load_gsm8k(data_dir, split):
@@ -638,7 +655,7 @@ def write_report(args, cfg, out, methods, outcomes, plan, planned, counts, start
                f"{planned / 60:.0f} min for everything, the base and the calibration aside)")
     note = (f"Model {args.model}; greedy answers, at most {T} new tokens, the Qwen-Math system "
             f"prompt; {counts['held_out_correct']} held-out questions of the training task "
-            f"(GSM8K train problems with at most {TASK_MAX_STEPS} steps, disjoint from the SFT, "
+            f"({TASKS[cfg['task']]}, disjoint from the SFT, "
             f"validation and RL questions), the first {counts['test_correct']} of the GSM8K test "
             f"file. acc: right, with the questions right per seed; stated: an answer stated "
             f"(\\boxed, an answer phrase or ####), cut: no end of turn within {T} tokens "
@@ -677,7 +694,7 @@ def write_report(args, cfg, out, methods, outcomes, plan, planned, counts, start
 
 
 def settings_for(args):
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg = dict(QUICK if args.quick else FULL, task=args.task)
     for key in ("sft_examples", "rl_steps", "test_questions", "held_out_questions",
                 "val_questions", "max_new_tokens"):
         if getattr(args, key) is not None:
@@ -720,11 +737,13 @@ def main(args):
           f"{args.seeds}, device {device}, {torch.get_num_threads()} torch thread(s), output in "
           f"{out}\nsettings: {cfg}")
     base_dir, base_record = get_base(args.model, out, device)
-    train_rows, test_rows = load_gsm8k(args.data_dir, "train"), load_gsm8k(args.data_dir, "test")
+    test_rows = load_gsm8k(args.data_dir, "test")
+    train_rows = (synthetic_task_rows() if cfg["task"] == "synthetic"
+                  else load_gsm8k(args.data_dir, "train"))
     test = qa(test_rows[:cfg["test_questions"]])
     carved = [carve(train_rows, cfg, seed) for seed in range(args.seeds)]
-    print(f"data: {len(task_rows(train_rows))} task problems (GSM8K train, at most "
-          f"{TASK_MAX_STEPS} steps): {len(carved[0]['held_out'])} held-out, "
+    print(f"data: {len(task_rows(train_rows))} task problems ({TASKS[cfg['task']]}): "
+          f"{len(carved[0]['held_out'])} held-out, "
           f"{len(carved[0]['validation'])} validation, {len(carved[0]['sft'])} SFT, "
           f"{len(carved[0]['rl'])} RL questions per seed; GSM8K test: the first {len(test)} of "
           f"{len(test_rows)}")
@@ -761,6 +780,9 @@ def parse_args(argv=None):
         "--model)")
     add("--data-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"),
         help="holds gsm8k/train.jsonl and gsm8k/test.jsonl")
+    add("--task", choices=list(TASKS), default="gsm8k", help="the training task: short GSM8K "
+        "train problems, or data.py's synthetic arithmetic (the GSM8K test is measured either "
+        "way)")
     add("--quick", action="store_true", help="the same stages, tiny sizes (CI; a few minutes)")
     add("--seeds", type=int, default=1, help="seeds 0..N-1 (a rerun with more adds seeds)")
     add("--settings", nargs="+", choices=SETTINGS, help="SFT formats (default: both)")
