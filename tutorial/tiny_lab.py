@@ -671,11 +671,14 @@ def run_seed_in_worker(seed, args, cfg, out, methods, problems, val_problems):
 
 
 def publish(out, text):
-    """Print the report under a banner and write it to OUT/results.md."""
+    """Print the report under a banner and write it to OUT/results.md (a temporary file renamed,
+    so a killed run never leaves half a report)."""
     banner("results")
     print(text)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    path = os.path.join(out, "results.md")
+    with open(path + ".tmp", "w") as f:
         f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def banner(text):
