@@ -216,8 +216,10 @@ def write_data(sets, seed_dir, settings):
 def synthetic_task_rows(n=SYNTHETIC_POOL):
     """--task synthetic: the arithmetic stories eksft.py trains on offline, in GSM8K's shape (the
     worked steps, then "#### N"), so that carving and both SFT formats apply unchanged. The base
-    gets few of them right (1.6% of 64 in #24's trial) and 32 SFT steps took SFT to 37.5%: a task
-    where a 135M model's accuracy can move on a CPU budget."""
+    gets few of them right (1 of 64 when first tried) and 32 SFT steps took SFT to 37.5%: a task
+    where a 135M model's accuracy can move on a CPU budget. Only the `new` setting is this task's
+    own form (its solutions end in \\boxed{}); `familiar` is GSM8K's ending, not one the base
+    writes for these stories."""
     return [{"question": p["question"],
              "answer": p["solution"].rpartition(" The answer is")[0] + f"\n#### {p['answer']}"}
             for p in data.synthetic_train(n)]
